@@ -1,0 +1,59 @@
+"""``build``: the whole Tidemark pipeline, read top to bottom."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import apache_beam as beam
+
+from pipeline.config import RunConfig
+from transforms.accounting import CountOutcomes, ReportProgress
+from transforms.aggregate import AggregateWindows
+from transforms.dedup import DeduplicateEvents
+from transforms.lateness import RouteTooLate
+from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
+from transforms.parse import ParseEvents
+from transforms.sinks import UpsertSqlite, WriteJsonLines, WriteLatestJson
+from transforms.sources import ReadReplay
+
+
+class Built(NamedTuple):
+  """The pipeline's outputs, for tests and for the launcher."""
+  aggregates: beam.PCollection
+  dead_letters: beam.PCollection
+  accounting: beam.PCollection
+
+
+def read_source(config: RunConfig) -> beam.PTransform:
+  if config.source_kind == 'replay':
+    return ReadReplay(config.source_target)
+  raise ValueError(f'unknown source {config.source!r}')
+
+
+def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built:
+  """read → parse → route late → dedup → window & aggregate → write."""
+  size, lateness = config.window_size_s, config.allowed_lateness_s
+
+  messages = p | 'Read' >> source
+  if isinstance(source, ReadReplay):
+    messages = messages | 'Progress' >> ReportProgress(source.replay.messages)
+  parsed = messages | 'Parse' >> ParseEvents()
+  routed = parsed.events | 'RouteTooLate' >> RouteTooLate(size, lateness, config.shards)
+  unique = routed.on_time | 'Deduplicate' >> DeduplicateEvents(size, lateness)
+  aggregates = unique.unique | 'Aggregate' >> AggregateWindows(
+      size, lateness, config.early_firing_s)
+  dead_letters = (parsed.invalid, routed.too_late) | 'DeadLetters' >> beam.Flatten()
+  accounting = {
+      RECEIVED: messages,
+      INVALID: parsed.invalid,
+      TOO_LATE: routed.too_late,
+      DUPLICATE: unique.duplicate,
+      AGGREGATED: unique.unique,
+  } | 'Accounting' >> CountOutcomes()
+
+  aggregates | 'WriteAggregates' >> WriteJsonLines(config.aggregates_path)
+  if config.sqlite_path:
+    aggregates | 'UpsertFinalAggregates' >> UpsertSqlite(config.sqlite_path)
+  dead_letters | 'WriteDeadLetters' >> WriteJsonLines(config.dead_letter_path)
+  accounting | 'WriteAccounting' >> WriteLatestJson(config.accounting_path)
+  return Built(aggregates, dead_letters, accounting)

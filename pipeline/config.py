@@ -1,0 +1,106 @@
+"""The one place where a run's settings are read and checked.
+
+A bad setting stops the run before it starts, with the field named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.options import TidemarkOptions
+
+#: The embedded default: a bundled incident-like replay.
+BUNDLED_REPLAY = os.path.join(os.path.dirname(__file__), 'data', 'incident-replay.jsonl')
+DEFAULT_WINDOW_SIZE_S = 60
+DEFAULT_ALLOWED_LATENESS_S = 30
+DEFAULT_EARLY_FIRING_S = 10
+DEFAULT_OUTPUT_DIR = 'tidemark-output'
+
+
+class ConfigError(ValueError):
+  """A setting is wrong; ``field`` names it."""
+
+  def __init__(self, field: str, reason: str):
+    super().__init__(f'{field}: {reason}')
+    self.field = field
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  source: str  # 'replay:PATH'
+  window_size_s: int
+  allowed_lateness_s: int
+  early_firing_s: Optional[int]
+  output_dir: str
+  sqlite_path: Optional[str]
+  shards: int
+
+  @property
+  def source_kind(self) -> str:
+    return self.source.split(':', 1)[0]
+
+  @property
+  def source_target(self) -> str:
+    return self.source.split(':', 1)[1]
+
+  @property
+  def aggregates_path(self) -> str:
+    return os.path.join(self.output_dir, 'aggregates.jsonl')
+
+  @property
+  def dead_letter_path(self) -> str:
+    return os.path.join(self.output_dir, 'dead_letter.jsonl')
+
+  @property
+  def accounting_path(self) -> str:
+    return os.path.join(self.output_dir, 'accounting.json')
+
+  @classmethod
+  def from_options(cls, options: PipelineOptions) -> 'RunConfig':
+    opts = options.view_as(TidemarkOptions)
+    source = opts.source or f'replay:{BUNDLED_REPLAY}'
+    kind, sep, target = source.partition(':')
+    if not sep or not target:
+      raise ConfigError('--source', f'{source!r} is not of the form KIND:TARGET')
+    if kind != 'replay':
+      raise ConfigError('--source', f'unknown source kind {kind!r}; known: replay')
+    if kind == 'replay' and not os.path.isfile(target):
+      raise ConfigError('--source', f'replay file {target!r} does not exist')
+
+    window = DEFAULT_WINDOW_SIZE_S if opts.window_size is None else opts.window_size
+    if window <= 0:
+      raise ConfigError('--window-size', f'must be a positive number of seconds, got {window}')
+    lateness = (
+        DEFAULT_ALLOWED_LATENESS_S
+        if opts.allowed_lateness is None else opts.allowed_lateness)
+    if lateness < 0:
+      raise ConfigError(
+          '--allowed-lateness', f'must be zero or a positive number of seconds, got {lateness}')
+    early = DEFAULT_EARLY_FIRING_S if opts.early_firing is None else opts.early_firing
+    if early < 0:
+      raise ConfigError('--early-firing', f'must be zero or positive, got {early}')
+    shards = 1 if opts.shards is None else opts.shards
+    if shards < 1:
+      raise ConfigError('--shards', f'must be at least 1, got {shards}')
+
+    output_dir = opts.output_dir or DEFAULT_OUTPUT_DIR
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+      raise ConfigError('--output-dir', f'{output_dir!r} exists and is not a folder')
+    sqlite = opts.sqlite
+    if sqlite is None:
+      sqlite = os.path.join(output_dir, 'aggregates.sqlite')
+    elif sqlite.lower() == 'none':
+      sqlite = None
+    return cls(
+        source=source,
+        window_size_s=window,
+        allowed_lateness_s=lateness,
+        early_firing_s=early or None,
+        output_dir=output_dir,
+        sqlite_path=sqlite,
+        shards=shards)

@@ -1,0 +1,145 @@
+"""A plain-Python reading of the contract's rules, written independently of
+the Beam transforms: the oracle for end-to-end tests and the baseline for
+benchmarks. It shares no code with ``transforms/``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import re
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+_MIN_T = 946684800000
+_MAX_T = 4102444800000
+_CUSTOMER = re.compile(r'[A-Za-z0-9_.\-]+')
+_TS = re.compile(
+    r'(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)')
+
+
+def _reject(_):
+  raise ValueError('non-finite literal')
+
+
+def _event_time(raw) -> Optional[int]:
+  if isinstance(raw, bool):
+    return None
+  if isinstance(raw, int):
+    return raw
+  if not isinstance(raw, str):
+    return None
+  m = _TS.fullmatch(raw)
+  if not m:
+    return None
+  y, mo, d, h, mi, s, frac, zone = m.groups()
+  try:
+    if zone in ('Z', 'z'):
+      tz = datetime.timezone.utc
+    else:
+      hh, mm = int(zone[1:3]), int(zone[4:6])
+      if hh > 23 or mm > 59:
+        return None
+      delta = datetime.timedelta(hours=hh, minutes=mm)
+      tz = datetime.timezone(delta if zone[0] == '+' else -delta)
+    dt = datetime.datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), tzinfo=tz)
+  except ValueError:
+    return None
+  epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+  seconds = (dt - epoch).days * 86400 + (dt - epoch).seconds
+  ms = int(((frac or '.0')[1:] + '000')[:3])
+  return seconds * 1000 + ms
+
+
+def validate(data: str):
+  """``(event_id, customer_id, key, value, event_time)`` or None if invalid."""
+  try:
+    raw = data.encode('utf-8')
+  except UnicodeEncodeError:
+    return None
+  if len(raw) > 65536:
+    return None
+  try:
+    obj = json.loads(raw.decode('utf-8'), parse_constant=_reject)
+  except (ValueError, RecursionError):
+    return None
+  if not isinstance(obj, dict):
+    return None
+  eid, cust, key, value = (obj.get('event_id'), obj.get('customer_id'), obj.get('key'),
+                           obj.get('value'))
+  if not (isinstance(eid, str) and 0 < len(eid) <= 128):
+    return None
+  if not (isinstance(cust, str) and 0 < len(cust) <= 64 and _CUSTOMER.fullmatch(cust)):
+    return None
+  if not (isinstance(key, str) and 0 < len(key) <= 128):
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return None
+  try:
+    value = float(value)
+  except OverflowError:
+    return None
+  if not math.isfinite(value):
+    return None
+  t = _event_time(obj.get('event_time'))
+  if t is None or not _MIN_T <= t < _MAX_T:
+    return None
+  return eid, cust, key, value, t
+
+
+class Outcome(NamedTuple):
+  accounting: Dict[str, int]
+  #: (customer_id, key, window_start, window_end) -> (count, sum, min, max)
+  windows: Dict[Tuple[str, str, int, int], Tuple[int, float, float, float]]
+  too_late: List[Tuple[str, str]]  # (source, data)
+  invalid: List[Tuple[str, str]]
+
+
+def compute(path: str, window_size_s: int, allowed_lateness_s: int) -> Outcome:
+  """Applies contract section 3 to a replay file, line by line."""
+  size, lateness = window_size_s * 1000, allowed_lateness_s * 1000
+  marks: Dict[str, Optional[int]] = {}
+  lines = []
+  with open(path, encoding='utf-8') as f:
+    for text in f:
+      if text.strip():
+        line = json.loads(text)
+        lines.append(line)
+        if 'source' in line:
+          marks.setdefault(line['source'], None)
+  counts = dict(received=0, invalid=0, too_late=0, duplicate=0, aggregated=0)
+  values: Dict[Tuple[str, str, int, int], List[float]] = {}
+  accepted = set()
+  too_late: List[Tuple[str, str]] = []
+  invalid: List[Tuple[str, str]] = []
+  for line in lines:
+    if 'watermark' in line:
+      marks[line['source']] = line['watermark']
+      continue
+    if 'data' not in line:
+      continue
+    counts['received'] += 1
+    event = validate(line['data'])
+    if event is None:
+      counts['invalid'] += 1
+      invalid.append((line['source'], line['data']))
+      continue
+    eid, cust, key, value, t = event
+    start = t - t % size
+    known = list(marks.values())
+    watermark = None if any(m is None for m in known) else min(known)
+    # Python's runners drop once the watermark is strictly past end + lateness.
+    if watermark is not None and watermark > start + size + lateness:
+      counts['too_late'] += 1
+      too_late.append((line['source'], line['data']))
+      continue
+    if eid in accepted:
+      counts['duplicate'] += 1
+      continue
+    accepted.add(eid)
+    counts['aggregated'] += 1
+    values.setdefault((cust, key, start, start + size), []).append(value)
+  windows = {
+      w: (len(v), math.fsum(v), min(v), max(v)) for w, v in values.items()
+  }
+  return Outcome(counts, windows, too_late, invalid)

@@ -1,0 +1,24 @@
+"""Tidemark: exact event-time stream aggregation on Apache Beam."""
+
+import setuptools
+
+setuptools.setup(
+    name='tidemark',
+    version='0.1.0',
+    description='Windowed event-time aggregation where every event is accounted for.',
+    packages=['pipeline', 'transforms'],
+    package_data={'pipeline': ['data/*.jsonl']},
+    python_requires='>=3.10',
+    install_requires=[
+        # Pinned to the version whose Java jars (Kafka expansion service, Flink
+        # job server) are staged by scripts/; see README "Versions".
+        'apache-beam[gcp]==2.77.0',
+        'google-cloud-pubsub>=2.18,<3',
+        'msgspec>=0.18,<1',
+        'rich>=13,<15',
+    ],
+    extras_require={
+        'test': ['pytest>=8', 'hypothesis>=6.100'],
+    },
+    entry_points={'console_scripts': ['tidemark=pipeline.__main__:main']},
+)

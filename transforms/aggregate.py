@@ -1,0 +1,117 @@
+"""Fixed event-time windows, accumulating triggers, and pane-aware aggregates."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, List, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.transforms import trigger
+from apache_beam.utils.windowed_value import PaneInfoTiming
+
+from transforms.model import Event, WindowAggregate
+from transforms.parse import millis_to_timestamp
+
+
+class Stats(beam.CombineFn):
+  """count, sum, min and max of values.
+
+  The sum is exactly rounded (Shewchuk's partials, as in ``math.fsum``), so
+  it does not depend on the order in which a runner combines values.
+  """
+
+  def create_accumulator(self) -> Tuple[int, List[float], float, float]:
+    return 0, [], math.inf, -math.inf
+
+  def add_input(self, acc, value: float):
+    count, partials, low, high = acc
+    _add_partial(partials, value)
+    return count + 1, partials, min(low, value), max(high, value)
+
+  def merge_accumulators(self, accumulators):
+    count, partials, low, high = 0, [], math.inf, -math.inf
+    for c, p, lo, hi in accumulators:
+      count += c
+      for x in p:
+        _add_partial(partials, x)
+      low, high = min(low, lo), max(high, hi)
+    return count, partials, low, high
+
+  def extract_output(self, acc) -> Tuple[int, float, float, float]:
+    count, partials, low, high = acc
+    return count, math.fsum(partials), low, high
+
+
+def _add_partial(partials: List[float], x: float) -> None:
+  """Adds ``x`` to a list of non-overlapping partial sums, in place."""
+  i = 0
+  for y in partials:
+    if abs(x) < abs(y):
+      x, y = y, x
+    hi = x + y
+    lo = y - (hi - x)
+    if lo:
+      partials[i] = lo
+      i += 1
+    x = hi
+  partials[i:] = [x]
+
+
+class _ToAggregateFn(beam.DoFn):
+
+  def process(
+      self,
+      element,
+      window=beam.DoFn.WindowParam,
+      pane=beam.DoFn.PaneInfoParam) -> Iterable[WindowAggregate]:
+    (customer_id, key), (count, total, low, high) = element
+    start = window.start.micros // 1000
+    end = window.end.micros // 1000
+    yield WindowAggregate(
+        customer_id, key, start, end, count, total, low, high, pane.index,
+        PaneInfoTiming.to_string(pane.timing))
+
+
+class AggregateWindows(beam.PTransform):
+  """Per ``(customer_id, key)`` and fixed window: count, sum, min, max.
+
+  Windows are half-open ``[start, start + size)``. The trigger is accumulating
+  ``AfterWatermark(early=AfterProcessingTime(early_firing_s), late=AfterCount(1))``:
+  optional early panes, one on-time pane when the watermark passes the window
+  end, then one late pane per late event within the allowed lateness. Every
+  pane carries the whole window so far; the one with the highest
+  ``pane_index`` is final.
+  """
+
+  def __init__(
+      self,
+      window_size_s: int,
+      allowed_lateness_s: int,
+      early_firing_s: Optional[int] = None):
+    super().__init__()
+    if not isinstance(window_size_s, int) or window_size_s <= 0:
+      raise ValueError(f'window_size_s must be a positive integer, got {window_size_s!r}')
+    if not isinstance(allowed_lateness_s, int) or allowed_lateness_s < 0:
+      raise ValueError(
+          f'allowed_lateness_s must be a non-negative integer, got {allowed_lateness_s!r}')
+    if early_firing_s is not None and (
+        not isinstance(early_firing_s, int) or early_firing_s <= 0):
+      raise ValueError(f'early_firing_s must be a positive integer, got {early_firing_s!r}')
+    self._size = window_size_s
+    self._lateness = allowed_lateness_s
+    self._early = early_firing_s
+
+  def expand(self, events: beam.PCollection[Event]) -> beam.PCollection[WindowAggregate]:
+    early = trigger.AfterProcessingTime(self._early) if self._early else None
+    return (
+        events
+        | 'StampEventTime' >> beam.Map(
+            lambda e: beam.window.TimestampedValue(e, millis_to_timestamp(e.event_time)))
+        | 'FixedWindows' >> beam.WindowInto(
+            beam.window.FixedWindows(self._size),
+            trigger=trigger.AfterWatermark(early=early, late=trigger.AfterCount(1)),
+            accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+            allowed_lateness=self._lateness)
+        | 'KeyByCustomerAndKey' >> beam.Map(lambda e: ((e.customer_id, e.key), e.value))
+        | 'CountSumMinMax' >> beam.CombinePerKey(Stats())
+        | 'WithPaneInfo' >> beam.ParDo(_ToAggregateFn()))

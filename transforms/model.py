@@ -1,0 +1,98 @@
+"""The records that flow between Tidemark's transforms, and window arithmetic.
+
+Everything here is plain data: no Beam, no I/O. Times are epoch milliseconds
+(``int``) unless a name says otherwise.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import NamedTuple
+
+#: The contract's dead-letter reasons.
+INVALID = 'invalid'
+TOO_LATE = 'too_late'
+
+#: Accounting categories, in the order the contract checks them.
+RECEIVED = 'received'
+DUPLICATE = 'duplicate'
+AGGREGATED = 'aggregated'
+CATEGORIES = (RECEIVED, INVALID, TOO_LATE, DUPLICATE, AGGREGATED)
+
+
+class RawMessage(NamedTuple):
+  """A message as a source delivered it: who sent it and the untouched payload."""
+  source: str
+  data: str
+
+
+class Event(NamedTuple):
+  """A payload that passed contract section 1, with where it came from."""
+  event_id: str
+  customer_id: str
+  key: str
+  value: float
+  event_time: int  # epoch ms
+  source: str
+  data: str  # the payload exactly as received, for dead letters
+
+
+class DeadLetter(NamedTuple):
+  """A message that is not aggregated, and why (contract section 4)."""
+  reason: str  # INVALID or TOO_LATE
+  source: str
+  data: str
+  detail: str
+
+  def to_json_dict(self) -> dict:
+    return {
+        'reason': self.reason,
+        'source': self.source,
+        'data': self.data,
+        'detail': self.detail,
+    }
+
+
+class WindowAggregate(NamedTuple):
+  """One emitted pane of one ``(customer_id, key, window)``."""
+  customer_id: str
+  key: str
+  window_start: int
+  window_end: int
+  count: int
+  sum: float
+  min: float
+  max: float
+  pane_index: int
+  timing: str  # EARLY, ON_TIME or LATE
+
+  def to_json_dict(self) -> dict:
+    return self._asdict()
+
+
+class WindowSpec(NamedTuple):
+  """Fixed windows of ``size_ms`` with ``lateness_ms`` of allowed lateness.
+
+  A window is half-open ``[start, start + size)``: an event at exactly a
+  boundary belongs to the window that starts there, and to no other.
+  """
+  size_ms: int
+  lateness_ms: int
+
+  def start(self, event_time: int) -> int:
+    return event_time - event_time % self.size_ms
+
+  def end(self, event_time: int) -> int:
+    return self.start(event_time) + self.size_ms
+
+  def expiry(self, event_time: int) -> int:
+    """The instant ``end + lateness``: once the watermark is past it, the
+    window is closed and anything for it is too late."""
+    return self.start(event_time) + self.size_ms + self.lateness_ms
+
+
+def stable_shard(event_id: str, shards: int) -> int:
+  """A shard for ``event_id`` that is the same in every process and run."""
+  if shards == 1:
+    return 0
+  return zlib.crc32(event_id.encode('utf-8')) % shards
