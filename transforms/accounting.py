@@ -7,7 +7,9 @@ not from Beam's user counters, which the streaming DirectRunner undercounts.
 from __future__ import annotations
 
 import sys
+import threading
 import time
+import uuid
 from typing import Dict, Iterable, Optional
 
 import apache_beam as beam
@@ -70,27 +72,38 @@ class CountOutcomes(beam.PTransform):
         | 'Count' >> beam.CombineGlobally(_CountCategories()).without_defaults())
 
 
+class _Progress:
+  """Per-process progress; DoFn instances come and go (some runners make one
+  per bundle), so the count lives here, keyed by the transform's id."""
+  _lock = threading.Lock()
+  _by_id: Dict[str, list] = {}
+
+  @classmethod
+  def tick(cls, progress_id: str, total: int, every_s: float) -> None:
+    now = time.monotonic()
+    with cls._lock:
+      state = cls._by_id.setdefault(progress_id, [0, now, now])
+      state[0] += 1
+      seen, started, last = state
+      if now - last < every_s and seen != total:
+        return
+      state[2] = now
+    rate = seen / max(now - started, 1e-9)
+    share = f' ({100 * seen / total:.0f}%)' if total else ''
+    print(
+        f'progress: {seen:,}/{total:,} messages{share}, {rate:,.0f} msg/s',
+        file=sys.stderr, flush=True)
+
+
 class _ProgressFn(beam.DoFn):
 
   def __init__(self, total: int, every_s: float):
     self._total = total
     self._every = every_s
-
-  def setup(self):
-    self._seen = 0
-    self._started = time.monotonic()
-    self._last = self._started
+    self._id = uuid.uuid4().hex
 
   def process(self, element) -> Iterable:
-    self._seen += 1
-    now = time.monotonic()
-    if now - self._last >= self._every or self._seen == self._total:
-      self._last = now
-      rate = self._seen / max(now - self._started, 1e-9)
-      share = f' ({100 * self._seen / self._total:.0f}%)' if self._total else ''
-      print(
-          f'progress: {self._seen:,}/{self._total:,} messages{share}, {rate:,.0f} msg/s',
-          file=sys.stderr, flush=True)
+    _Progress.tick(self._id, self._total, self._every)
     yield element
 
 

@@ -168,5 +168,5 @@ class RouteTooLate(beam.PTransform):
         | 'InGlobalWindow' >> beam.WindowInto(beam.window.GlobalWindows())
         | 'KeyByWindowShard' >> beam.Map(key_by_window_shard(
             self._spec, self._shards)).with_output_types(Tuple[WindowShardKey, Event])
-        | 'Route' >> beam.ParDo(_RouteTooLateFn(self._spec, self._offset)).with_outputs(
-            TOO_LATE_TAG, main='on_time'))
+        | 'Route' >> beam.ParDo(_RouteTooLateFn(self._spec, self._offset)).with_output_types(
+            Tuple[WindowShardKey, Event]).with_outputs(TOO_LATE_TAG, main='on_time'))

@@ -1,0 +1,142 @@
+"""The replay file and the CLI: bad operator input stops the run before it
+starts; a good replay's outputs equal an independent reading of the contract."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from conftest import MINUTE, SECOND, T0, data, mark, payload, tick, write_replay
+from pipeline import reference, traffic
+from pipeline.run import final_panes
+from transforms.replay import Messages, ProcessingTime, ReplayError, Watermark, compile_replay
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args, cwd=None):
+  env = {**os.environ, 'PYTHONPATH': REPO}
+  return subprocess.run(
+      [sys.executable, '-m', 'pipeline', *args], cwd=cwd or REPO, capture_output=True,
+      text=True, timeout=900, env=env)
+
+
+@pytest.mark.parametrize('bad_line, reason', [
+    ('not json', 'not JSON'),
+    ('[1]', 'JSON object'),
+    ('{"source": "A"}', 'unknown line shape'),
+    ('{"source": "A", "data": 5}', '"data" must be a string'),
+    ('{"source": "", "data": "x"}', '"source"'),
+    ('{"source": "A", "watermark": 1.5}', 'integer'),
+    ('{"source": "A", "watermark": 100}', 'moves backwards'),
+    ('{"advance_processing_time": -1}', 'non-negative'),
+    ('{"source": "A", "data": "x", "watermark": 1}', 'unknown line shape'),
+])
+def test_a_bad_line_is_refused_with_its_number(tmp_path, bad_line, reason):
+  path = write_replay(tmp_path / 'r.jsonl', [
+      data('A', payload('e', T0)), '', mark('A', 200), bad_line])
+  with pytest.raises(ReplayError) as e:
+    compile_replay(path)
+  assert e.value.line == 4
+  assert reason in str(e.value)
+
+
+def test_compile_takes_the_minimum_watermark_over_every_named_source(tmp_path):
+  path = write_replay(tmp_path / 'r.jsonl', [
+      data('C', payload('c', T0)),  # C is named, so it counts from the start
+      mark('A', T0 + 5 * MINUTE),
+      data('A', payload('a', T0)),
+      mark('C', T0 + MINUTE),
+      tick(3),
+      data('A', payload('b', T0)),
+      mark('C', T0 + 10 * MINUTE),
+  ])
+  replay = compile_replay(path)
+  assert replay.sources == ('C', 'A') and replay.messages == 3
+  assert [type(s).__name__ for s in replay.steps] == [
+      'Messages', 'Watermark', 'ProcessingTime', 'Messages', 'Watermark', 'Watermark']
+  assert [m.watermark for s in replay.steps if isinstance(s, Messages) for m in s.batch] == [
+      None, None, T0 + MINUTE]
+  assert [s.millis for s in replay.steps if isinstance(s, Watermark)] == [
+      T0 + MINUTE, T0 + 5 * MINUTE, None]
+  assert [s.seconds for s in replay.steps if isinstance(s, ProcessingTime)] == [3]
+  assert replay.max_watermark_lag_ms == {'C': 4 * MINUTE, 'A': 5 * MINUTE}
+
+
+def test_the_cli_stops_before_running_and_writes_nothing(tmp_path):
+  replay = write_replay(tmp_path / 'r.jsonl', [data('A', payload('e', T0)), '{oops'])
+  out = tmp_path / 'out'
+  result = cli('run', '--source', f'replay:{replay}', '--window-size', '60',
+               '--allowed-lateness', '30', '--output-dir', str(out))
+  assert result.returncode != 0
+  assert f'{replay}:2:' in result.stderr
+  assert not out.exists()
+
+
+@pytest.mark.parametrize('flag, value, field', [
+    ('--window-size', '0', '--window-size'),
+    ('--allowed-lateness', '-5', '--allowed-lateness'),
+    ('--source', 'carrier-pigeon:coop', '--source'),
+])
+def test_a_bad_setting_is_refused_naming_the_field(tmp_path, flag, value, field):
+  args = {'--source': f'replay:{tmp_path}/none.jsonl', '--window-size': '60',
+          '--allowed-lateness': '30', '--output-dir': str(tmp_path / 'out')}
+  write_replay(tmp_path / 'none.jsonl', [])
+  args[flag] = value
+  result = cli('run', *[x for kv in args.items() for x in kv])
+  assert result.returncode == 2
+  assert field in result.stderr
+
+
+def test_cli_outputs_equal_the_contract_on_a_generated_incident_replay(tmp_path):
+  window, lateness = 60, 30
+  replay = str(tmp_path / 'incident.jsonl')
+  traffic.write_replay(replay, traffic.Profile(
+      messages=2500, seed=11, window_size_s=window, allowed_lateness_s=lateness))
+  out = tmp_path / 'out'
+  result = cli('run', '--source', f'replay:{replay}', '--window-size', str(window),
+               '--allowed-lateness', str(lateness), '--output-dir', str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  expected = reference.compute(replay, window, lateness)
+  kinds = expected.accounting
+  assert all(kinds[k] > 0 for k in kinds), f'the replay lacks some trouble: {kinds}'
+  with open(out / 'accounting.json') as f:
+    assert json.load(f) == expected.accounting
+
+  finals = final_panes(str(out / 'aggregates.jsonl'))
+  assert {w: (p['count'], p['sum'], p['min'], p['max']) for w, p in finals.items()} == (
+      expected.windows)
+  assert {p['timing'] for p in finals.values()} <= {'ON_TIME', 'LATE'}
+
+  with open(out / 'dead_letter.jsonl') as f:
+    dead = [json.loads(line) for line in f]
+  assert sorted((d['source'], d['data']) for d in dead if d['reason'] == 'too_late') == sorted(
+      expected.too_late)
+  assert sorted((d['source'], d['data']) for d in dead if d['reason'] == 'invalid') == sorted(
+      expected.invalid)
+  assert all(d['detail'] for d in dead)
+
+  with sqlite3.connect(out / 'aggregates.sqlite') as db:
+    rows = db.execute(
+        'SELECT customer_id, key, window_start, window_end, count, sum, min, max, pane_index '
+        'FROM aggregates').fetchall()
+  assert {(r[0], r[1], r[2], r[3]): (r[4], r[5], r[6], r[7]) for r in rows} == expected.windows
+  assert {(r[0], r[1], r[2], r[3]): r[8] for r in rows} == {
+      w: p['pane_index'] for w, p in finals.items()}
+  assert 'unaccounted' in result.stdout
+
+
+def test_the_default_run_needs_no_arguments(tmp_path):
+  result = cli('run', cwd=str(tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = tmp_path / 'tidemark-output'
+  with open(out / 'accounting.json') as f:
+    accounting = json.load(f)
+  assert accounting['received'] == 3000
+  assert accounting == reference.compute(
+      os.path.join(REPO, 'pipeline', 'data', 'incident-replay.jsonl'), 60, 30).accounting
+  assert (out / 'aggregates.sqlite').exists()
