@@ -12,7 +12,7 @@ setuptools.setup(
     install_requires=[
         # Pinned to the version whose Java jars (Kafka expansion service, Flink
         # job server) are staged by scripts/; see README "Versions".
-        'apache-beam[gcp]==2.77.0',
+        'apache-beam[gcp]==2.62.0',
         'google-cloud-pubsub>=2.18,<3',
         'msgspec>=0.18,<1',
         'rich>=13,<15',

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -85,7 +86,9 @@ def prepare_output(config: RunConfig) -> None:
       os.remove(path)
 
 
-def run(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
+  """``python -m pipeline run``: run, reconcile, print the accounting."""
+  logging.getLogger('apache_beam').setLevel(logging.WARNING)
   options = PipelineOptions(argv)
   try:
     config = RunConfig.from_options(options)

@@ -208,6 +208,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--allowed-lateness', type=int, default=defaults.allowed_lateness_s)
 
 
+def main(argv: List[str]) -> int:
+  """``python -m pipeline generate``: write an incident-like replay."""
+  parser = argparse.ArgumentParser(
+      prog='python -m pipeline generate',
+      description='Write an incident-like replay (contract section 2).')
+  parser.add_argument('--out', required=True, help='replay file to write')
+  add_arguments(parser)
+  args = parser.parse_args(argv)
+  count = write_replay(args.out, profile_from_args(args))
+  print(f'wrote {count:,} messages to {args.out}')
+  return 0
+
+
 def profile_from_args(args: argparse.Namespace) -> Profile:
   if args.messages < 0 or args.rate <= 0:
     raise SystemExit('--messages must be >= 0 and --rate > 0')
