@@ -78,6 +78,32 @@ def print_accounting(accounting: Dict[str, int], seconds: float, out=sys.stdout)
   Console(file=out).print(table)
 
 
+def print_metrics(result, out=sys.stdout) -> None:
+  """Beam's own metrics, beside the exact accounting. (User counters are
+  best-effort on the streaming DirectRunner, which undercounts them.)"""
+  try:
+    metrics = result.metrics().query()
+  except Exception:  # pylint: disable=broad-except
+    return  # some runners do not report metrics
+  counters = {}
+  for counter in metrics['counters']:
+    if counter.key.metric.namespace == 'tidemark':
+      name = counter.key.metric.name
+      counters[name] = counters.get(name, 0) + (counter.committed or counter.attempted or 0)
+  if counters:
+    shown = ', '.join(f'{c}={counters[c]:,}' for c in CATEGORIES if c in counters)
+    print(f'beam counters (best effort; the streaming DirectRunner loses most user-counter '
+          f'updates, the table above is exact): {shown}', file=out)
+  for dist in metrics['distributions']:
+    name = dist.key.metric.name
+    if dist.key.metric.namespace == 'tidemark' and name.startswith('watermark_lag_ms/'):
+      value = dist.committed or dist.attempted
+      if value and value.count:
+        print(f'watermark lag of source {name.split("/", 1)[1]}: mean '
+              f'{value.mean / 1000:,.1f} s, max {value.max / 1000:,.1f} s '
+              '(behind the most advanced source)', file=out)
+
+
 def prepare_output(config: RunConfig) -> None:
   os.makedirs(config.output_dir, exist_ok=True)
   for path in (config.aggregates_path, config.dead_letter_path, config.accounting_path,
@@ -104,8 +130,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
   prepare_output(config)
   started = time.monotonic()
-  with beam.Pipeline(options=options) as p:
-    build(p, config, source)
+  p = beam.Pipeline(options=options)
+  build(p, config, source)
+  result = p.run()
+  result.wait_until_finish()
   seconds = time.monotonic() - started
   try:
     accounting = reconcile(config)
@@ -113,5 +141,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'tidemark: error: outputs do not reconcile: {e}', file=sys.stderr)
     return 3
   print_accounting(accounting, seconds)
+  print_metrics(result)
   print(f'outputs in {os.path.abspath(config.output_dir)}')
   return 0

@@ -39,6 +39,8 @@ class Message(NamedTuple):
   source: str
   data: str
   watermark: Optional[int]  # the pipeline watermark when it arrived
+  #: how far its source's watermark was behind the most advanced source's
+  source_lag_ms: Optional[int] = None
 
 
 class Messages(NamedTuple):
@@ -133,7 +135,10 @@ def compile_replay(path: str) -> Replay:
   for number, kind, source, payload in lines:
     if kind == 'data':
       messages += 1
-      message = Message(source, payload, pipeline_mark)
+      lag = None
+      if pipeline_mark is not None:
+        lag = max(source_marks.values()) - source_marks[source]
+      message = Message(source, payload, pipeline_mark, lag)
       if steps and isinstance(steps[-1], Messages):
         steps[-1].batch.append(message)
       else:

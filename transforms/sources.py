@@ -3,9 +3,10 @@ event-time watermarks from the source, never from processing time."""
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Iterable, Optional, Tuple, Union
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
 
@@ -25,7 +26,8 @@ def replay_to_test_stream(replay: Replay) -> TestStream:
     if isinstance(step, Messages):
       stream.add_elements([
           beam.window.TimestampedValue(
-              (m.source, m.data.encode('utf-8', 'surrogatepass')), _millis(m.watermark))
+              (m.source, m.data.encode('utf-8', 'surrogatepass'), m.source_lag_ms),
+              _millis(m.watermark))
           for m in step.batch
       ])
     elif isinstance(step, Watermark):
@@ -38,10 +40,21 @@ def replay_to_test_stream(replay: Replay) -> TestStream:
   return stream
 
 
-def _raw_message(source: str, data: bytes) -> RawMessage:
-  # Payloads travel as bytes so that even one with a lone surrogate (not
-  # UTF-8, hence invalid downstream) reaches the dead letter exactly as recorded.
-  return RawMessage(source, data.decode('utf-8', 'surrogatepass'))
+class _ToRawMessageFn(beam.DoFn):
+  """Rebuilds the message and records its source's watermark lag."""
+
+  def __init__(self):
+    self._lags = {}
+
+  def process(self, element: Tuple[str, bytes, Optional[int]]) -> Iterable[RawMessage]:
+    source, data, lag_ms = element
+    if lag_ms is not None:
+      if source not in self._lags:
+        self._lags[source] = Metrics.distribution('tidemark', f'watermark_lag_ms/{source}')
+      self._lags[source].update(lag_ms)
+    # Payloads travel as bytes so that even one with a lone surrogate (not
+    # UTF-8, hence invalid downstream) reaches the dead letter exactly as recorded.
+    yield RawMessage(source, data.decode('utf-8', 'surrogatepass'))
 
 
 class ReadReplay(beam.PTransform):
@@ -60,4 +73,4 @@ class ReadReplay(beam.PTransform):
     return (
         pbegin
         | 'Stream' >> replay_to_test_stream(self.replay)
-        | 'AsRawMessage' >> beam.MapTuple(_raw_message))
+        | 'AsRawMessage' >> beam.ParDo(_ToRawMessageFn()))
