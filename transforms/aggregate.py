@@ -9,7 +9,7 @@ import apache_beam as beam
 from apache_beam.transforms import trigger
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
-from transforms.model import Event, WindowAggregate
+from transforms.model import Event, WindowAggregate, window_spec
 from transforms.parse import millis_to_timestamp
 
 
@@ -89,11 +89,7 @@ class AggregateWindows(beam.PTransform):
       allowed_lateness_s: int,
       early_firing_s: Optional[int] = None):
     super().__init__()
-    if not isinstance(window_size_s, int) or window_size_s <= 0:
-      raise ValueError(f'window_size_s must be a positive integer, got {window_size_s!r}')
-    if not isinstance(allowed_lateness_s, int) or allowed_lateness_s < 0:
-      raise ValueError(
-          f'allowed_lateness_s must be a non-negative integer, got {allowed_lateness_s!r}')
+    window_spec(window_size_s, allowed_lateness_s)  # validates
     if early_firing_s is not None and (
         not isinstance(early_firing_s, int) or early_firing_s <= 0):
       raise ValueError(f'early_firing_s must be a positive integer, got {early_firing_s!r}')

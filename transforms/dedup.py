@@ -15,7 +15,7 @@ from apache_beam.transforms.userstate import on_timer
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.lateness import WindowShardKey
-from transforms.model import Event, WindowSpec
+from transforms.model import Event, WindowSpec, window_spec
 
 DUPLICATE_TAG = 'duplicate'
 
@@ -64,9 +64,7 @@ class DeduplicateEvents(beam.PTransform):
   def __init__(
       self, window_size_s: int, allowed_lateness_s: int, expiry_offset_micros: int = 1):
     super().__init__()
-    if window_size_s <= 0 or allowed_lateness_s < 0:
-      raise ValueError('window size must be positive and lateness non-negative')
-    self._spec = WindowSpec(window_size_s * 1000, allowed_lateness_s * 1000)
+    self._spec = window_spec(window_size_s, allowed_lateness_s)
     self._offset = expiry_offset_micros
 
   def expand(self, keyed_events: beam.PCollection[Tuple[WindowShardKey, Event]]):

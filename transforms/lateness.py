@@ -41,7 +41,7 @@ from apache_beam.transforms.userstate import TimerSpec
 from apache_beam.transforms.userstate import on_timer
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
 
-from transforms.model import TOO_LATE, DeadLetter, Event, WindowSpec, stable_shard
+from transforms.model import TOO_LATE, DeadLetter, Event, WindowSpec, stable_shard, window_spec
 from transforms.parse import millis_to_timestamp
 
 TOO_LATE_TAG = 'too_late'
@@ -151,14 +151,9 @@ class RouteTooLate(beam.PTransform):
       shards: int = 1,
       expiry_offset_micros: int = 1):
     super().__init__()
-    if not isinstance(window_size_s, int) or window_size_s <= 0:
-      raise ValueError(f'window_size_s must be a positive integer, got {window_size_s!r}')
-    if not isinstance(allowed_lateness_s, int) or allowed_lateness_s < 0:
-      raise ValueError(
-          f'allowed_lateness_s must be a non-negative integer, got {allowed_lateness_s!r}')
+    self._spec = window_spec(window_size_s, allowed_lateness_s)
     if not isinstance(shards, int) or shards < 1:
       raise ValueError(f'shards must be a positive integer, got {shards!r}')
-    self._spec = WindowSpec(window_size_s * 1000, allowed_lateness_s * 1000)
     self._shards = shards
     self._offset = expiry_offset_micros
 

@@ -91,6 +91,17 @@ class WindowSpec(NamedTuple):
     return self.start(event_time) + self.size_ms + self.lateness_ms
 
 
+def window_spec(window_size_s: int, allowed_lateness_s: int) -> WindowSpec:
+  """Checks window settings (whole seconds) and returns them in milliseconds."""
+  if isinstance(window_size_s, bool) or not isinstance(window_size_s, int) or window_size_s <= 0:
+    raise ValueError(f'window_size_s must be a positive integer, got {window_size_s!r}')
+  if (isinstance(allowed_lateness_s, bool) or not isinstance(allowed_lateness_s, int) or
+      allowed_lateness_s < 0):
+    raise ValueError(
+        f'allowed_lateness_s must be a non-negative integer, got {allowed_lateness_s!r}')
+  return WindowSpec(window_size_s * 1000, allowed_lateness_s * 1000)
+
+
 def stable_shard(event_id: str, shards: int) -> int:
   """A shard for ``event_id`` that is the same in every process and run."""
   if shards == 1:
