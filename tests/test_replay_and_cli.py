@@ -140,3 +140,13 @@ def test_the_default_run_needs_no_arguments(tmp_path):
   assert accounting == reference.compute(
       os.path.join(REPO, 'pipeline', 'data', 'incident-replay.jsonl'), 60, 30).accounting
   assert (out / 'aggregates.sqlite').exists()
+
+
+def test_the_replay_benchmark_prints_one_json_line_of_figures(tmp_path):
+  result = cli('bench', 'replay', '--messages', '400', '--workdir', str(tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  assert figures['bench'] == 'replay' and figures['messages'] == 400
+  assert figures['outputs_equal_reference'] is True
+  assert figures['events_per_s'] > 0 and figures['peak_rss_mib'] > 0
+  assert figures['ratio_to_reference'] > 0

@@ -5,7 +5,7 @@ import random
 import sqlite3
 
 import apache_beam as beam
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing import test_pipeline
 
 from transforms.model import WindowAggregate
 from transforms.sinks import UpsertSqlite
@@ -25,7 +25,7 @@ def test_out_of_order_and_repeated_panes_leave_the_highest_pane(tmp_path):
   random.Random(3).shuffle(shuffled)
   # the highest pane first, then stale ones: they must not win
   ordered = [panes(120000)[-1]] + panes(120000)[:-1]
-  with TestPipeline(runner='DirectRunner') as p:
+  with test_pipeline.TestPipeline(runner='DirectRunner') as p:
     _ = p | beam.Create(shuffled + ordered, reshuffle=False) | UpsertSqlite(db)
   with sqlite3.connect(db) as conn:
     rows = conn.execute(
@@ -38,7 +38,7 @@ def test_out_of_order_and_repeated_panes_leave_the_highest_pane(tmp_path):
 def test_a_retried_pane_changes_nothing(tmp_path):
   db = str(tmp_path / 'agg.sqlite')
   for batch in ([panes(0)[1]], [panes(0)[1]], [panes(0)[0]]):
-    with TestPipeline(runner='DirectRunner') as p:
+    with test_pipeline.TestPipeline(runner='DirectRunner') as p:
       _ = p | beam.Create(batch) | UpsertSqlite(db)
   with sqlite3.connect(db) as conn:
     assert conn.execute('SELECT count, pane_index FROM aggregates').fetchall() == [(3, 1)]
