@@ -110,6 +110,11 @@ def prepare_output(config: RunConfig) -> None:
                config.sqlite_path):
     if path and os.path.exists(path):
       os.remove(path)
+  # Before anything arrives, every count is zero; the pipeline replaces this
+  # record as messages are accounted for (an empty stream emits none).
+  with open(config.accounting_path, 'w', encoding='utf-8') as f:
+    json.dump(dict.fromkeys(CATEGORIES, 0), f, indent=2)
+    f.write('\n')
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -150,3 +150,11 @@ def test_the_replay_benchmark_prints_one_json_line_of_figures(tmp_path):
   assert figures['outputs_equal_reference'] is True
   assert figures['events_per_s'] > 0 and figures['peak_rss_mib'] > 0
   assert figures['ratio_to_reference'] > 0
+
+
+def test_an_empty_replay_accounts_for_nothing(tmp_path):
+  replay = write_replay(tmp_path / 'empty.jsonl', ['', '   '])
+  result = cli('run', '--source', f'replay:{replay}', '--output-dir', str(tmp_path / 'out'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / 'out' / 'accounting.json') as f:
+    assert json.load(f) == dict(received=0, invalid=0, too_late=0, duplicate=0, aggregated=0)
