@@ -10,6 +10,7 @@ from pipeline.config import RunConfig
 from transforms.accounting import CountOutcomes, ReportProgress
 from transforms.aggregate import AggregateWindows
 from transforms.dedup import DeduplicateEvents
+from transforms.diagnostics import SampleMemory
 from transforms.lateness import RouteTooLate
 from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.parse import ParseEvents
@@ -56,4 +57,8 @@ def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built
     aggregates | 'UpsertFinalAggregates' >> UpsertSqlite(config.sqlite_path)
   dead_letters | 'WriteDeadLetters' >> WriteJsonLines(config.dead_letter_path)
   accounting | 'WriteAccounting' >> WriteLatestJson(config.accounting_path)
+  if config.sample_memory_s:
+    (parsed.events
+     | 'SampleMemory' >> SampleMemory(config.sample_memory_s)
+     | 'WriteMemorySamples' >> WriteJsonLines(config.memory_path))
   return Built(aggregates, dead_letters, accounting)

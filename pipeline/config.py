@@ -39,6 +39,7 @@ class RunConfig:
   output_dir: str
   sqlite_path: Optional[str]
   shards: int
+  sample_memory_s: Optional[int] = None
 
   @property
   def source_kind(self) -> str:
@@ -59,6 +60,10 @@ class RunConfig:
   @property
   def accounting_path(self) -> str:
     return os.path.join(self.output_dir, 'accounting.json')
+
+  @property
+  def memory_path(self) -> str:
+    return os.path.join(self.output_dir, 'memory.jsonl')
 
   @classmethod
   def from_options(cls, options: PipelineOptions) -> 'RunConfig':
@@ -88,6 +93,10 @@ class RunConfig:
     if shards < 1:
       raise ConfigError('--shards', f'must be at least 1, got {shards}')
 
+    sample_memory = opts.sample_memory_every
+    if sample_memory is not None and sample_memory <= 0:
+      raise ConfigError('--sample-memory-every', f'must be positive, got {sample_memory}')
+
     output_dir = opts.output_dir or DEFAULT_OUTPUT_DIR
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
       raise ConfigError('--output-dir', f'{output_dir!r} exists and is not a folder')
@@ -103,4 +112,5 @@ class RunConfig:
         early_firing_s=early or None,
         output_dir=output_dir,
         sqlite_path=sqlite,
-        shards=shards)
+        shards=shards,
+        sample_memory_s=sample_memory)

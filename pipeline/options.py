@@ -31,5 +31,10 @@ class TidemarkOptions(PipelineOptions):
         help='SQLite file of final aggregates (default: OUTPUT_DIR/aggregates.sqlite; '
         '"none" to skip).')
     parser.add_argument(
+        '--sample-memory-every', '--sample_memory_every', dest='sample_memory_every',
+        type=int,
+        help='Write the worker RSS to OUTPUT_DIR/memory.jsonl each time the watermark '
+        'passes a multiple of this many seconds of event time (soak benchmarks).')
+    parser.add_argument(
         '--shards', dest='shards', type=int,
         help='Keys per window for too-late routing and dedup (parallelism).')

@@ -206,6 +206,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='events per second of event time')
   parser.add_argument('--window-size', type=int, default=defaults.window_size_s)
   parser.add_argument('--allowed-lateness', type=int, default=defaults.allowed_lateness_s)
+  parser.add_argument('--tick', type=int, default=defaults.tick_s,
+                      help='seconds between watermark/processing-time reports')
 
 
 def main(argv: List[str]) -> int:
@@ -222,8 +224,9 @@ def main(argv: List[str]) -> int:
 
 
 def profile_from_args(args: argparse.Namespace) -> Profile:
-  if args.messages < 0 or args.rate <= 0:
-    raise SystemExit('--messages must be >= 0 and --rate > 0')
+  if args.messages < 0 or args.rate <= 0 or args.tick <= 0:
+    raise SystemExit('--messages must be >= 0, --rate and --tick > 0')
   return Profile(
       messages=args.messages, seed=args.seed, rate_per_s=args.rate,
-      window_size_s=args.window_size, allowed_lateness_s=args.allowed_lateness)
+      window_size_s=args.window_size, allowed_lateness_s=args.allowed_lateness,
+      tick_s=args.tick)
