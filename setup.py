@@ -14,7 +14,11 @@ setuptools.setup(
         # job server) are staged by scripts/; see README "Versions".
         'apache-beam[gcp]==2.62.0',
         'google-cloud-pubsub>=2.18,<3',
+        'jsonschema>=4.18,<5',
         'msgspec>=0.18,<1',
+        # PostgreSQL sink; the binary wheel brings its own libpq.
+        'psycopg[binary]>=3.1,<4',
+        'PyYAML>=6,<7',
         'rich>=13,<15',
     ],
     extras_require={
