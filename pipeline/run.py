@@ -81,7 +81,7 @@ def print_accounting(accounting: Dict[str, int], seconds: float, out=sys.stdout)
 def prepare_output(config: RunConfig) -> None:
   os.makedirs(config.output_dir, exist_ok=True)
   for path in (config.aggregates_path, config.dead_letter_path, config.accounting_path,
-               config.sqlite_path):
+               config.sqlite_path, config.refused_path):
     if path and os.path.exists(path):
       os.remove(path)
 

@@ -170,7 +170,7 @@ class _CustomerScopeFn(beam.DoFn):
       yield beam.pvalue.TaggedOutput(REFUSED, agg)
 
 
-def _check_customer_id(customer_id: Optional[str]) -> Optional[str]:
+def check_customer_id(customer_id: Optional[str]) -> Optional[str]:
   if customer_id is not None and not re.match(r'^[A-Za-z0-9_.-]{1,64}$', customer_id):
     raise ValueError(f'customer_id {customer_id!r} is not a contract customer id')
   return customer_id
@@ -250,7 +250,7 @@ class UpsertSqlite(beam.PTransform):
     if not path:
       raise ValueError('path must be set')
     self._path = path
-    self._customer_id = _check_customer_id(customer_id)
+    self._customer_id = check_customer_id(customer_id)
 
   def expand(self, aggregates: beam.PCollection[WindowAggregate]):
     return _scoped(aggregates, self._customer_id, f'sqlite:{self._path}',
@@ -460,7 +460,7 @@ class UpsertPostgres(beam.PTransform):
     super().__init__()
     _check_postgres_args(dsn, table, backoff)
     self._dsn, self._table, self._backoff = dsn, table, backoff
-    self._customer_id = _check_customer_id(customer_id)
+    self._customer_id = check_customer_id(customer_id)
 
   def expand(self, aggregates: beam.PCollection[WindowAggregate]):
     return _scoped(
@@ -595,7 +595,7 @@ class WriteAggregatesToBigQuery(beam.PTransform):
     self.dead_letter_table = check_bigquery_table(dead_letter_table, 'dead_letter_table')
     if self.table == self.dead_letter_table:
       raise ValueError('table and dead_letter_table must differ')
-    self.customer_id = _check_customer_id(customer_id)
+    self.customer_id = check_customer_id(customer_id)
     self.expansion_service = expansion_service
 
   def aggregates_write(self):
