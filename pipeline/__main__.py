@@ -6,6 +6,8 @@ Commands:
                 [--allowed-lateness L] [--output-dir DIR] [Beam options...]
   generate  write an incident-like replay file
             python -m pipeline generate --out PATH [--messages N] [--seed S]
+  deploy    launch one customer's pipeline (templates/customers/NAME.yaml)
+            python -m pipeline deploy --customer NAME --target dataflow|flink [--dry-run]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import List, Optional
 COMMANDS = {
     'run': 'pipeline.run',
     'generate': 'pipeline.traffic',
+    'deploy': 'pipeline.deploy',
 }
 
 
