@@ -9,7 +9,9 @@
 # Data in .stage/postgres, log in .stage/logs/postgres.log, listening on
 # 127.0.0.1 only (no Unix socket). PostgreSQL refuses to run as root, so when
 # run as root the server runs as the system user $TIDEMARK_PG_OS_USER
-# (default postgres, created if missing) via runuser.
+# (default postgres, created if missing) via runuser. If that user cannot
+# enter the checkout (say it lies under /root), the data folder is made in
+# /var/lib/tidemark and .stage/postgres links to it.
 #
 # Environment: TIDEMARK_PG_PORT (15433), TIDEMARK_PG_USER (tidemark),
 # TIDEMARK_PG_PASSWORD (tidemark), TIDEMARK_PG_DB (tidemark),
@@ -55,10 +57,19 @@ install_if_missing() {
 # as_server CMD...: runs CMD as the user that owns the cluster.
 as_server() {
   if [ "$(id -u)" -eq 0 ]; then
-    runuser -u "$OS_USER" -- "$@"
+    (cd / && runuser -u "$OS_USER" -- "$@")
   else
     "$@"
   fi
+}
+
+# reachable DIR: whether the server user can enter every folder down to DIR.
+reachable() {
+  local dir=$1
+  while [ "$dir" != / ]; do
+    runuser -u "$OS_USER" -- test -x "$dir" || return 1
+    dir=$(dirname "$dir")
+  done
 }
 
 prepare_dirs() {
@@ -66,21 +77,21 @@ prepare_dirs() {
     log "creating system user $OS_USER to run the server (it refuses root)"
     useradd --system --no-create-home --shell /usr/sbin/nologin "$OS_USER"
   fi
-  mkdir -p "$LOGS" "$DATA"
-  touch "$LOG"
-  if [ "$(id -u)" -eq 0 ]; then
-    chown "$OS_USER" "$DATA" "$LOG"
-    # The server user must be able to reach the data folder.
-    local dir
-    dir=$(dirname "$DATA")
-    while [ "$dir" != / ]; do
-      if ! runuser -u "$OS_USER" -- test -x "$dir"; then
-        log "$OS_USER cannot enter $dir; set TIDEMARK_PG_DATA to a reachable folder"; exit 1
-      fi
-      dir=$(dirname "$dir")
-    done
+  mkdir -p "$LOGS" "$(dirname "$DATA")"
+  if [ "$(id -u)" -eq 0 ] && [ ! -e "$DATA" ] && ! reachable "$(dirname "$DATA")"; then
+    local real
+    real=/var/lib/tidemark/postgres-$(printf '%s' "$DATA" | cksum | cut -d' ' -f1)
+    log "$OS_USER cannot enter $(dirname "$DATA"); data in $real, linked from $DATA"
+    mkdir -p "$real"
+    ln -s "$real" "$DATA"
   fi
-  chmod 700 "$DATA"
+  mkdir -p "$DATA"
+  if [ "$(id -u)" -eq 0 ]; then
+    chown "$OS_USER" "$(readlink -f "$DATA")"
+    reachable "$(readlink -f "$DATA")" || {
+      log "$OS_USER cannot enter $(readlink -f "$DATA"); set TIDEMARK_PG_DATA"; exit 1; }
+  fi
+  chmod 700 "$(readlink -f "$DATA")"
 }
 
 initdb_once() {
@@ -90,7 +101,7 @@ initdb_once() {
   pwfile=$(mktemp)
   printf '%s\n' "$DB_PASSWORD" > "$pwfile"
   [ "$(id -u)" -eq 0 ] && chown "$OS_USER" "$pwfile"
-  as_server "$BIN/initdb" -D "$DATA" -U "$DB_USER" --pwfile="$pwfile" \
+  as_server "$BIN/initdb" -D "$(readlink -f "$DATA")" -U "$DB_USER" --pwfile="$pwfile" \
     --auth-local=scram-sha-256 --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 \
     >>"$LOG" 2>&1 || { rm -f "$pwfile"; log "initdb failed, see $LOG"; exit 1; }
   rm -f "$pwfile"
@@ -108,7 +119,7 @@ EOF
 
 ready() { "$BIN/pg_isready" -q -h "$HOST" -p "$PORT" -d "$DB_NAME" -U "$DB_USER"; }
 
-running() { as_server "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; }
+running() { as_server "$BIN/pg_ctl" -D "$(readlink -f "$DATA")" status >/dev/null 2>&1; }
 
 port_in_use() {
   (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null
@@ -131,7 +142,9 @@ start() {
       log "port $HOST:$PORT is taken by another process; set TIDEMARK_PG_PORT"; exit 1
     fi
     log "starting on $HOST:$PORT (log: $LOG)"
-    as_server "$BIN/pg_ctl" -D "$DATA" -l "$LOG" -o "-p $PORT" start -W >/dev/null
+    # Without -l the server writes to pg_ctl's stdout: this shell opens the
+    # log, so the server user needs no access to .stage/logs.
+    as_server "$BIN/pg_ctl" -D "$(readlink -f "$DATA")" -o "-p $PORT" start -W >>"$LOG" 2>&1 </dev/null
   fi
   local waited=0
   until ready; do
@@ -147,7 +160,7 @@ start() {
 stop() {
   if [ -f "$DATA/PG_VERSION" ] && running; then
     log "stopping"
-    as_server "$BIN/pg_ctl" -D "$DATA" stop -m fast -w -t 60 >/dev/null
+    as_server "$BIN/pg_ctl" -D "$(readlink -f "$DATA")" stop -m fast -w -t 60 >/dev/null
   fi
   local waited=0
   while port_in_use; do
