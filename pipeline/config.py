@@ -147,6 +147,8 @@ def sink_settings(opts: TidemarkOptions) -> Dict[str, object]:
       if value is not None:
         settings[dest] = value
   if opts.customer_id is not None:
+    if sink == 'files':
+      raise ConfigError('--customer-id', 'scopes a database sink: needs --sink postgres or bigquery')
     try:
       settings['customer_id'] = sinks.check_customer_id(opts.customer_id)
     except ValueError as e:

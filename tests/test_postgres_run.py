@@ -102,20 +102,3 @@ def test_a_customer_scoped_run_writes_only_its_customers_rows(
     foreign = [p for p in map(json.loads, f) if p['customer_id'] != 'dataflow-inc']
   key = lambda p: (p['customer_id'], p['key'], p['window_start'], p['pane_index'])
   assert sorted(map(key, refused)) == sorted(map(key, foreign))
-
-
-@pytest.mark.parametrize('args, field', [
-    (['--sink', 'postgres'], '--postgres-dsn'),
-    (['--sink', 'mysql'], '--sink'),
-    (['--sink', 'postgres', '--postgres-dsn', 'x', '--postgres-table', 'a;b'],
-     '--postgres-table'),
-    (['--postgres-dsn', 'x'], '--postgres-dsn'),
-    (['--sink', 'bigquery', '--bigquery-table', 'tidemark-prod:d.t'], '--bigquery-dead-letter-table'),
-    (['--sink', 'postgres', '--postgres-dsn', 'x', '--customer-id', 'a b'], '--customer-id'),
-])
-def test_bad_sink_settings_are_refused_naming_the_field(tmp_path, args, field):
-  from pipeline.config import ConfigError, RunConfig
-  from apache_beam.options.pipeline_options import PipelineOptions
-  with pytest.raises(ConfigError) as e:
-    RunConfig.from_options(PipelineOptions(['--output-dir', str(tmp_path)] + args))
-  assert e.value.field == field
