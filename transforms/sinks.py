@@ -103,7 +103,6 @@ class WriteLatestJson(beam.PTransform):
     return pcoll | 'Replace' >> beam.ParDo(_ReplaceFileFn(self._path))
 
 
-
 # ---------------------------------------------------------------------------
 # Shared by every database writer: the row shape, the key, customer scope.
 
@@ -119,7 +118,7 @@ AGGREGATE_VALUES = tuple(c for c in AGGREGATE_COLUMNS if c not in AGGREGATE_KEY)
 #: Columns of the dead-letter table (contract section 4), in row order.
 DEAD_LETTER_COLUMNS = ('reason', 'source', 'data', 'detail')
 
-#: The reason a database writer gives for rows it did not write.
+#: The output tag of rows a customer-scoped writer did not write.
 REFUSED = 'refused'
 
 _IDENTIFIER = re.compile(r'^[A-Za-z_][A-Za-z0-9_]{0,62}$')
@@ -148,7 +147,8 @@ def aggregate_dict(agg: WindowAggregate) -> Dict[str, Any]:
 
 def _row_key(row: tuple) -> tuple:
   # Every writer applies a batch in key order, so concurrent writers take row
-  # locks in the same order and cannot deadlock.
+  # locks in the same order and do not deadlock each other (a deadlock the
+  # server still reports is retried like any transient error).
   return row[:len(AGGREGATE_KEY)] + (row[AGGREGATE_COLUMNS.index('pane_index')],)
 
 
