@@ -7,14 +7,18 @@ setuptools.setup(
     version='0.1.0',
     description='Windowed event-time aggregation where every event is accounted for.',
     packages=['pipeline', 'transforms'],
-    package_data={'pipeline': ['data/*.jsonl']},
+    package_data={'pipeline': ['data/*.jsonl', 'customer.schema.json']},
     python_requires='>=3.10',
     install_requires=[
         # Pinned to the version whose Java jars (Kafka expansion service, Flink
         # job server) are staged by scripts/; see README "Versions".
         'apache-beam[gcp]==2.62.0',
         'google-cloud-pubsub>=2.18,<3',
+        'jsonschema>=4.18,<5',
         'msgspec>=0.18,<1',
+        # PostgreSQL sink; the binary wheel brings its own libpq.
+        'psycopg[binary]>=3.1,<4',
+        'PyYAML>=6,<7',
         'rich>=13,<15',
     ],
     extras_require={

@@ -8,6 +8,8 @@ Commands:
             python -m pipeline generate --out PATH [--messages N] [--seed S]
   bench     benchmarks printing one JSON line per run
             python -m pipeline bench replay --messages N [Beam options for the run]
+  deploy    launch one customer's pipeline (templates/customers/NAME.yaml)
+            python -m pipeline deploy --customer NAME --target dataflow|flink [--dry-run]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ COMMANDS = {
     'run': 'pipeline.run',
     'generate': 'pipeline.traffic',
     'bench': 'pipeline.bench',
+    'deploy': 'pipeline.deploy',
 }
 
 

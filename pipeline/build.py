@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 
@@ -14,7 +14,9 @@ from transforms.diagnostics import SampleMemory
 from transforms.lateness import RouteTooLate
 from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.parse import ParseEvents
-from transforms.sinks import UpsertSqlite, WriteJsonLines, WriteLatestJson
+from transforms.sinks import (
+    UpsertPostgres, UpsertSqlite, WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery,
+    WriteDeadLettersToPostgres, WriteJsonLines, WriteLatestJson)
 from transforms.sources import ReadReplay
 
 
@@ -29,6 +31,21 @@ def read_source(config: RunConfig) -> beam.PTransform:
   if config.source_kind == 'replay':
     return ReadReplay(config.source_target)
   raise ValueError(f'unknown source {config.source!r}')
+
+
+def database_sinks(
+    config: RunConfig) -> Tuple[Optional[beam.PTransform], Optional[beam.PTransform]]:
+  """``(aggregates writer, dead-letter writer)`` of ``--sink`` (None, None for files)."""
+  if config.sink == 'postgres':
+    return (UpsertPostgres(config.postgres_dsn, config.postgres_table, config.customer_id),
+            WriteDeadLettersToPostgres(config.postgres_dsn, config.postgres_dead_letter_table))
+  if config.sink == 'bigquery':
+    return (WriteAggregatesToBigQuery(
+        config.bigquery_table, config.bigquery_dead_letter_table, config.customer_id,
+        config.bigquery_expansion_service),
+            WriteDeadLettersToBigQuery(
+                config.bigquery_dead_letter_table, config.bigquery_expansion_service))
+  return None, None
 
 
 def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built:
@@ -61,4 +78,9 @@ def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built
     (parsed.events
      | 'SampleMemory' >> SampleMemory(config.sample_memory_s)
      | 'WriteMemorySamples' >> WriteJsonLines(config.memory_path))
+  upsert, append = database_sinks(config)
+  if upsert is not None:
+    refused = aggregates | f'Upsert{config.sink.title()}' >> upsert
+    refused | 'WriteRefused' >> WriteJsonLines(config.refused_path)
+    dead_letters | f'DeadLetters{config.sink.title()}' >> append
   return Built(aggregates, dead_letters, accounting)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import Dict, Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -40,6 +40,15 @@ class RunConfig:
   sqlite_path: Optional[str]
   shards: int
   sample_memory_s: Optional[int] = None
+  #: sinks (see sink_settings)
+  sink: str = 'files'
+  customer_id: Optional[str] = None
+  postgres_dsn: Optional[str] = None
+  postgres_table: str = 'aggregates'
+  postgres_dead_letter_table: str = 'dead_letters'
+  bigquery_table: Optional[str] = None
+  bigquery_dead_letter_table: Optional[str] = None
+  bigquery_expansion_service: Optional[str] = None
 
   @property
   def source_kind(self) -> str:
@@ -64,6 +73,11 @@ class RunConfig:
   @property
   def memory_path(self) -> str:
     return os.path.join(self.output_dir, 'memory.jsonl')
+
+  @property
+  def refused_path(self) -> str:
+    """Rows the customer-scoped database sink refused (other customers')."""
+    return os.path.join(self.output_dir, 'refused.jsonl')
 
   @classmethod
   def from_options(cls, options: PipelineOptions) -> 'RunConfig':
@@ -113,4 +127,64 @@ class RunConfig:
         output_dir=output_dir,
         sqlite_path=sqlite,
         shards=shards,
-        sample_memory_s=sample_memory)
+        sample_memory_s=sample_memory,
+        **sink_settings(opts))
+
+
+SINKS = ('files', 'postgres', 'bigquery')
+_SINK_OPTIONS = {
+    'postgres': ('postgres_dsn', 'postgres_table', 'postgres_dead_letter_table'),
+    'bigquery': ('bigquery_table', 'bigquery_dead_letter_table', 'bigquery_expansion_service'),
+}
+
+
+def _flag(dest: str) -> str:
+  return '--' + dest.replace('_', '-')
+
+
+def sink_settings(opts: TidemarkOptions) -> Dict[str, object]:
+  """The sink fields of RunConfig from the options, checked."""
+  from transforms import sinks  # the sinks' own checks, one rule in one place
+  sink = opts.sink or 'files'
+  if sink not in SINKS:
+    raise ConfigError('--sink', f'unknown sink {sink!r}; known: {", ".join(SINKS)}')
+  settings: Dict[str, object] = {'sink': sink}
+  for kind, dests in _SINK_OPTIONS.items():
+    for dest in dests:
+      value = getattr(opts, dest)
+      if value is not None and kind != sink:
+        raise ConfigError(_flag(dest), f'only applies to --sink {kind}')
+      if value is not None:
+        settings[dest] = value
+  if opts.customer_id is not None:
+    if sink == 'files':
+      raise ConfigError('--customer-id', 'scopes a database sink: needs --sink postgres or bigquery')
+    try:
+      settings['customer_id'] = sinks.check_customer_id(opts.customer_id)
+    except ValueError as e:
+      raise ConfigError('--customer-id', str(e)) from None
+  checks = {
+      'postgres_table': sinks.check_identifier,
+      'postgres_dead_letter_table': sinks.check_identifier,
+      'bigquery_table': sinks.check_bigquery_table,
+      'bigquery_dead_letter_table': sinks.check_bigquery_table,
+  }
+  for dest, check in checks.items():
+    if dest in settings:
+      try:
+        check(settings[dest])
+      except ValueError as e:
+        raise ConfigError(_flag(dest), str(e)) from None
+  if sink == 'postgres' and not settings.get('postgres_dsn'):
+    raise ConfigError('--postgres-dsn', 'is required with --sink postgres')
+  if sink == 'postgres' and settings.get(
+      'postgres_table', 'aggregates') == settings.get('postgres_dead_letter_table',
+                                                      'dead_letters'):
+    raise ConfigError('--postgres-dead-letter-table', 'must differ from --postgres-table')
+  if sink == 'bigquery':
+    for dest in ('bigquery_table', 'bigquery_dead_letter_table'):
+      if not settings.get(dest):
+        raise ConfigError(_flag(dest), 'is required with --sink bigquery')
+    if settings['bigquery_table'] == settings['bigquery_dead_letter_table']:
+      raise ConfigError('--bigquery-dead-letter-table', 'must differ from --bigquery-table')
+  return settings

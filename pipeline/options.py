@@ -38,3 +38,36 @@ class TidemarkOptions(PipelineOptions):
     parser.add_argument(
         '--shards', dest='shards', type=int,
         help='Keys per window for too-late routing and dedup (parallelism).')
+    # Sinks: where final aggregates and dead letters go besides the local files.
+    parser.add_argument(
+        '--sink', dest='sink',
+        help='Database for final aggregates and dead letters, besides the local files: '
+        'files (none, the default), postgres or bigquery.')
+    parser.add_argument(
+        '--customer-id', '--customer_id', dest='customer_id',
+        help='Scope the database sink to this customer: rows of any other customer are '
+        'refused (not written, listed in OUTPUT_DIR/refused.jsonl).')
+    parser.add_argument(
+        '--postgres-dsn', '--postgres_dsn', dest='postgres_dsn',
+        help='--sink postgres: libpq connection string or URI (a password may come '
+        'from PGPASSWORD or ~/.pgpass instead).')
+    parser.add_argument(
+        '--postgres-table', '--postgres_table', dest='postgres_table',
+        help='--sink postgres: aggregates table (default aggregates), created if missing.')
+    parser.add_argument(
+        '--postgres-dead-letter-table', '--postgres_dead_letter_table',
+        dest='postgres_dead_letter_table',
+        help='--sink postgres: dead-letter table (default dead_letters), created if missing.')
+    parser.add_argument(
+        '--bigquery-table', '--bigquery_table', dest='bigquery_table',
+        help='--sink bigquery: aggregates table [PROJECT:]DATASET.TABLE.')
+    parser.add_argument(
+        '--bigquery-dead-letter-table', '--bigquery_dead_letter_table',
+        dest='bigquery_dead_letter_table',
+        help='--sink bigquery: dead-letter table [PROJECT:]DATASET.TABLE (also gets rows '
+        'BigQuery refuses).')
+    parser.add_argument(
+        '--bigquery-expansion-service', '--bigquery_expansion_service',
+        dest='bigquery_expansion_service',
+        help='--sink bigquery: host:port of a running GCP expansion service (default: '
+        'Beam starts its own).')

@@ -107,7 +107,7 @@ def print_metrics(result, out=sys.stdout) -> None:
 def prepare_output(config: RunConfig) -> None:
   os.makedirs(config.output_dir, exist_ok=True)
   for path in (config.aggregates_path, config.dead_letter_path, config.accounting_path,
-               config.sqlite_path, config.memory_path):
+               config.sqlite_path, config.memory_path, config.refused_path):
     if path and os.path.exists(path):
       os.remove(path)
   # Before anything arrives, every count is zero; the pipeline replaces this

@@ -108,3 +108,37 @@ def run(tmp_path):
   def _run(lines, **kwargs) -> Outputs:
     return run_replay(tmp_path, lines, **kwargs)
   return _run
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POSTGRES_SCRIPT = os.path.join(REPO, 'scripts', 'postgres.sh')
+
+
+@pytest.fixture(scope='session')
+def postgres_dsn():
+  """A real PostgreSQL 15 started by scripts/postgres.sh (installed with apt on
+  a fresh machine); stopped at the end unless it was already running."""
+  import subprocess
+  was_running = subprocess.run(
+      [POSTGRES_SCRIPT, 'status'], capture_output=True, timeout=60).returncode == 0
+  started = subprocess.run(
+      [POSTGRES_SCRIPT, 'start'], capture_output=True, text=True, timeout=1200)
+  if started.returncode != 0:
+    pytest.fail(f'scripts/postgres.sh start failed:\n{started.stderr[-3000:]}')
+  yield started.stdout.strip().splitlines()[-1]
+  if not was_running:
+    subprocess.run([POSTGRES_SCRIPT, 'stop'], check=True, timeout=120)
+
+
+@pytest.fixture
+def pg_table(postgres_dsn, request):
+  """A fresh table name in the test database; the table is dropped afterwards."""
+  import re
+  import uuid
+
+  import psycopg
+  from psycopg import sql
+  name = re.sub(r'\W', '_', request.node.name)[:40].lower() + '_' + uuid.uuid4().hex[:8]
+  yield name
+  with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+    conn.execute(sql.SQL('DROP TABLE IF EXISTS {}').format(sql.Identifier(name)))

@@ -1,0 +1,258 @@
+"""Customer files and ``python -m pipeline deploy``: every shipped file
+validates, its dry run prints a complete launch that the pipeline's own option
+checks and the Flex Template's metadata accept, and a bad file is refused
+naming the field."""
+
+import copy
+import glob
+import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+
+import pytest
+import yaml
+from apache_beam.options.pipeline_options import (
+    PipelineOptions, PortableOptions, StandardOptions)
+
+from pipeline import customer as customers
+from pipeline.config import BUNDLED_REPLAY, RunConfig
+from pipeline.deploy import launch_command
+from pipeline.options import TidemarkOptions
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUSTOMER_FILES = sorted(glob.glob(os.path.join(REPO, 'templates', 'customers', '*.*')))
+with open(os.path.join(REPO, 'templates', 'metadata.json')) as f:
+  METADATA = {p['name']: p for p in json.load(f)['parameters']}
+
+
+def deploy(*args, env=None):
+  return subprocess.run(
+      [sys.executable, '-m', 'pipeline', 'deploy', *args], cwd=REPO, capture_output=True,
+      text=True, timeout=300, env={**os.environ, 'PYTHONPATH': REPO, **(env or {})})
+
+
+def option_dests():
+  import argparse
+  parser = argparse.ArgumentParser()
+  TidemarkOptions._add_argparse_args(parser)
+  return {a.dest for a in parser._actions if a.dest != 'help'}
+
+
+def spec_of(name):
+  with open(os.path.join(REPO, 'templates', 'customers', f'{name}.yaml')) as f:
+    return yaml.safe_load(f)
+
+
+def checked_config(params):
+  """RunConfig from the launch's parameters, through the run's own checks.
+  The source is swapped for a replay: this branch knows no pubsub/kafka
+  source kinds yet (they come from the source branches)."""
+  args = [f'--{k}={v}' for k, v in params.items() if k != 'source']
+  return RunConfig.from_options(PipelineOptions(args + [f'--source=replay:{BUNDLED_REPLAY}']))
+
+
+def test_the_shipped_customers_are_there():
+  names = {os.path.splitext(os.path.basename(p))[0] for p in CUSTOMER_FILES}
+  assert {'finserve', 'dataflow-inc'} <= names
+
+
+@pytest.mark.parametrize('path', CUSTOMER_FILES, ids=os.path.basename)
+def test_every_customer_file_validates_and_maps_to_known_options(path):
+  c = customers.load(path)
+  params = dict(customers.run_parameters(c))
+  assert set(params) <= option_dests()
+  assert params['customer_id'] == c.customer_id
+  for target in c.spec['deploy']:
+    assert launch_command(c, target)
+
+
+def test_the_flex_template_metadata_lists_every_pipeline_option():
+  assert set(METADATA) == option_dests()
+  for name, p in METADATA.items():
+    assert p['label'] and len(p['helpText']) > 20, name
+    assert p['regexes'] and all(re.compile(r) for r in p['regexes'])
+  assert [n for n, p in METADATA.items() if not p['isOptional']] == ['source']
+
+
+def parse_gcloud_dict(value):
+  delimiter = ','
+  m = re.match(r'^\^(.)\^', value)
+  if m:
+    delimiter, value = m.group(1), value[3:]
+  return dict(item.split('=', 1) for item in value.split(delimiter))
+
+
+def test_finserve_dry_run_prints_the_complete_flex_template_launch():
+  result = deploy('--customer', 'finserve', '--target', 'dataflow', '--dry-run')
+  assert result.returncode == 0, result.stderr
+  command = shlex.split(result.stdout)
+  assert len(result.stdout.strip().splitlines()) == 1
+  assert command[:5] == ['gcloud', 'dataflow', 'flex-template', 'run', 'finserve-trading-1m']
+  flags = dict(arg[2:].split('=', 1) for arg in command[5:])
+  spec = spec_of('finserve')
+  target = spec['deploy']['dataflow']
+  assert flags['project'] == 'tidemark-prod' and flags['region'] == 'europe-west1'
+  assert flags['template-file-gcs-location'] == target['template_file']
+  assert flags['temp-location'] == target['temp_location']
+  assert flags['service-account-email'] == target['service_account']
+  assert flags['max-workers'] == '10'
+  assert flags['additional-user-labels'] == 'tidemark-customer=finserve'
+
+  params = parse_gcloud_dict(flags['parameters'])
+  assert params == {
+      'source': 'pubsub:' + ','.join(spec['source']['subscriptions']),
+      'window_size': '60', 'allowed_lateness': '10', 'early_firing': '5', 'shards': '8',
+      'customer_id': 'finserve', 'sink': 'bigquery',
+      'bigquery_table': spec['sink']['table'],
+      'bigquery_dead_letter_table': spec['sink']['dead_letter_table'],
+      'output_dir': '/tmp/tidemark-output', 'sqlite': 'none'}
+  for name, value in params.items():  # what Dataflow checks before launching
+    assert any(re.match(r, value) for r in METADATA[name]['regexes']), (name, value)
+  config = checked_config(params)
+  assert (config.window_size_s, config.allowed_lateness_s, config.early_firing_s) == (60, 10, 5)
+  assert (config.sink, config.customer_id, config.bigquery_table, config.sqlite_path) == (
+      'bigquery', 'finserve', 'tidemark-prod:finserve_trading.aggregates_1m', None)
+
+
+def test_dataflow_inc_dry_run_prints_the_complete_flink_submission():
+  result = deploy('--customer', 'dataflow-inc', '--target', 'flink', '--dry-run')
+  assert result.returncode == 0, result.stderr
+  command = shlex.split(result.stdout)
+  assert command[:4] == [sys.executable, '-m', 'pipeline', 'run']
+  options = PipelineOptions(command[4:])
+  portable = options.view_as(PortableOptions)
+  assert options.view_as(StandardOptions).runner == 'PortableRunner'
+  assert options.view_as(StandardOptions).streaming
+  assert (portable.job_endpoint, portable.artifact_endpoint, portable.environment_type) == (
+      'localhost:18099', 'localhost:18098', 'LOOPBACK')
+  opts = options.view_as(TidemarkOptions)
+  assert opts.source == 'kafka:127.0.0.1:19092/dataflow-inc.iot-readings'
+  params = {d: getattr(opts, d) for d in option_dests() if getattr(opts, d) is not None}
+  config = checked_config(params)
+  assert (config.window_size_s, config.allowed_lateness_s, config.early_firing_s) == (
+      3600, 900, 60)
+  assert (config.sink, config.customer_id, config.postgres_table,
+          config.postgres_dead_letter_table) == (
+              'postgres', 'dataflow-inc', 'dataflow_inc_rollups_1h', 'dataflow_inc_dead_letters')
+  assert config.postgres_dsn == 'postgresql://tidemark@127.0.0.1:15433/tidemark'
+
+
+def test_a_target_the_customer_has_not_configured_is_refused():
+  result = deploy('--customer', 'dataflow-inc', '--target', 'dataflow', '--dry-run')
+  assert result.returncode == 2 and '/deploy/dataflow' in result.stderr
+  result = deploy('--customer', 'nobody', '--target', 'flink', '--dry-run')
+  assert result.returncode == 2 and 'finserve' in result.stderr
+
+
+def test_without_dry_run_it_launches_exactly_the_printed_command(tmp_path):
+  # gcloud itself is not installed here: a stand-in on PATH records its argv.
+  record = tmp_path / 'argv.json'
+  gcloud = tmp_path / 'gcloud'
+  gcloud.write_text(
+      f'#!{sys.executable}\nimport json, sys\n'
+      f'json.dump(sys.argv[1:], open({str(record)!r}, "w"))\nsys.exit(7)\n')
+  gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
+  env = {'PATH': f'{tmp_path}{os.pathsep}{os.environ["PATH"]}'}
+  printed = deploy('--customer', 'finserve', '--target', 'dataflow', '--dry-run', env=env)
+  launched = deploy('--customer', 'finserve', '--target', 'dataflow', env=env)
+  assert launched.returncode == 7  # gcloud's exit code is passed on
+  assert ['gcloud'] + json.loads(record.read_text()) == shlex.split(printed.stdout)
+
+
+def mutate(spec, path, value):
+  *parents, last = path
+  node = spec
+  for p in parents:
+    node = node[p]
+  if value is KeyError:
+    del node[last]
+  else:
+    node[last] = value
+
+
+@pytest.mark.parametrize('name, path, value, pointer', [
+    ('finserve', ['window', 'size_s'], KeyError, '/window/size_s'),
+    ('finserve', ['window', 'size_s'], 0, '/window/size_s'),
+    ('finserve', ['window', 'allowed_lateness_s'], '10', '/window/allowed_lateness_s'),
+    ('finserve', ['source', 'kind'], 'kinesis', '/source/kind'),
+    ('finserve', ['source', 'subscriptions', 1],
+     'projects/tidemark-prod/subscriptions/acme-trades', '/source/subscriptions/1'),
+    ('finserve', ['source', 'subscriptions', 0],
+     'projects/tidemark-prod/subscriptions/finservex-trades', '/source/subscriptions/0'),
+    ('finserve', ['source', 'subscriptions', 0], 'finserve-trades', '/source/subscriptions/0'),
+    ('finserve', ['sink', 'table'], 'tidemark-prod:acme_io.aggregates', '/sink/table'),
+    ('finserve', ['sink', 'dead_letter_table'], 'tidemark-prod:finserve_trading.aggregates_1m',
+     '/sink/dead_letter_table'),
+    ('finserve', ['sink', 'password'], 'hunter2', '/sink/password'),
+    ('finserve', ['customer_id'], 'acme.io', '/customer_id'),
+    ('finserve', ['deploy', 'dataflow', 'job_name'], 'FinServe_1m', '/deploy/dataflow/job_name'),
+    ('finserve', ['deploy'], {}, '/deploy'),
+    ('dataflow-inc', ['source', 'topics', 0], 'acme.io.readings', '/source/topics/0'),
+    ('dataflow-inc', ['source', 'subscriptions'], ['x'], '/source/subscriptions'),
+    ('dataflow-inc', ['sink', 'table'], 'finserve_rollups', '/sink/table'),
+    ('dataflow-inc', ['sink', 'table'], 'rollups; DROP TABLE x', '/sink/table'),
+    ('dataflow-inc', ['sink', 'dsn'], 'postgresql://tidemark:secret@db:5432/tidemark',
+     '/sink/dsn'),
+    ('dataflow-inc', ['deploy', 'flink', 'job_endpoint'], 'localhost', '/deploy/flink/job_endpoint'),
+    ('dataflow-inc', ['deploy', 'flink', 'job_endpoint'], KeyError, '/deploy/flink/job_endpoint'),
+])
+def test_a_broken_customer_file_is_refused_naming_the_field(tmp_path, name, path, value,
+                                                           pointer):
+  spec = copy.deepcopy(spec_of(name))
+  mutate(spec, path, value)
+  bad = tmp_path / f'{name}.yaml'
+  bad.write_text(yaml.safe_dump(spec))
+  with pytest.raises(customers.CustomerFileError) as e:
+    customers.load(str(bad))
+  assert e.value.pointer == pointer, str(e.value)
+
+
+def test_the_cli_names_the_field_of_a_broken_file(tmp_path):
+  spec = spec_of('dataflow-inc')
+  spec['window']['size_s'] = -60
+  (tmp_path / 'dataflow-inc.json').write_text(json.dumps(spec))
+  result = deploy('--customer', 'dataflow-inc', '--customers-dir', str(tmp_path),
+                  '--target', 'flink', '--dry-run')
+  assert result.returncode == 2 and result.stdout == ''
+  assert 'dataflow-inc.json: /window/size_s:' in result.stderr
+  (tmp_path / 'dataflow-inc.json').write_text('{"customer_id": ')
+  result = deploy('--customer', str(tmp_path / 'dataflow-inc.json'), '--target', 'flink',
+                  '--dry-run')
+  assert result.returncode == 2 and 'not valid JSON' in result.stderr
+
+
+@pytest.mark.parametrize('customer_id, name, owned', [
+    ('finserve', 'finserve', True),
+    ('finserve', 'finserve-trades', True),
+    ('finserve', 'finserve_trading', True),
+    ('finserve', 'finserve.events', True),
+    ('finserve', 'finservex', False),
+    ('finserve', 'acme-finserve', False),
+    ('dataflow-inc', 'dataflow-inc.iot', True),
+    ('dataflow-inc', 'dataflow_inc_rollups', True),
+    ('dataflow-inc', 'dataflow_incx', False),
+    ('dataflow-inc', 'dataflowinc_x', False),
+    ('acme.io', 'acme_io_aggregates', True),
+    ('acme.io', 'acme.io-events', True),
+    ('acme.io', 'acme_iox', False),
+])
+def test_the_ownership_rule(customer_id, name, owned):
+  assert customers.owns(customer_id, name) is owned
+
+
+def test_the_template_entry_point_loads():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'template_main', os.path.join(REPO, 'templates', 'main.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert callable(module.main)
+  with open(os.path.join(REPO, 'templates', 'Dockerfile')) as f:
+    dockerfile = f.read()
+  assert 'FROM apache/beam_python3.11_sdk:2.62.0' in dockerfile
+  assert 'FLEX_TEMPLATE_PYTHON_PY_FILE=${WORKDIR}/templates/main.py' in dockerfile
+  assert 'FLEX_TEMPLATE_PYTHON_SETUP_FILE=${WORKDIR}/setup.py' in dockerfile
