@@ -61,9 +61,10 @@ class _AppendLinesFn(beam.DoFn):
       self._lines = []
 
 
-class WriteJsonLines(beam.PTransform):
-  """Appends each element as one JSON line to a local file, one write per
-  bundle (atomic appends, so parallel workers on one machine do not interleave)."""
+class _LocalFileSink(beam.PTransform):
+  """A writer of one local file: ``_WRITER`` is its DoFn, ``_STEP`` its label."""
+  _WRITER: type
+  _STEP: str
 
   def __init__(self, path: str):
     super().__init__()
@@ -72,7 +73,13 @@ class WriteJsonLines(beam.PTransform):
     self._path = path
 
   def expand(self, pcoll):
-    return pcoll | 'Append' >> beam.ParDo(_AppendLinesFn(self._path))
+    return pcoll | self._STEP >> beam.ParDo(self._WRITER(self._path))
+
+
+class WriteJsonLines(_LocalFileSink):
+  """Appends each element as one JSON line to a local file, one write per
+  bundle (atomic appends, so parallel workers on one machine do not interleave)."""
+  _WRITER, _STEP = _AppendLinesFn, 'Append'
 
 
 class _ReplaceFileFn(beam.DoFn):
@@ -89,18 +96,10 @@ class _ReplaceFileFn(beam.DoFn):
     return ()
 
 
-class WriteLatestJson(beam.PTransform):
+class WriteLatestJson(_LocalFileSink):
   """Writes each element as the whole content of a JSON file, atomically; the
   last element written wins (for accumulating records such as the accounting)."""
-
-  def __init__(self, path: str):
-    super().__init__()
-    if not path:
-      raise ValueError('path must be set')
-    self._path = path
-
-  def expand(self, pcoll):
-    return pcoll | 'Replace' >> beam.ParDo(_ReplaceFileFn(self._path))
+  _WRITER, _STEP = _ReplaceFileFn, 'Replace'
 
 
 # ---------------------------------------------------------------------------
