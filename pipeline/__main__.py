@@ -6,6 +6,9 @@ Commands:
                 [--allowed-lateness L] [--output-dir DIR] [Beam options...]
   generate  write an incident-like replay file
             python -m pipeline generate --out PATH [--messages N] [--seed S]
+  simulate  publish incident-like traffic to Pub/Sub or Kafka, or write a replay
+            python -m pipeline simulate --to pubsub|kafka|replay [--rate R]
+                [--messages N] [--shift-to-now] [--out PATH] ...
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import List, Optional
 COMMANDS = {
     'run': 'pipeline.run',
     'generate': 'pipeline.traffic',
+    'simulate': 'pipeline.simulate',
 }
 
 

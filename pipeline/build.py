@@ -14,7 +14,7 @@ from transforms.lateness import RouteTooLate
 from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.parse import ParseEvents
 from transforms.sinks import UpsertSqlite, WriteJsonLines, WriteLatestJson
-from transforms.sources import ReadReplay
+from transforms.sources import ReadPubSubEvents, ReadReplay
 
 
 class Built(NamedTuple):
@@ -27,6 +27,8 @@ class Built(NamedTuple):
 def read_source(config: RunConfig) -> beam.PTransform:
   if config.source_kind == 'replay':
     return ReadReplay(config.source_target)
+  if config.source_kind == 'pubsub':
+    return ReadPubSubEvents(config.pubsub_subscriptions, id_label=config.pubsub_id_label)
   raise ValueError(f'unknown source {config.source!r}')
 
 
@@ -49,7 +51,7 @@ def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built
       TOO_LATE: routed.too_late,
       DUPLICATE: unique.duplicate,
       AGGREGATED: unique.unique,
-  } | 'Accounting' >> CountOutcomes()
+  } | 'Accounting' >> CountOutcomes(config.accounting_update_s)
 
   aggregates | 'WriteAggregates' >> WriteJsonLines(config.aggregates_path)
   if config.sqlite_path:
