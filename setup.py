@@ -14,6 +14,7 @@ setuptools.setup(
         # job server) are staged by scripts/; see README "Versions".
         'apache-beam[gcp]==2.62.0',
         'google-cloud-pubsub>=2.18,<3',
+        'confluent-kafka>=2.3,<3',  # the simulator's Kafka producer
         'msgspec>=0.18,<1',
         'rich>=13,<15',
     ],
