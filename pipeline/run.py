@@ -145,8 +145,15 @@ def main(argv: Optional[List[str]] = None) -> int:
   try:
     accounting = reconcile(config)
   except Reconciliation as e:
-    print(f'tidemark: error: outputs do not reconcile: {e}', file=sys.stderr)
-    return 3
+    if not config.unbounded:
+      print(f'tidemark: error: outputs do not reconcile: {e}', file=sys.stderr)
+      return 3
+    # A stream stopped mid-way: the accounting is its last snapshot (rewritten
+    # every few seconds) and windows still open have no final pane yet.
+    with open(config.accounting_path, encoding='utf-8') as f:
+      accounting = json.load(f)
+    print(f'tidemark: note: stopped mid-stream, so messages in flight and windows '
+          f'not yet closed are not final: {e}', file=sys.stderr)
   print_accounting(accounting, seconds)
   print(f'outputs in {os.path.abspath(config.output_dir)}')
   return 0
