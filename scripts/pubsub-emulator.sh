@@ -69,7 +69,7 @@ build_pstest() {
   if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then PATH=$PATH:/usr/local/go/bin; fi
   command -v go >/dev/null || { say "go is not installed: cannot build the pstest fallback"; return 1; }
   say "building the pstest fallback server into $PSTEST_BIN"
-  (cd scripts/pstest-server && GOFLAGS=-mod=mod go build -o "$PSTEST_BIN" .) >>"$LOG" 2>&1
+  (cd scripts/pstest-server && GOFLAGS=-mod=mod go build -buildvcs=false -o "$PSTEST_BIN" .) >>"$LOG" 2>&1
 }
 
 # Prints the command that starts the server.
