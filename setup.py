@@ -15,6 +15,7 @@ setuptools.setup(
         'apache-beam[gcp]==2.62.0',
         'google-cloud-pubsub>=2.18,<3',
         'jsonschema>=4.18,<5',
+        'confluent-kafka>=2.3,<3',  # the simulator's Kafka producer
         'msgspec>=0.18,<1',
         # PostgreSQL sink; the binary wheel brings its own libpq.
         'psycopg[binary]>=3.1,<4',

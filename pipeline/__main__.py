@@ -2,7 +2,8 @@
 
 Commands:
   run       run the pipeline (default: the bundled incident replay on the DirectRunner)
-            python -m pipeline run [--source replay:PATH] [--window-size W]
+            python -m pipeline run [--source replay:PATH | pubsub:[NAME=]projects/P/subscriptions/S,...]
+                [--window-size W] [--expected-skew S] [--run-seconds N]
                 [--allowed-lateness L] [--output-dir DIR] [Beam options...]
   generate  write an incident-like replay file
             python -m pipeline generate --out PATH [--messages N] [--seed S]
@@ -10,6 +11,9 @@ Commands:
             python -m pipeline bench replay --messages N [Beam options for the run]
   deploy    launch one customer's pipeline (templates/customers/NAME.yaml)
             python -m pipeline deploy --customer NAME --target dataflow|flink [--dry-run]
+  simulate  publish incident-like traffic to Pub/Sub or Kafka, or write a replay
+            python -m pipeline simulate --to pubsub|kafka|replay [--rate R]
+                [--messages N] [--shift-to-now] [--out PATH] ...
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ COMMANDS = {
     'generate': 'pipeline.traffic',
     'bench': 'pipeline.bench',
     'deploy': 'pipeline.deploy',
+    'simulate': 'pipeline.simulate',
 }
 
 

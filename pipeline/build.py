@@ -17,7 +17,7 @@ from transforms.parse import ParseEvents
 from transforms.sinks import (
     UpsertPostgres, UpsertSqlite, WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery,
     WriteDeadLettersToPostgres, WriteJsonLines, WriteLatestJson)
-from transforms.sources import ReadReplay
+from transforms.sources import ReadPubSubEvents, ReadReplay
 
 
 class Built(NamedTuple):
@@ -30,6 +30,8 @@ class Built(NamedTuple):
 def read_source(config: RunConfig) -> beam.PTransform:
   if config.source_kind == 'replay':
     return ReadReplay(config.source_target)
+  if config.source_kind == 'pubsub':
+    return ReadPubSubEvents(config.pubsub_subscriptions, id_label=config.pubsub_id_label)
   raise ValueError(f'unknown source {config.source!r}')
 
 
@@ -67,7 +69,7 @@ def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built
       TOO_LATE: routed.too_late,
       DUPLICATE: unique.duplicate,
       AGGREGATED: unique.unique,
-  } | 'Accounting' >> CountOutcomes()
+  } | 'Accounting' >> CountOutcomes(config.accounting_update_s)
 
   aggregates | 'WriteAggregates' >> WriteJsonLines(config.aggregates_path)
   if config.sqlite_path:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline.options import TidemarkOptions
 
@@ -19,6 +19,12 @@ DEFAULT_WINDOW_SIZE_S = 60
 DEFAULT_ALLOWED_LATENESS_S = 30
 DEFAULT_EARLY_FIRING_S = 10
 DEFAULT_OUTPUT_DIR = 'tidemark-output'
+SOURCE_KINDS = ('replay', 'pubsub')
+ACCOUNTING_UPDATE_S = 2
+#: The attribute publishers set to the event id, for runners that deduplicate
+#: Pub/Sub redeliveries themselves (Dataflow); the DirectRunner refuses it.
+DEFAULT_PUBSUB_ID_LABEL = 'event_id'
+RUNNERS_WITHOUT_PUBSUB_ID_LABEL = ('DirectRunner', 'BundleBasedDirectRunner', 'SwitchingDirectRunner')
 
 
 class ConfigError(ValueError):
@@ -49,6 +55,22 @@ class RunConfig:
   bigquery_table: Optional[str] = None
   bigquery_dead_letter_table: Optional[str] = None
   bigquery_expansion_service: Optional[str] = None
+  #: pubsub sources: the id attribute for runner-side dedup (None: off)
+  pubsub_id_label: Optional[str] = None
+  #: pubsub sources: how far behind the wall clock event times may arrive (s)
+  expected_skew_s: Optional[int] = None
+  #: unbounded sources: stop (cancel) the run after this many seconds
+  run_seconds: Optional[int] = None
+
+  @property
+  def unbounded(self) -> bool:
+    return self.source_kind == 'pubsub'
+
+  @property
+  def accounting_update_s(self) -> Optional[int]:
+    """An unbounded run never reaches the end of its input, so its accounting
+    record is rewritten this often (processing time) instead of once."""
+    return ACCOUNTING_UPDATE_S if self.unbounded else None
 
   @property
   def source_kind(self) -> str:
@@ -57,6 +79,11 @@ class RunConfig:
   @property
   def source_target(self) -> str:
     return self.source.split(':', 1)[1]
+
+  @property
+  def pubsub_subscriptions(self) -> Dict[str, str]:
+    """``{source name: subscription path}`` of a pubsub source."""
+    return dict(parse_pubsub_target(self.source_target))
 
   @property
   def aggregates_path(self) -> str:
@@ -86,10 +113,16 @@ class RunConfig:
     kind, sep, target = source.partition(':')
     if not sep or not target:
       raise ConfigError('--source', f'{source!r} is not of the form KIND:TARGET')
-    if kind != 'replay':
-      raise ConfigError('--source', f'unknown source kind {kind!r}; known: replay')
+    if kind not in SOURCE_KINDS:
+      raise ConfigError(
+          '--source', f'unknown source kind {kind!r}; known: {", ".join(SOURCE_KINDS)}')
     if kind == 'replay' and not os.path.isfile(target):
       raise ConfigError('--source', f'replay file {target!r} does not exist')
+    if kind == 'pubsub':
+      try:
+        parse_pubsub_target(target)
+      except ValueError as e:
+        raise ConfigError('--source', str(e)) from None
 
     window = DEFAULT_WINDOW_SIZE_S if opts.window_size is None else opts.window_size
     if window <= 0:
@@ -119,6 +152,25 @@ class RunConfig:
       sqlite = os.path.join(output_dir, 'aggregates.sqlite')
     elif sqlite.lower() == 'none':
       sqlite = None
+    runner = options.view_as(StandardOptions).runner or 'DirectRunner'
+    id_label = opts.pubsub_id_label
+    if id_label is None:
+      id_label = (
+          None if runner in RUNNERS_WITHOUT_PUBSUB_ID_LABEL else DEFAULT_PUBSUB_ID_LABEL)
+    elif id_label.lower() == 'none':
+      id_label = None
+    elif kind == 'pubsub' and runner in RUNNERS_WITHOUT_PUBSUB_ID_LABEL:
+      raise ConfigError(
+          '--pubsub-id-label', f'the {runner} does not support Pub/Sub id labels; '
+          'leave it unset (Tidemark deduplicates by event_id itself)')
+    skew = opts.expected_skew
+    if skew is not None and skew < 0:
+      raise ConfigError('--expected-skew', f'must be zero or positive, got {skew}')
+    run_seconds = opts.run_seconds
+    if run_seconds is not None and run_seconds <= 0:
+      raise ConfigError('--run-seconds', f'must be a positive number of seconds, got {run_seconds}')
+    if run_seconds is not None and kind == 'replay':
+      raise ConfigError('--run-seconds', 'only for unbounded sources (a replay ends by itself)')
     return cls(
         source=source,
         window_size_s=window,
@@ -128,6 +180,9 @@ class RunConfig:
         sqlite_path=sqlite,
         shards=shards,
         sample_memory_s=sample_memory,
+        pubsub_id_label=id_label if kind == 'pubsub' else None,
+        expected_skew_s=skew,
+        run_seconds=run_seconds,
         **sink_settings(opts))
 
 
@@ -188,3 +243,68 @@ def sink_settings(opts: TidemarkOptions) -> Dict[str, object]:
     if settings['bigquery_table'] == settings['bigquery_dead_letter_table']:
       raise ConfigError('--bigquery-dead-letter-table', 'must differ from --bigquery-table')
   return settings
+
+
+def parse_pubsub_target(target: str) -> Tuple[Tuple[str, str], ...]:
+  """``[NAME=]projects/P/subscriptions/S[,...]`` to ``((name, path), ...)``.
+
+  The source name defaults to the subscription id S. Raises ValueError.
+  """
+  # Imported here: the Pub/Sub client libraries are only needed for pubsub.
+  from transforms.sources import check_subscription_path
+  pairs = []
+  for item in target.split(','):
+    item = item.strip()
+    name, sep, path = item.partition('=')
+    if not sep:
+      name, path = item.rsplit('/', 1)[-1], item
+    if not name or not path:
+      raise ValueError(
+          f'{item!r}: expected [NAME=]projects/PROJECT/subscriptions/NAME')
+    check_subscription_path(path)
+    pairs.append((name, path))
+  names = [n for n, _ in pairs]
+  paths = [p for _, p in pairs]
+  if len(set(names)) != len(names):
+    raise ValueError(f'source names repeat: {names}')
+  if len(set(paths)) != len(paths):
+    raise ValueError(f'a subscription is named twice: {paths}')
+  return tuple(pairs)
+
+
+
+def watermark_risks(config: RunConfig, runner: Optional[str]) -> List[str]:
+  """Warnings about events a run would lose to ``too_late`` by the way its
+  runner computes the watermark; raises ConfigError where it would lose all.
+
+  The DirectRunner's Pub/Sub watermark is the wall clock, not the event times:
+  an event that arrives ``d`` seconds after its event time is too late when
+  ``d`` exceeds the time from its event time to its window's end plus the
+  allowed lateness, i.e. possibly once ``d > L`` and always once ``d >= W + L``.
+  """
+  runner = runner or 'DirectRunner'
+  if not config.unbounded or runner not in RUNNERS_WITHOUT_PUBSUB_ID_LABEL:
+    return []
+  size, lateness, skew = (
+      config.window_size_s, config.allowed_lateness_s, config.expected_skew_s)
+  trap = (
+      f'the {runner} sets the Pub/Sub watermark to the WALL CLOCK, not to event '
+      'times: an event that arrives more than --allowed-lateness '
+      f'({lateness} s) after its event time may be dead-lettered as too_late, and '
+      f'one more than window + lateness ({size + lateness} s) behind always is. '
+      'Historical event times are all too late: publish them rebased to now '
+      '(python -m pipeline simulate --shift-to-now).')
+  if skew is None:
+    return [trap + ' Set --expected-skew (seconds) to have this checked.']
+  if skew >= size + lateness:
+    raise ConfigError(
+        '--allowed-lateness',
+        f'with --expected-skew {skew} s on the {runner} (wall-clock Pub/Sub '
+        f'watermark) every event would be too late: window + lateness is '
+        f'{size + lateness} s; raise --allowed-lateness above {skew - size} s or use '
+        'a runner whose watermark follows the ts attribute')
+  if skew > lateness:
+    return [trap + f' With --expected-skew {skew} s > --allowed-lateness {lateness} s, '
+            'events WILL be lost from the aggregates (they reach the dead letter); '
+            f'raise --allowed-lateness to at least {skew} s.']
+  return []

@@ -12,7 +12,9 @@ class TidemarkOptions(PipelineOptions):
   def _add_argparse_args(cls, parser):
     parser.add_argument(
         '--source',
-        help='Where events come from: replay:PATH (a replay file, contract section 2).')
+        help='Where events come from: replay:PATH (a replay file, contract section 2) '
+        'or pubsub:[NAME=]projects/P/subscriptions/S[,...] (one subscription per '
+        'source; NAME defaults to S).')
     parser.add_argument(
         '--window-size', '--window_size', dest='window_size', type=int,
         help='Fixed window size in whole seconds.')
@@ -71,3 +73,17 @@ class TidemarkOptions(PipelineOptions):
         dest='bigquery_expansion_service',
         help='--sink bigquery: host:port of a running GCP expansion service (default: '
         'Beam starts its own).')
+    parser.add_argument(
+        '--pubsub-id-label', '--pubsub_id_label', dest='pubsub_id_label',
+        help='Pub/Sub attribute for runner-side redelivery dedup (default: event_id '
+        'on runners that support it, off on the DirectRunner; "none" to turn off).')
+    parser.add_argument(
+        '--expected-skew', '--expected_skew', dest='expected_skew', type=int,
+        help='pubsub: how many seconds behind the wall clock event times may be when '
+        'they arrive (lagging sources, publish delays). The DirectRunner\'s Pub/Sub '
+        'watermark is the wall clock, so a skew above the allowed lateness loses '
+        'events to too_late.')
+    parser.add_argument(
+        '--run-seconds', '--run_seconds', dest='run_seconds', type=int,
+        help='Unbounded sources: stop the run after this many seconds of wall time '
+        '(default: run until interrupted).')

@@ -13,7 +13,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline.build import build, read_source
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError, RunConfig, watermark_risks
 from transforms.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.replay import ReplayError
 
@@ -39,6 +39,8 @@ def final_panes(aggregates_path: str) -> Dict[tuple, dict]:
 def reconcile(config: RunConfig) -> Dict[str, int]:
   """Checks the accounting identity and that ``aggregated`` equals the sum of
   the final panes' counts; returns the accounting."""
+  if config.unbounded and not os.path.exists(config.accounting_path):
+    return dict.fromkeys(CATEGORIES, 0)  # stopped before any message arrived
   with open(config.accounting_path, encoding='utf-8') as f:
     accounting = json.load(f)
   parts = accounting[INVALID] + accounting[TOO_LATE] + accounting[DUPLICATE] + accounting[
@@ -117,6 +119,32 @@ def prepare_output(config: RunConfig) -> None:
     f.write('\n')
 
 
+def run_unbounded(options: PipelineOptions, config: RunConfig, source):
+  """Runs until ``config.run_seconds`` have passed (then cancels) or until
+  interrupted; the outputs hold what the windows emitted by then. Returns the
+  PipelineResult."""
+  p = beam.Pipeline(options=options)
+  build(p, config, source)
+  result = p.run()
+  deadline = None if config.run_seconds is None else time.monotonic() + config.run_seconds
+  try:
+    if deadline is None:
+      result.wait_until_finish()
+      return result
+    while time.monotonic() < deadline:
+      state = result.state
+      if beam.runners.runner.PipelineState.is_terminal(state):
+        result.wait_until_finish()  # raises if it failed
+        return result
+      time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+  except KeyboardInterrupt:
+    print('tidemark: interrupted; stopping', file=sys.stderr)
+  finally:
+    if not beam.runners.runner.PipelineState.is_terminal(result.state):
+      result.cancel()
+  return result
+
+
 def main(argv: Optional[List[str]] = None) -> int:
   """``python -m pipeline run``: run, reconcile, print the accounting."""
   logging.getLogger('apache_beam').setLevel(logging.WARNING)
@@ -128,23 +156,39 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'tidemark: error: {e}', file=sys.stderr)
     return 2
   standard = options.view_as(StandardOptions)
-  if config.source_kind == 'replay':
-    standard.streaming = True  # the replay is a stream, watermarks and all
+  standard.streaming = True  # replays and Pub/Sub are streams, watermarks and all
   if not standard.runner:
     standard.runner = 'DirectRunner'
+  try:
+    warnings = watermark_risks(config, standard.runner)
+  except ConfigError as e:
+    print(f'tidemark: error: {e}', file=sys.stderr)
+    return 2
+  for warning in warnings:
+    print(f'\n*** tidemark: WARNING: {warning}\n', file=sys.stderr, flush=True)
 
   prepare_output(config)
   started = time.monotonic()
-  p = beam.Pipeline(options=options)
-  build(p, config, source)
-  result = p.run()
-  result.wait_until_finish()
+  if config.unbounded:
+    result = run_unbounded(options, config, source)
+  else:
+    p = beam.Pipeline(options=options)
+    build(p, config, source)
+    result = p.run()
+    result.wait_until_finish()
   seconds = time.monotonic() - started
   try:
     accounting = reconcile(config)
   except Reconciliation as e:
-    print(f'tidemark: error: outputs do not reconcile: {e}', file=sys.stderr)
-    return 3
+    if not config.unbounded:
+      print(f'tidemark: error: outputs do not reconcile: {e}', file=sys.stderr)
+      return 3
+    # A stream stopped mid-way: the accounting is its last snapshot (rewritten
+    # every few seconds) and windows still open have no final pane yet.
+    with open(config.accounting_path, encoding='utf-8') as f:
+      accounting = json.load(f)
+    print(f'tidemark: note: stopped mid-stream, so messages in flight and windows '
+          f'not yet closed are not final: {e}', file=sys.stderr)
   print_accounting(accounting, seconds)
   print_metrics(result)
   print(f'outputs in {os.path.abspath(config.output_dir)}')

@@ -1,0 +1,195 @@
+"""The Pub/Sub source's pieces that need no server (payload decoding, the ts
+attribute, config), the DirectRunner watermark check, and the simulator's
+messages and records (Pub/Sub attributes, Kafka records, shift to now)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.utils.timestamp import Timestamp
+
+from conftest import T0, payload
+from pipeline import reference, simulate, traffic
+from pipeline.config import ConfigError, RunConfig, watermark_risks
+from transforms.sources import (
+    ReadPubSubEvents, check_subscription_path, decode_payload, timestamp_from_attribute)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUB = 'projects/tidemark-local/subscriptions/orders-a'
+
+
+def config(*args, runner='DirectRunner'):
+  return RunConfig.from_options(PipelineOptions([f'--runner={runner}', *args]))
+
+
+# --- source pieces --------------------------------------------------------------
+
+@pytest.mark.parametrize('raw', [
+    b'{"a": 1}', 'caf\u00e9 \u2603'.encode('utf-8'), b'\xff\xfe{', b'{"x": "\xed\xa0\x80"}', b''])
+def test_payload_decoding_is_lossless_and_invalid_utf8_stays_invalid(raw):
+  text = decode_payload(raw)
+  assert text.encode('utf-8', 'surrogateescape') == raw
+  try:
+    raw.decode('utf-8')
+    assert reference.validate(text) == reference.validate(raw.decode('utf-8'))
+  except UnicodeDecodeError:
+    assert reference.validate(text) is None  # not UTF-8: invalid, never repaired
+
+
+@pytest.mark.parametrize('value, millis', [
+    ('1705543200000', T0), ('2024-01-18T02:00:00Z', T0), (None, None), ('', None),
+    ('garbage', None), ('99999999999999999999999', None), ('-99999999999999999999', None),
+    ('1.5', None)])
+def test_the_ts_attribute_is_read_or_left_out_never_raising(value, millis):
+  stamp = timestamp_from_attribute(value)
+  assert stamp == (None if millis is None else Timestamp(micros=millis * 1000))
+
+
+@pytest.mark.parametrize('path', [
+    'projects/p/subscriptions/s', 'project/tidemark/subscriptions/sub', SUB + '/x',
+    'projects/tidemark-local/topics/orders', 'projects/tidemark-local/subscriptions/goog-x',
+    'projects//subscriptions/orders'])
+def test_bad_subscription_paths_are_refused(path):
+  with pytest.raises(ValueError, match='subscription path'):
+    check_subscription_path(path)
+
+
+def test_read_pubsub_events_validates_in_init():
+  with pytest.raises(ValueError, match='at least one'):
+    ReadPubSubEvents({})
+  with pytest.raises(ValueError, match='its own subscription'):
+    ReadPubSubEvents({'A': SUB, 'B': SUB})
+  with pytest.raises(ValueError, match='id_label'):
+    ReadPubSubEvents({'A': SUB}, id_label='')
+  assert ReadPubSubEvents({'A': SUB}, id_label='event_id').subscriptions == {'A': SUB}
+
+
+# --- config -----------------------------------------------------------------------
+
+def test_pubsub_source_names_default_to_the_subscription_id():
+  c = config(f'--source=pubsub:{SUB},B=projects/tidemark-local/subscriptions/orders-b')
+  assert c.source_kind == 'pubsub' and c.unbounded
+  assert c.pubsub_subscriptions == {
+      'orders-a': SUB, 'B': 'projects/tidemark-local/subscriptions/orders-b'}
+  assert c.accounting_update_s is not None
+
+
+@pytest.mark.parametrize('source', [
+    'pubsub:', 'pubsub:projects/x/topics/t', f'pubsub:{SUB},{SUB}',
+    f'pubsub:A={SUB},A=projects/tidemark-local/subscriptions/other', 'pubsub:=' + SUB,
+    'kinesis:stream'])
+def test_bad_pubsub_sources_name_the_field(source):
+  with pytest.raises(ConfigError) as e:
+    config(f'--source={source}')
+  assert e.value.field == '--source'
+
+
+def test_id_label_comes_from_config_and_the_direct_runner_gets_none():
+  assert config(f'--source=pubsub:{SUB}').pubsub_id_label is None
+  assert config(f'--source=pubsub:{SUB}', runner='DataflowRunner').pubsub_id_label == 'event_id'
+  assert config(f'--source=pubsub:{SUB}', '--pubsub-id-label=none',
+                runner='DataflowRunner').pubsub_id_label is None
+  with pytest.raises(ConfigError) as e:
+    config(f'--source=pubsub:{SUB}', '--pubsub-id-label=event_id')
+  assert e.value.field == '--pubsub-id-label'
+
+
+def test_the_direct_runner_wall_clock_watermark_is_flagged_before_running():
+  base = [f'--source=pubsub:{SUB}', '--window-size=60', '--allowed-lateness=30']
+  assert 'WALL CLOCK' in watermark_risks(config(*base), 'DirectRunner')[0]
+  assert watermark_risks(config(*base, '--expected-skew=30'), 'DirectRunner') == []
+  [warning] = watermark_risks(config(*base, '--expected-skew=45'), 'DirectRunner')
+  assert 'WILL be lost' in warning and 'at least 45 s' in warning
+  with pytest.raises(ConfigError) as e:
+    watermark_risks(config(*base, '--expected-skew=90'), 'DirectRunner')
+  assert e.value.field == '--allowed-lateness'
+  assert watermark_risks(config(*base), 'DataflowRunner') == []
+  assert watermark_risks(config('--allowed-lateness=0'), 'DirectRunner') == []  # replay
+
+
+def cli(*args):
+  env = {**os.environ, 'PYTHONPATH': REPO}
+  return subprocess.run([sys.executable, '-m', 'pipeline', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_the_cli_refuses_a_run_that_would_lose_everything(tmp_path):
+  out = tmp_path / 'out'
+  result = cli('run', f'--source=pubsub:{SUB}', '--window-size=60', '--allowed-lateness=30',
+               '--expected-skew=600', f'--output-dir={out}')
+  assert result.returncode == 2
+  assert '--allowed-lateness' in result.stderr and 'wall-clock' in result.stderr
+  assert not out.exists()
+
+
+# --- the simulator ------------------------------------------------------------------
+
+def test_pubsub_messages_carry_ts_and_event_id_from_the_payload():
+  message = simulate.to_publish(traffic.Data('A', payload('e-1', T0 + 5), T0 + 999))
+  data, attributes = simulate.pubsub_message(message)
+  assert json.loads(data) == json.loads(payload('e-1', T0 + 5))
+  assert attributes == {'ts': str(T0 + 5), 'event_id': 'e-1'}
+  garbage = simulate.to_publish(traffic.Data('B', 'not json', T0 + 7))
+  assert simulate.pubsub_message(garbage) == (b'not json', {'ts': str(T0 + 7)})
+
+
+def test_kafka_records_use_event_time_and_customer_key():
+  message = simulate.to_publish(traffic.Data(
+      'C', payload('e-2', '2024-01-18T03:00:00.250+01:00', customer_id='acme.io'), 0))
+  record = simulate.kafka_record(message, 'tm-')
+  assert record == dict(topic='tm-C', key=b'acme.io', value=message.payload.encode(),
+                        timestamp=T0 + 250)
+  lone = simulate.to_publish(traffic.Data('A', '{"x": "\ud800"}', T0))
+  record = simulate.kafka_record(lone, 'tm-')
+  assert record['key'] is None and record['timestamp'] == T0
+  assert record['value'] == b'{"x": "\xed\xa0\x80"}'  # goes out as invalid UTF-8
+
+
+def test_shift_to_now_moves_valid_events_by_whole_windows_and_leaves_garbage():
+  lines = list(traffic.generate(traffic.Profile(messages=400, seed=3)))
+  now = T0 + 10 ** 9 + 12345
+  offset = simulate.shift_to_now_offset(lines, 60, now_ms=now)
+  assert offset % 60000 == 0
+  shifted = [simulate.to_publish(l, offset) for l in lines if isinstance(l, traffic.Data)]
+  originals = [l for l in lines if isinstance(l, traffic.Data)]
+  assert min(m.event_time for m in shifted) >= now > min(m.event_time for m in shifted) - 60000
+  for before, after in zip(originals, shifted):
+    fields = reference.validate(before.payload)
+    if fields is None:
+      assert after.payload == before.payload  # garbage is never rewritten
+      assert reference.validate(after.payload) is None
+    else:
+      moved = reference.validate(after.payload)
+      assert moved[:4] == fields[:4] and moved[4] == fields[4] + offset == after.event_time
+      assert isinstance(json.loads(after.payload)['event_time'], type(
+          json.loads(before.payload)['event_time']))
+
+
+def test_simulate_to_replay_keeps_every_outcome_when_shifted(tmp_path):
+  plain, shifted = tmp_path / 'plain.jsonl', tmp_path / 'shifted.jsonl'
+  for path, extra in ((plain, []), (shifted, ['--shift-to-now'])):
+    result = cli('simulate', '--to', 'replay', '--out', str(path), '--messages', '600',
+                 '--seed', '5', '--rate', '0', *extra)
+    assert result.returncode == 0, result.stderr
+    assert 'messages/s' in result.stdout
+  a = reference.compute(str(plain), 60, 30)
+  b = reference.compute(str(shifted), 60, 30)
+  assert a.accounting == b.accounting and a.accounting['received'] == 600
+  assert sorted(v for v in a.windows.values()) == sorted(v for v in b.windows.values())
+
+
+def test_the_simulator_paces_to_the_requested_rate():
+  lines = [traffic.Data('A', payload(f'e{n}', T0), T0) for n in range(20)]
+
+  class Collect:
+    sent = []
+    send = sent.append
+    send_watermark = staticmethod(lambda mark: None)
+    close = staticmethod(lambda: None)
+
+  report = simulate.simulate(lines, Collect(), rate=100)
+  assert report.messages == 20 and len(Collect.sent) == 20
+  assert 0.18 <= report.seconds < 1.0  # 20 messages at 100/s: ~0.19 s
