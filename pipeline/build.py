@@ -14,7 +14,7 @@ from transforms.lateness import RouteTooLate
 from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.parse import ParseEvents
 from transforms.sinks import UpsertSqlite, WriteJsonLines, WriteLatestJson
-from transforms.sources import ReadReplay
+from transforms.sources import ReadKafkaEvents, ReadReplay
 
 
 class Built(NamedTuple):
@@ -26,7 +26,12 @@ class Built(NamedTuple):
 
 def read_source(config: RunConfig) -> beam.PTransform:
   if config.source_kind == 'replay':
-    return ReadReplay(config.source_target)
+    return ReadReplay(config.source_target, config.replay_processing_time)
+  if config.source_kind == 'kafka':
+    bootstrap, sources = config.kafka
+    return ReadKafkaEvents(
+        bootstrap, sources, config.kafka_expansion_service,
+        max_num_records=config.kafka_max_records)
   raise ValueError(f'unknown source {config.source!r}')
 
 
@@ -38,8 +43,9 @@ def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built
   if isinstance(source, ReadReplay):
     messages = messages | 'Progress' >> ReportProgress(source.replay.messages)
   parsed = messages | 'Parse' >> ParseEvents()
-  routed = parsed.events | 'RouteTooLate' >> RouteTooLate(size, lateness, config.shards)
-  unique = routed.on_time | 'Deduplicate' >> DeduplicateEvents(size, lateness)
+  offset = config.expiry_offset_micros
+  routed = parsed.events | 'RouteTooLate' >> RouteTooLate(size, lateness, config.shards, offset)
+  unique = routed.on_time | 'Deduplicate' >> DeduplicateEvents(size, lateness, offset)
   aggregates = unique.unique | 'Aggregate' >> AggregateWindows(
       size, lateness, config.early_firing_s)
   dead_letters = (parsed.invalid, routed.too_late) | 'DeadLetters' >> beam.Flatten()
@@ -49,7 +55,7 @@ def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built
       TOO_LATE: routed.too_late,
       DUPLICATE: unique.duplicate,
       AGGREGATED: unique.unique,
-  } | 'Accounting' >> CountOutcomes()
+  } | 'Accounting' >> CountOutcomes(config.accounting_every_s)
 
   aggregates | 'WriteAggregates' >> WriteJsonLines(config.aggregates_path)
   if config.sqlite_path:

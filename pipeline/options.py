@@ -12,7 +12,8 @@ class TidemarkOptions(PipelineOptions):
   def _add_argparse_args(cls, parser):
     parser.add_argument(
         '--source',
-        help='Where events come from: replay:PATH (a replay file, contract section 2).')
+        help='Where events come from: replay:PATH (a replay file, contract section 2) or '
+        'kafka:BOOTSTRAP/TOPIC[,TOPIC...] (a topic per source; NAME=TOPIC names the source).')
     parser.add_argument(
         '--window-size', '--window_size', dest='window_size', type=int,
         help='Fixed window size in whole seconds.')
@@ -33,3 +34,15 @@ class TidemarkOptions(PipelineOptions):
     parser.add_argument(
         '--shards', dest='shards', type=int,
         help='Keys per window for too-late routing and dedup (parallelism).')
+    parser.add_argument(
+        '--kafka-expansion-service', '--kafka_expansion_service',
+        dest='kafka_expansion_service',
+        help='HOST:PORT of the Java expansion service for Kafka IO (default: the '
+        'one scripts/flink.sh starts, localhost:18096).')
+    parser.add_argument(
+        '--kafka-max-records', '--kafka_max_records', dest='kafka_max_records', type=int,
+        help='Stop each Kafka topic\'s read after this many records (a bounded read).')
+    parser.add_argument(
+        '--accounting-every', '--accounting_every', dest='accounting_every', type=int,
+        help='Rewrite accounting.json every this many seconds of processing time '
+        '(default: 5 for Kafka, at the end only for replays; 0: at the end only).')

@@ -97,8 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'tidemark: error: {e}', file=sys.stderr)
     return 2
   standard = options.view_as(StandardOptions)
-  if config.source_kind == 'replay':
-    standard.streaming = True  # the replay is a stream, watermarks and all
+  standard.streaming = True  # replays and Kafka are streams, watermarks and all
   if not standard.runner:
     standard.runner = 'DirectRunner'
 
