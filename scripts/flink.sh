@@ -45,6 +45,7 @@ start_expansion() {
   nohup java -Xmx512m "${JAVA_OPENS[@]}" -cp "$LIB/*" \
     org.apache.beam.sdk.expansion.service.ExpansionService "$KAFKA_EXPANSION_PORT" \
     --javaClassLookupAllowlistFile='*' --defaultEnvironmentType=EMBEDDED \
+    --experiments=use_deprecated_read \
     >>"$LOG_DIR/kafka-expansion.log" 2>&1 < /dev/null &
   echo $! > "$RUN_DIR/kafka-expansion.pid"
   if ! wait_ports 90 "$!" "$KAFKA_EXPANSION_PORT"; then
