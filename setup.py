@@ -23,7 +23,7 @@ setuptools.setup(
         'rich>=13,<15',
     ],
     extras_require={
-        'test': ['pytest>=8', 'hypothesis>=6.100'],
+        'test': ['pytest>=8', 'hypothesis>=6.100', 'confluent-kafka>=2.3,<3'],
     },
     entry_points={'console_scripts': ['tidemark=pipeline.__main__:main']},
 )

@@ -17,7 +17,7 @@ from transforms.parse import ParseEvents
 from transforms.sinks import (
     UpsertPostgres, UpsertSqlite, WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery,
     WriteDeadLettersToPostgres, WriteJsonLines, WriteLatestJson)
-from transforms.sources import ReadPubSubEvents, ReadReplay
+from transforms.sources import ReadKafkaEvents, ReadPubSubEvents, ReadReplay
 
 
 class Built(NamedTuple):
@@ -29,9 +29,14 @@ class Built(NamedTuple):
 
 def read_source(config: RunConfig) -> beam.PTransform:
   if config.source_kind == 'replay':
-    return ReadReplay(config.source_target)
+    return ReadReplay(config.source_target, config.replay_processing_time)
   if config.source_kind == 'pubsub':
     return ReadPubSubEvents(config.pubsub_subscriptions, id_label=config.pubsub_id_label)
+  if config.source_kind == 'kafka':
+    bootstrap, sources = config.kafka
+    return ReadKafkaEvents(
+        bootstrap, sources, config.kafka_expansion_service,
+        max_num_records=config.kafka_max_records)
   raise ValueError(f'unknown source {config.source!r}')
 
 
@@ -58,8 +63,9 @@ def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built
   if isinstance(source, ReadReplay):
     messages = messages | 'Progress' >> ReportProgress(source.replay.messages)
   parsed = messages | 'Parse' >> ParseEvents()
-  routed = parsed.events | 'RouteTooLate' >> RouteTooLate(size, lateness, config.shards)
-  unique = routed.on_time | 'Deduplicate' >> DeduplicateEvents(size, lateness)
+  offset = config.expiry_offset_micros
+  routed = parsed.events | 'RouteTooLate' >> RouteTooLate(size, lateness, config.shards, offset)
+  unique = routed.on_time | 'Deduplicate' >> DeduplicateEvents(size, lateness, offset)
   aggregates = unique.unique | 'Aggregate' >> AggregateWindows(
       size, lateness, config.early_firing_s)
   dead_letters = (parsed.invalid, routed.too_late) | 'DeadLetters' >> beam.Flatten()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Dict, List, Optional, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -19,12 +20,30 @@ DEFAULT_WINDOW_SIZE_S = 60
 DEFAULT_ALLOWED_LATENESS_S = 30
 DEFAULT_EARLY_FIRING_S = 10
 DEFAULT_OUTPUT_DIR = 'tidemark-output'
-SOURCE_KINDS = ('replay', 'pubsub')
+SOURCE_KINDS = ('replay', 'pubsub', 'kafka')
 ACCOUNTING_UPDATE_S = 2
 #: The attribute publishers set to the event id, for runners that deduplicate
 #: Pub/Sub redeliveries themselves (Dataflow); the DirectRunner refuses it.
 DEFAULT_PUBSUB_ID_LABEL = 'event_id'
 RUNNERS_WITHOUT_PUBSUB_ID_LABEL = ('DirectRunner', 'BundleBasedDirectRunner', 'SwitchingDirectRunner')
+#: The expansion service for Kafka IO started by scripts/flink.sh (EMBEDDED Java env).
+DEFAULT_KAFKA_EXPANSION_SERVICE = 'localhost:' + os.environ.get('KAFKA_EXPANSION_PORT', '18096')
+#: How often an unbounded run (Kafka) rewrites accounting.json, in seconds.
+
+#: Runners whose windowing runs in Java. There a window's data is dropped once
+#: the watermark passes ``maxTimestamp + lateness`` with ``maxTimestamp = end - 1 ms``
+#: (millisecond timers), i.e. from ``end + lateness`` on; the Python runners drop
+#: only strictly after ``end + lateness`` (microseconds). Too-late routing and
+#: dedup expire at the runner's own instant (``expiry_offset_micros``).
+JAVA_WINDOWING_RUNNERS = (
+    'FlinkRunner', 'PortableRunner', 'SparkRunner', 'DataflowRunner', 'TestDataflowRunner')
+#: Runners that cannot advance processing time in a TestStream (Flink refuses
+#: with "Advancing Processing time is not supported by the Flink Runner").
+NO_PROCESSING_TIME_TEST_STREAM_RUNNERS = ('FlinkRunner', 'PortableRunner')
+
+_HOST_PORT = re.compile(r'[A-Za-z0-9.\-]+:(\d{1,5})\Z')
+_TOPIC = re.compile(r'[A-Za-z0-9._\-]{1,249}\Z')
+_SOURCE_NAME = re.compile(r'[A-Za-z0-9._\-]{1,64}\Z')
 
 
 class ConfigError(ValueError):
@@ -36,9 +55,38 @@ class ConfigError(ValueError):
     self.reason = reason
 
 
+def parse_kafka_target(target: str, field: str = '--source') -> Tuple[str, Dict[str, str]]:
+  """``BOOTSTRAP/TOPIC[,TOPIC...]`` to ``(bootstrap servers, {source: topic})``.
+
+  BOOTSTRAP is ``host:port[,host:port...]``; a TOPIC may be written
+  ``NAME=TOPIC`` to name its source, else the source is named as the topic.
+  """
+  bootstrap, sep, topics = target.partition('/')
+  if not sep or not bootstrap or not topics:
+    raise ConfigError(field, f'kafka:{target!r} is not of the form kafka:BOOTSTRAP/TOPIC[,TOPIC...]')
+  for server in bootstrap.split(','):
+    match = _HOST_PORT.fullmatch(server)
+    if not match or not 0 < int(match.group(1)) < 65536:
+      raise ConfigError(field, f'Kafka bootstrap server {server!r} is not HOST:PORT')
+  sources: Dict[str, str] = {}
+  for item in topics.split(','):
+    name, eq, topic = item.rpartition('=')
+    if not eq:
+      name = topic
+    if not _TOPIC.fullmatch(topic):
+      raise ConfigError(
+          field, f'Kafka topic {topic!r} is not 1-249 characters of A-Z a-z 0-9 . _ -')
+    if not _SOURCE_NAME.fullmatch(name):
+      raise ConfigError(field, f'source name {name!r} is not 1-64 characters of A-Z a-z 0-9 . _ -')
+    if name in sources:
+      raise ConfigError(field, f'source name {name!r} is given twice')
+    sources[name] = topic
+  return bootstrap, sources
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  source: str  # 'replay:PATH'
+  source: str  # 'replay:PATH' or 'kafka:BOOTSTRAP/TOPIC[,TOPIC...]'
   window_size_s: int
   allowed_lateness_s: int
   early_firing_s: Optional[int]
@@ -64,13 +112,26 @@ class RunConfig:
 
   @property
   def unbounded(self) -> bool:
-    return self.source_kind == 'pubsub'
+    return self.source_kind in ('pubsub', 'kafka')
 
   @property
   def accounting_update_s(self) -> Optional[int]:
     """An unbounded run never reaches the end of its input, so its accounting
     record is rewritten this often (processing time) instead of once."""
     return ACCOUNTING_UPDATE_S if self.unbounded else None
+
+  #: where too-late routing and dedup expire, past ``end + lateness`` (runner's rule)
+  expiry_offset_micros: int = 1
+  #: whether the replay's processing-time steps are replayed (runner permitting)
+  replay_processing_time: bool = True
+  kafka_expansion_service: str = DEFAULT_KAFKA_EXPANSION_SERVICE
+  #: per topic; makes a Kafka read bounded (tests)
+  kafka_max_records: Optional[int] = None
+
+  @property
+  def kafka(self) -> Tuple[str, Dict[str, str]]:
+    """``(bootstrap servers, {source name: topic})`` of a ``kafka:`` source."""
+    return parse_kafka_target(self.source_target)
 
   @property
   def source_kind(self) -> str:
@@ -123,6 +184,15 @@ class RunConfig:
         parse_pubsub_target(target)
       except ValueError as e:
         raise ConfigError('--source', str(e)) from None
+    if kind == 'kafka':
+      parse_kafka_target(target)
+    expansion = opts.kafka_expansion_service or DEFAULT_KAFKA_EXPANSION_SERVICE
+    if not _HOST_PORT.fullmatch(expansion):
+      raise ConfigError('--kafka-expansion-service', f'{expansion!r} is not HOST:PORT')
+    max_records = opts.kafka_max_records
+    if max_records is not None and max_records <= 0:
+      raise ConfigError('--kafka-max-records', f'must be positive, got {max_records}')
+    runner = runner_name(options)
 
     window = DEFAULT_WINDOW_SIZE_S if opts.window_size is None else opts.window_size
     if window <= 0:
@@ -152,7 +222,6 @@ class RunConfig:
       sqlite = os.path.join(output_dir, 'aggregates.sqlite')
     elif sqlite.lower() == 'none':
       sqlite = None
-    runner = options.view_as(StandardOptions).runner or 'DirectRunner'
     id_label = opts.pubsub_id_label
     if id_label is None:
       id_label = (
@@ -183,6 +252,10 @@ class RunConfig:
         pubsub_id_label=id_label if kind == 'pubsub' else None,
         expected_skew_s=skew,
         run_seconds=run_seconds,
+        expiry_offset_micros=0 if runner in JAVA_WINDOWING_RUNNERS else 1,
+        replay_processing_time=runner not in NO_PROCESSING_TIME_TEST_STREAM_RUNNERS,
+        kafka_expansion_service=expansion,
+        kafka_max_records=max_records,
         **sink_settings(opts))
 
 
@@ -283,7 +356,7 @@ def watermark_risks(config: RunConfig, runner: Optional[str]) -> List[str]:
   allowed lateness, i.e. possibly once ``d > L`` and always once ``d >= W + L``.
   """
   runner = runner or 'DirectRunner'
-  if not config.unbounded or runner not in RUNNERS_WITHOUT_PUBSUB_ID_LABEL:
+  if config.source_kind != 'pubsub' or runner not in RUNNERS_WITHOUT_PUBSUB_ID_LABEL:
     return []
   size, lateness, skew = (
       config.window_size_s, config.allowed_lateness_s, config.expected_skew_s)
@@ -308,3 +381,11 @@ def watermark_risks(config: RunConfig, runner: Optional[str]) -> List[str]:
             'events WILL be lost from the aggregates (they reach the dead letter); '
             f'raise --allowed-lateness to at least {skew} s.']
   return []
+
+
+def runner_name(options: PipelineOptions) -> str:
+  """The runner's class name (``DirectRunner`` when none is given)."""
+  runner = options.view_as(StandardOptions).runner or 'DirectRunner'
+  if not isinstance(runner, str):
+    runner = type(runner).__name__
+  return runner.rsplit('.', 1)[-1]

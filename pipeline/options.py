@@ -12,9 +12,9 @@ class TidemarkOptions(PipelineOptions):
   def _add_argparse_args(cls, parser):
     parser.add_argument(
         '--source',
-        help='Where events come from: replay:PATH (a replay file, contract section 2) '
-        'or pubsub:[NAME=]projects/P/subscriptions/S[,...] (one subscription per '
-        'source; NAME defaults to S).')
+        help='Where events come from: replay:PATH (a replay file, contract section 2), '
+        'pubsub:[NAME=]projects/P/subscriptions/S[,...] (one subscription per source; '
+        'NAME defaults to S) or kafka:BOOTSTRAP/TOPIC[,NAME=TOPIC...] (a topic per source).')
     parser.add_argument(
         '--window-size', '--window_size', dest='window_size', type=int,
         help='Fixed window size in whole seconds.')
@@ -87,3 +87,11 @@ class TidemarkOptions(PipelineOptions):
         '--run-seconds', '--run_seconds', dest='run_seconds', type=int,
         help='Unbounded sources: stop the run after this many seconds of wall time '
         '(default: run until interrupted).')
+    parser.add_argument(
+        '--kafka-expansion-service', '--kafka_expansion_service',
+        dest='kafka_expansion_service',
+        help='HOST:PORT of the Java expansion service for Kafka IO (default: the '
+        'one scripts/flink.sh starts, localhost:18096).')
+    parser.add_argument(
+        '--kafka-max-records', '--kafka_max_records', dest='kafka_max_records', type=int,
+        help='Stop each Kafka topic\'s read after this many records (a bounded read).')

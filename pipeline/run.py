@@ -156,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'tidemark: error: {e}', file=sys.stderr)
     return 2
   standard = options.view_as(StandardOptions)
-  standard.streaming = True  # replays and Pub/Sub are streams, watermarks and all
+  standard.streaming = True  # replays, Pub/Sub and Kafka are streams, watermarks and all
   if not standard.runner:
     standard.runner = 'DirectRunner'
   try:

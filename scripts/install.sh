@@ -12,3 +12,7 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
   touch "$stamp"
 fi
+
+# Java classpaths for the Flink job server, Kafka IO expansion and the Kafka
+# broker (integration tests); a no-op when already staged.
+scripts/stage-java.sh

@@ -65,11 +65,13 @@ class _ToAggregateFn(beam.DoFn):
       window=beam.DoFn.WindowParam,
       pane=beam.DoFn.PaneInfoParam) -> Iterable[WindowAggregate]:
     (customer_id, key), (count, total, low, high) = element
-    start = window.start.micros // 1000
-    end = window.end.micros // 1000
-    yield WindowAggregate(
-        customer_id, key, start, end, count, total, low, high, pane.index,
-        PaneInfoTiming.to_string(pane.timing))
+    # An empty pane (Java runners may fire one when a window expires) carries nothing.
+    if count:
+      start = window.start.micros // 1000
+      end = window.end.micros // 1000
+      yield WindowAggregate(
+          customer_id, key, start, end, count, total, low, high, pane.index,
+          PaneInfoTiming.to_string(pane.timing))
 
 
 class AggregateWindows(beam.PTransform):

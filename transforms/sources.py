@@ -7,7 +7,9 @@ import re
 from typing import Iterable, Mapping, Optional, Tuple, Union
 
 import apache_beam as beam
+from apache_beam.coders import coders
 from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub
+from apache_beam.io.kafka import ReadFromKafka
 from apache_beam.metrics import Metrics
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
@@ -20,15 +22,28 @@ def _millis(millis) -> Timestamp:
   return MIN_TIMESTAMP if millis is None else Timestamp(micros=millis * 1000)
 
 
-def replay_to_test_stream(replay: Replay) -> TestStream:
+#: (source, (payload bytes, source watermark lag ms or -1)) in Beam's portable
+#: KV/string/bytes/varint coders, so that runners written in other languages
+#: (Flink's Java TestStream) can decode it.
+REPLAY_ELEMENT_CODER = coders.TupleCoder([
+    coders.StrUtf8Coder(),
+    coders.TupleCoder([coders.BytesCoder(), coders.VarIntCoder()])])
+
+
+def replay_to_test_stream(replay: Replay, processing_time: bool = True) -> TestStream:
   """The replay as a TestStream: message batches, watermark and processing-time
-  steps in file order, then the watermark to infinity."""
-  stream = TestStream()
+  steps in file order, then the watermark to infinity.
+
+  With ``processing_time=False`` the processing-time steps are left out (they
+  only pace early panes); runners such as Flink refuse them.
+  """
+  stream = TestStream(coder=REPLAY_ELEMENT_CODER)
   for step in replay.steps:
     if isinstance(step, Messages):
       stream.add_elements([
           beam.window.TimestampedValue(
-              (m.source, m.data.encode('utf-8', 'surrogatepass'), m.source_lag_ms),
+              (m.source, (m.data.encode('utf-8', 'surrogatepass'),
+                          -1 if m.source_lag_ms is None else m.source_lag_ms)),
               _millis(m.watermark))
           for m in step.batch
       ])
@@ -37,9 +52,9 @@ def replay_to_test_stream(replay: Replay) -> TestStream:
         stream.advance_watermark_to_infinity()
       else:
         stream.advance_watermark_to(_millis(step.millis))
-    elif isinstance(step, ProcessingTime):
+    elif isinstance(step, ProcessingTime) and processing_time:
       stream.advance_processing_time(step.seconds)
-  return stream
+  return stream.with_output_types(Tuple[str, Tuple[bytes, int]])
 
 
 class _ToRawMessageFn(beam.DoFn):
@@ -48,9 +63,9 @@ class _ToRawMessageFn(beam.DoFn):
   def __init__(self):
     self._lags = {}
 
-  def process(self, element: Tuple[str, bytes, Optional[int]]) -> Iterable[RawMessage]:
-    source, data, lag_ms = element
-    if lag_ms is not None:
+  def process(self, element: Tuple[str, Tuple[bytes, int]]) -> Iterable[RawMessage]:
+    source, (data, lag_ms) = element
+    if lag_ms >= 0:
       if source not in self._lags:
         self._lags[source] = Metrics.distribution('tidemark', f'watermark_lag_ms/{source}')
       self._lags[source].update(lag_ms)
@@ -64,17 +79,20 @@ class ReadReplay(beam.PTransform):
 
   The file is read and checked when the transform is constructed, so a bad
   line stops the run before anything executes (ReplayError names the line).
-  Needs a streaming runner that executes TestStream.
+  Needs a streaming runner that executes TestStream. ``processing_time=False``
+  leaves out the replay's processing-time steps, for runners that cannot
+  advance processing time (Flink); only early panes depend on them.
   """
 
-  def __init__(self, replay: Union[str, Replay]):
+  def __init__(self, replay: Union[str, Replay], processing_time: bool = True):
     super().__init__()
     self.replay = compile_replay(replay) if isinstance(replay, str) else replay
+    self.processing_time = processing_time
 
   def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[RawMessage]:
     return (
         pbegin
-        | 'Stream' >> replay_to_test_stream(self.replay)
+        | 'Stream' >> replay_to_test_stream(self.replay, self.processing_time)
         | 'AsRawMessage' >> beam.ParDo(_ToRawMessageFn()))
 
 
@@ -199,3 +217,63 @@ class ReadPubSubEvents(beam.PTransform):
               _StampFromAttributeFn(source, self._timestamp_attribute)
           ).with_output_types(RawMessage))
     return tuple(per_source) | 'AllSources' >> beam.Flatten()
+
+
+# --- Kafka --------------------------------------------------------------------
+
+class ReadKafkaEvents(beam.PTransform):
+  """Reads one Kafka topic per source name (Beam's cross-language ReadFromKafka).
+
+  Record timestamps are the event time (``CreateTime``), so each partition's
+  watermark follows its records: a partition that has had no record yet holds
+  the pipeline watermark at the beginning of time, and a partition that is
+  caught up (no backlog) lets its watermark follow the wall clock. The record
+  key (the customer_id) is not needed: the payload is the source of truth.
+
+  ``sources`` maps source name to topic. ``expansion_service`` is the address
+  of a Java expansion service that serves Kafka IO (never downloaded).
+  ``max_num_records`` (per topic) makes the read bounded, for tests.
+  """
+
+  def __init__(
+      self,
+      bootstrap_servers: str,
+      sources: Mapping[str, str],
+      expansion_service: str,
+      consumer_config: Optional[Mapping[str, str]] = None,
+      max_num_records: Optional[int] = None):
+    super().__init__()
+    if not bootstrap_servers:
+      raise ValueError('bootstrap_servers must be set')
+    if not sources:
+      raise ValueError('sources must name at least one topic')
+    for name, topic in sources.items():
+      if not name or not topic:
+        raise ValueError(f'source name and topic must be non-empty, got {name!r}={topic!r}')
+    if not expansion_service:
+      raise ValueError('expansion_service must be set (host:port)')
+    if max_num_records is not None and max_num_records <= 0:
+      raise ValueError(f'max_num_records must be positive, got {max_num_records!r}')
+    self._bootstrap = bootstrap_servers
+    self._sources = dict(sources)
+    self._expansion_service = expansion_service
+    self._consumer_config = {
+        'bootstrap.servers': bootstrap_servers,
+        'auto.offset.reset': 'earliest',
+        **(consumer_config or {}),
+    }
+    self._max_num_records = max_num_records
+
+  def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[RawMessage]:
+    per_topic = []
+    for name, topic in sorted(self._sources.items()):
+      records = pbegin | f'Read_{name}' >> ReadFromKafka(
+          consumer_config=self._consumer_config,
+          topics=[topic],
+          timestamp_policy=ReadFromKafka.create_time_policy,
+          max_num_records=self._max_num_records,
+          expansion_service=self._expansion_service)
+      per_topic.append(
+          records | f'AsRawMessage_{name}' >> beam.Map(
+              lambda kv, source=name: RawMessage(source, decode_payload(kv[1] or b""))))
+    return per_topic | 'AllTopics' >> beam.Flatten()
