@@ -55,7 +55,7 @@ class Outputs(NamedTuple):
 
 def streaming_pipeline() -> TestPipeline:
   """A TestPipeline on the streaming DirectRunner: it runs TestStream for real
-  (TestDirectRunner would cancel at once and run nothing)."""
+  (the test-only direct runner would cancel a streaming run at once and run nothing)."""
   return TestPipeline(
       runner='DirectRunner', options=PipelineOptions(streaming=True), blocking=True)
 
