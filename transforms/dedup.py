@@ -42,8 +42,7 @@ class _DedupFn(beam.DoFn):
       yield pvalue.TaggedOutput(DUPLICATE_TAG, event)
       return
     if not ids:
-      expiry_ms = window_start + self._spec.size_ms + self._spec.lateness_ms
-      expiry.set(Timestamp(micros=expiry_ms * 1000 + self._offset))
+      expiry.set(Timestamp(micros=self._spec.expiry(window_start) * 1000 + self._offset))
     seen.add(event.event_id)
     self.aggregated.inc()
     yield event

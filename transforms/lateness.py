@@ -92,8 +92,7 @@ class _RouteTooLateFn(beam.DoFn):
     if state is None:
       status.write(_PROBING)
       window_start = element[0][0]
-      expiry_ms = window_start + self._spec.size_ms + self._spec.lateness_ms
-      expiry.set(Timestamp(micros=expiry_ms * 1000 + self._offset))
+      expiry.set(Timestamp(micros=self._spec.expiry(window_start) * 1000 + self._offset))
       probe.set(MIN_TIMESTAMP)
 
   @on_timer(PROBE)
