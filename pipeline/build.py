@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, parse_aggregates_topic
 from transforms.accounting import CountOutcomes, ReportProgress
 from transforms.aggregate import AggregateWindows
 from transforms.dedup import DeduplicateEvents
@@ -15,7 +15,7 @@ from transforms.lateness import RouteTooLate
 from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.parse import ParseEvents
 from transforms.sinks import (
-    UpsertPostgres, UpsertSqlite, WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery,
+    PublishAggregatesToKafka, PublishAggregatesToPubSub, UpsertPostgres, UpsertSqlite, WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery,
     WriteDeadLettersToPostgres, WriteJsonLines, WriteLatestJson)
 from transforms.sources import ReadKafkaEvents, ReadPubSubEvents, ReadReplay
 
@@ -55,6 +55,16 @@ def database_sinks(
   return None, None
 
 
+def topic_sink(config: RunConfig) -> Optional[beam.PTransform]:
+  """The publisher of ``--aggregates-topic`` (None when unset)."""
+  if not config.aggregates_topic:
+    return None
+  kind, bootstrap, topic = parse_aggregates_topic(config.aggregates_topic)
+  if kind == 'kafka':
+    return PublishAggregatesToKafka(bootstrap, topic)
+  return PublishAggregatesToPubSub(topic)
+
+
 def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built:
   """read → parse → route late → dedup → window & aggregate → write."""
   size, lateness = config.window_size_s, config.allowed_lateness_s
@@ -80,6 +90,9 @@ def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built
   aggregates | 'WriteAggregates' >> WriteJsonLines(config.aggregates_path)
   if config.sqlite_path:
     aggregates | 'UpsertFinalAggregates' >> UpsertSqlite(config.sqlite_path)
+  publish = topic_sink(config)
+  if publish is not None:
+    aggregates | 'PublishAggregates' >> publish
   dead_letters | 'WriteDeadLetters' >> WriteJsonLines(config.dead_letter_path)
   accounting | 'WriteAccounting' >> WriteLatestJson(config.accounting_path)
   if config.sample_memory_s:

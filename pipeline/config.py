@@ -84,6 +84,30 @@ def parse_kafka_target(target: str, field: str = '--source') -> Tuple[str, Dict[
   return bootstrap, sources
 
 
+TOPIC_KINDS = ('kafka', 'pubsub')
+
+
+def parse_aggregates_topic(spec: str, field: str = '--aggregates-topic') -> Tuple[str, str, str]:
+  """``kafka:BOOTSTRAP/TOPIC`` or ``pubsub:projects/P/topics/T`` to
+  ``(kind, bootstrap or '', topic)``; ConfigError naming ``field`` otherwise."""
+  from transforms.sinks import check_kafka_topic, check_pubsub_topic
+  kind, sep, target = spec.partition(':')
+  if not sep or not target or kind not in TOPIC_KINDS:
+    raise ConfigError(
+        field, f'{spec!r} is not kafka:BOOTSTRAP/TOPIC or pubsub:projects/P/topics/T')
+  try:
+    if kind == 'pubsub':
+      return kind, '', check_pubsub_topic(target)
+    bootstrap, topics = parse_kafka_target(target, field)
+    if len(topics) != 1 or '=' in target:
+      raise ConfigError(field, f'kafka:{target!r} must name exactly one topic')
+    return kind, bootstrap, check_kafka_topic(next(iter(topics.values())))
+  except ValueError as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(field, str(e)) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   source: str  # 'replay:PATH' or 'kafka:BOOTSTRAP/TOPIC[,TOPIC...]'
@@ -109,6 +133,8 @@ class RunConfig:
   expected_skew_s: Optional[int] = None
   #: unbounded sources: stop (cancel) the run after this many seconds
   run_seconds: Optional[int] = None
+  #: 'kafka:BOOTSTRAP/TOPIC' or 'pubsub:projects/P/topics/T': every pane published
+  aggregates_topic: Optional[str] = None
 
   @property
   def unbounded(self) -> bool:
@@ -240,8 +266,12 @@ class RunConfig:
       raise ConfigError('--run-seconds', f'must be a positive number of seconds, got {run_seconds}')
     if run_seconds is not None and kind == 'replay':
       raise ConfigError('--run-seconds', 'only for unbounded sources (a replay ends by itself)')
+    topic = opts.aggregates_topic
+    if topic is not None:
+      parse_aggregates_topic(topic)
     return cls(
         source=source,
+        aggregates_topic=topic,
         window_size_s=window,
         allowed_lateness_s=lateness,
         early_firing_s=early or None,

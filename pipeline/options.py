@@ -74,6 +74,12 @@ class TidemarkOptions(PipelineOptions):
         help='--sink bigquery: host:port of a running GCP expansion service (default: '
         'Beam starts its own).')
     parser.add_argument(
+        '--aggregates-topic', '--aggregates_topic', dest='aggregates_topic',
+        help='Also publish every pane (early, on time, late) as contract JSON to a topic: '
+        'kafka:BOOTSTRAP/TOPIC (record key the customer id) or '
+        'pubsub:projects/P/topics/T (attributes customer_id, pane_index, window_start). '
+        'A pane log: consumers keep the highest pane_index per window.')
+    parser.add_argument(
         '--pubsub-id-label', '--pubsub_id_label', dest='pubsub_id_label',
         help='Pub/Sub attribute for runner-side redelivery dedup (default: event_id '
         'on runners that support it, off on the DirectRunner; "none" to turn off).')

@@ -1,4 +1,4 @@
-"""Session fixtures: the real Kafka broker and Flink job server, started and
+"""Session fixtures: the real Kafka broker, Flink job server and Pub/Sub emulator, started and
 stopped by the project's own scripts (which stage their jars when missing)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KAFKA_BOOTSTRAP = '127.0.0.1:' + os.environ.get('KAFKA_PORT', '19092')
 JOB_ENDPOINT = 'localhost:' + os.environ.get('FLINK_JOB_PORT', '18099')
+PUBSUB_SCRIPT = os.path.join(REPO, 'scripts', 'pubsub-emulator.sh')
 KAFKA_EXPANSION_SERVICE = 'localhost:' + os.environ.get('KAFKA_EXPANSION_PORT', '18096')
 
 
@@ -38,6 +39,26 @@ def flink_job_server() -> str:
   _script('flink.sh', 'start')
   yield JOB_ENDPOINT
   _script('flink.sh', 'stop')
+
+
+@pytest.fixture(scope='session')
+def emulator():
+  """The emulator for the whole session; stopped (port freed) afterwards
+  unless it was already running."""
+  port = os.environ.get('PUBSUB_EMULATOR_PORT', '18085')
+  was_running = subprocess.run([PUBSUB_SCRIPT, 'status'], capture_output=True).returncode == 0
+  subprocess.run([PUBSUB_SCRIPT, 'start'], check=True, timeout=600)
+  previous = os.environ.get('PUBSUB_EMULATOR_HOST')
+  os.environ['PUBSUB_EMULATOR_HOST'] = f'127.0.0.1:{port}'
+  try:
+    yield os.environ['PUBSUB_EMULATOR_HOST']
+  finally:
+    if previous is None:
+      os.environ.pop('PUBSUB_EMULATOR_HOST', None)
+    else:
+      os.environ['PUBSUB_EMULATOR_HOST'] = previous
+    if not was_running:
+      subprocess.run([PUBSUB_SCRIPT, 'stop'], check=True, timeout=120)
 
 
 def flink_args(job_endpoint: str):

@@ -19,7 +19,6 @@ from conftest import read_jsonl
 from pipeline import reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, 'scripts', 'pubsub-emulator.sh')
 PROJECT = 'tidemark-it'
 WINDOW_S = 5
 LATENESS_S = 10
@@ -30,26 +29,6 @@ SOURCES = ('A', 'B', 'C')
 SIMULATED = 24
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope='session')
-def emulator():
-  """The emulator for the whole session; stopped (port freed) afterwards
-  unless it was already running."""
-  port = os.environ.get('PUBSUB_EMULATOR_PORT', '18085')
-  was_running = subprocess.run([SCRIPT, 'status'], capture_output=True).returncode == 0
-  subprocess.run([SCRIPT, 'start'], check=True, timeout=600)
-  previous = os.environ.get('PUBSUB_EMULATOR_HOST')
-  os.environ['PUBSUB_EMULATOR_HOST'] = f'127.0.0.1:{port}'
-  try:
-    yield os.environ['PUBSUB_EMULATOR_HOST']
-  finally:
-    if previous is None:
-      os.environ.pop('PUBSUB_EMULATOR_HOST', None)
-    else:
-      os.environ['PUBSUB_EMULATOR_HOST'] = previous
-    if not was_running:
-      subprocess.run([SCRIPT, 'stop'], check=True, timeout=120)
 
 
 def _clients():
