@@ -73,9 +73,9 @@ def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built
   if isinstance(source, ReadReplay):
     messages = messages | 'Progress' >> ReportProgress(source.replay.messages)
   parsed = messages | 'Parse' >> ParseEvents()
-  offset = config.expiry_offset_micros
-  routed = parsed.events | 'RouteTooLate' >> RouteTooLate(size, lateness, config.shards, offset)
-  unique = routed.on_time | 'Deduplicate' >> DeduplicateEvents(size, lateness, offset)
+  routed = parsed.events | 'RouteTooLate' >> RouteTooLate(
+      size, lateness, config.shards, source.arrival_watermarks)
+  unique = routed.on_time | 'Deduplicate' >> DeduplicateEvents(size, lateness)
   aggregates = unique.unique | 'Aggregate' >> AggregateWindows(
       size, lateness, config.early_firing_s)
   dead_letters = (parsed.invalid, routed.too_late) | 'DeadLetters' >> beam.Flatten()

@@ -30,13 +30,6 @@ RUNNERS_WITHOUT_PUBSUB_ID_LABEL = ('DirectRunner', 'BundleBasedDirectRunner', 'S
 DEFAULT_KAFKA_EXPANSION_SERVICE = 'localhost:' + os.environ.get('KAFKA_EXPANSION_PORT', '18096')
 #: How often an unbounded run (Kafka) rewrites accounting.json, in seconds.
 
-#: Runners whose windowing runs in Java. There a window's data is dropped once
-#: the watermark passes ``maxTimestamp + lateness`` with ``maxTimestamp = end - 1 ms``
-#: (millisecond timers), i.e. from ``end + lateness`` on; the Python runners drop
-#: only strictly after ``end + lateness`` (microseconds). Too-late routing and
-#: dedup expire at the runner's own instant (``expiry_offset_micros``).
-JAVA_WINDOWING_RUNNERS = (
-    'FlinkRunner', 'PortableRunner', 'SparkRunner', 'DataflowRunner', 'TestDataflowRunner')
 #: Runners that cannot advance processing time in a TestStream (Flink refuses
 #: with "Advancing Processing time is not supported by the Flink Runner").
 NO_PROCESSING_TIME_TEST_STREAM_RUNNERS = ('FlinkRunner', 'PortableRunner')
@@ -147,7 +140,6 @@ class RunConfig:
     return ACCOUNTING_UPDATE_S if self.unbounded else None
 
   #: where too-late routing and dedup expire, past ``end + lateness`` (runner's rule)
-  expiry_offset_micros: int = 1
   #: whether the replay's processing-time steps are replayed (runner permitting)
   replay_processing_time: bool = True
   kafka_expansion_service: str = DEFAULT_KAFKA_EXPANSION_SERVICE
@@ -282,7 +274,6 @@ class RunConfig:
         pubsub_id_label=id_label if kind == 'pubsub' else None,
         expected_skew_s=skew,
         run_seconds=run_seconds,
-        expiry_offset_micros=0 if runner in JAVA_WINDOWING_RUNNERS else 1,
         replay_processing_time=runner not in NO_PROCESSING_TIME_TEST_STREAM_RUNNERS,
         kafka_expansion_service=expansion,
         kafka_max_records=max_records,

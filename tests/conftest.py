@@ -80,13 +80,16 @@ def make_config(tmp_path, replay_path: str, window_size_s: int = 60,
       sample_memory_s=sample_memory_s, aggregates_topic=aggregates_topic)
 
 
-def run_replay(tmp_path, lines, check=None, **config_kwargs) -> Outputs:
+def run_replay(tmp_path, lines, check=None, arrival_watermarks=True,
+               **config_kwargs) -> Outputs:
   """Runs the whole pipeline (build()) on a replay; ``check(built)`` may add
-  in-pipeline assertions (assert_that) before it runs."""
+  in-pipeline assertions (assert_that) before it runs. With
+  ``arrival_watermarks=False`` the replay behaves like a live source and
+  too-late routing probes the runner's watermark."""
   replay = write_replay(os.path.join(str(tmp_path), 'replay.jsonl'), lines)
   config = make_config(tmp_path, replay, **config_kwargs)
   with streaming_pipeline() as p:
-    built: Built = build(p, config, ReadReplay(replay))
+    built: Built = build(p, config, ReadReplay(replay, arrival_watermarks=arrival_watermarks))
     if check is not None:
       check(built)
   with open(config.accounting_path, encoding='utf-8') as f:
@@ -104,10 +107,12 @@ def panes_of(aggregates: List[dict], window_start: int, customer_id='finserve',
       a['key'] == key)
 
 
-@pytest.fixture
-def run(tmp_path):
+@pytest.fixture(params=[True, False], ids=['replay-watermark', 'probed-watermark'])
+def run(tmp_path, request):
+  """Runs a replay twice over: routing by the watermark the replay states, and
+  as a live source whose watermark the router probes."""
   def _run(lines, **kwargs) -> Outputs:
-    return run_replay(tmp_path, lines, **kwargs)
+    return run_replay(tmp_path, lines, arrival_watermarks=request.param, **kwargs)
   return _run
 
 

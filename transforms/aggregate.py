@@ -7,6 +7,7 @@ from typing import Iterable, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.transforms import trigger
+from apache_beam.utils.timestamp import Duration
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from transforms.model import Event, WindowAggregate, window_spec
@@ -83,6 +84,11 @@ class AggregateWindows(beam.PTransform):
   end, then one late pane per late event within the allowed lateness. Every
   pane carries the whole window so far; the one with the highest
   ``pane_index`` is final.
+
+  RouteTooLate decides what is too late. The windowing keeps each window 1 ms
+  past ``end + lateness``, so that neither Beam Python's drop rule (strictly
+  past) nor Beam Java's (at or past, in milliseconds) can drop an event that
+  the router accepted.
   """
 
   def __init__(
@@ -109,7 +115,7 @@ class AggregateWindows(beam.PTransform):
             beam.window.FixedWindows(self._size),
             trigger=trigger.AfterWatermark(early=early, late=trigger.AfterCount(1)),
             accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
-            allowed_lateness=self._lateness)
+            allowed_lateness=Duration(micros=(self._lateness * 1000 + 1) * 1000))
         | 'KeyByCustomerAndKey' >> beam.Map(lambda e: ((e.customer_id, e.key), e.value))
         | 'CountSumMinMax' >> beam.CombinePerKey(Stats())
         | 'WithPaneInfo' >> beam.ParDo(_ToAggregateFn()))

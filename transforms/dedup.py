@@ -24,9 +24,8 @@ class _DedupFn(beam.DoFn):
   SEEN = SetStateSpec('seen', coders.StrUtf8Coder())
   EXPIRY = TimerSpec('expiry', TimeDomain.WATERMARK)
 
-  def __init__(self, spec: WindowSpec, expiry_offset_micros: int):
+  def __init__(self, spec: WindowSpec):
     self._spec = spec
-    self._offset = expiry_offset_micros
     self.duplicate = Metrics.counter('tidemark', 'duplicate')
     self.aggregated = Metrics.counter('tidemark', 'aggregated')
 
@@ -42,7 +41,7 @@ class _DedupFn(beam.DoFn):
       yield pvalue.TaggedOutput(DUPLICATE_TAG, event)
       return
     if not ids:
-      expiry.set(Timestamp(micros=self._spec.expiry(window_start) * 1000 + self._offset))
+      expiry.set(Timestamp(micros=self._spec.closing(window_start) * 1000))
     seen.add(event.event_id)
     self.aggregated.inc()
     yield event
@@ -60,12 +59,10 @@ class DeduplicateEvents(beam.PTransform):
   Returns a DoOutputsTuple: ``unique`` (Event) and ``duplicate`` (Event).
   """
 
-  def __init__(
-      self, window_size_s: int, allowed_lateness_s: int, expiry_offset_micros: int = 1):
+  def __init__(self, window_size_s: int, allowed_lateness_s: int):
     super().__init__()
     self._spec = window_spec(window_size_s, allowed_lateness_s)
-    self._offset = expiry_offset_micros
 
   def expand(self, keyed_events: beam.PCollection[Tuple[WindowShardKey, Event]]):
     return keyed_events | 'FirstCopyOnly' >> beam.ParDo(
-        _DedupFn(self._spec, self._offset)).with_outputs(DUPLICATE_TAG, main='unique')
+        _DedupFn(self._spec)).with_outputs(DUPLICATE_TAG, main='unique')

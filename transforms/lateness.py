@@ -5,7 +5,14 @@ whose window expired (watermark past ``end + allowed lateness``). ``RouteTooLate
 takes that decision itself, before windowing, so that every such event reaches
 the dead letter and nothing is dropped unseen.
 
-How it is exact. A DoFn cannot read the watermark, but an event-time timer that
+When the source states the watermark each message arrived under (a replay:
+``Event.arrival_watermark``), the decision is a comparison, with no state: the
+event is too late if that watermark had reached the window's expiry instant.
+Every step downstream sees the event before any later watermark, so the
+windowing's own drop rule agrees on every runner.
+
+A live source does not know the watermark; only the runner does. Then the
+router **probes** it. A DoFn cannot read the watermark, but an event-time timer that
 fires at T proves the watermark reached T. Events are keyed by
 ``(window start, shard)`` in the global window (where nothing is ever expired).
 Per key:
@@ -21,9 +28,10 @@ Per key:
 * when the expiry timer fires, the window's state is cleared. A straggler that
   comes after that starts the same probe again and finds the window closed.
 
-The expiry instant follows the runner's own rule (``expiry_offset_micros``): the
-Python runners drop an element once the watermark is strictly past
-``end + lateness``, so the timer sits 1 microsecond after it.
+A window counts as closed once the watermark is strictly past ``end + lateness``
+(``WindowSpec.closing``, Beam Python's rule), on every runner: the expiry timer
+sits at that millisecond, and the windowing downstream keeps each window 1 ms
+longer still (see AggregateWindows), so it never drops what was routed on.
 """
 
 from __future__ import annotations
@@ -65,6 +73,37 @@ def _iso(millis: int) -> str:
   return millis_to_timestamp(millis).to_rfc3339()
 
 
+def _dead_letter(spec: WindowSpec, event: Event) -> DeadLetter:
+  end = spec.end(event.event_time)
+  closed = end + spec.lateness_ms
+  detail = (
+      f'event_time {_iso(event.event_time)} is in window '
+      f'[{_iso(end - spec.size_ms)}, {_iso(end)}), which closed at '
+      f'{_iso(closed)} (allowed lateness {spec.lateness_ms // 1000} s); '
+      'the watermark had passed that when the message arrived')
+  return DeadLetter(TOO_LATE, event.source, event.data, detail)
+
+
+class _CompareArrivalWatermarkFn(beam.DoFn):
+  """Decides with the watermark each event arrived under; stateless."""
+
+  def __init__(self, spec: WindowSpec):
+    self._spec = spec
+    self.too_late = Metrics.counter('tidemark', 'too_late')
+
+  def process(self, element: Tuple[WindowShardKey, Event]) -> Iterable:
+    (window_start, _), event = element
+    if event.arrival_watermark is None:
+      raise ValueError(
+          f'event {event.event_id!r} from source {event.source!r} carries no arrival '
+          'watermark; route a live source with arrival_watermarks=False')
+    if event.arrival_watermark >= self._spec.closing(window_start):
+      self.too_late.inc()
+      yield pvalue.TaggedOutput(TOO_LATE_TAG, _dead_letter(self._spec, event))
+    else:
+      yield element
+
+
 class _RouteTooLateFn(beam.DoFn):
   STATUS = ReadModifyWriteStateSpec('status', coders.VarIntCoder())
   BUFFER = BagStateSpec('buffer', coders.PickleCoder())
@@ -72,9 +111,8 @@ class _RouteTooLateFn(beam.DoFn):
   PROBE = TimerSpec('probe', TimeDomain.WATERMARK)
   CONFIRM = TimerSpec('confirm', TimeDomain.WATERMARK)
 
-  def __init__(self, spec: WindowSpec, expiry_offset_micros: int):
+  def __init__(self, spec: WindowSpec):
     self._spec = spec
-    self._offset = expiry_offset_micros
     self.too_late = Metrics.counter('tidemark', 'too_late')
 
   def process(
@@ -92,7 +130,7 @@ class _RouteTooLateFn(beam.DoFn):
     if state is None:
       status.write(_PROBING)
       window_start = element[0][0]
-      expiry.set(Timestamp(micros=self._spec.expiry(window_start) * 1000 + self._offset))
+      expiry.set(Timestamp(micros=self._spec.closing(window_start) * 1000))
       probe.set(MIN_TIMESTAMP)
 
   @on_timer(PROBE)
@@ -120,24 +158,19 @@ class _RouteTooLateFn(beam.DoFn):
       confirm=beam.DoFn.TimerParam(CONFIRM)) -> Iterable:
     for _, event in buffer.read():
       self.too_late.inc()
-      yield pvalue.TaggedOutput(TOO_LATE_TAG, self._dead_letter(event))
+      yield pvalue.TaggedOutput(TOO_LATE_TAG, _dead_letter(self._spec, event))
     buffer.clear()
     status.clear()
     confirm.clear()
 
-  def _dead_letter(self, event: Event) -> DeadLetter:
-    end = self._spec.end(event.event_time)
-    closed = end + self._spec.lateness_ms
-    detail = (
-        f'event_time {_iso(event.event_time)} is in window '
-        f'[{_iso(end - self._spec.size_ms)}, {_iso(end)}), which closed at '
-        f'{_iso(closed)} (allowed lateness {self._spec.lateness_ms // 1000} s); '
-        'the watermark had passed that when the message arrived')
-    return DeadLetter(TOO_LATE, event.source, event.data, detail)
-
 
 class RouteTooLate(beam.PTransform):
   """Splits events into those whose window is still open and those too late.
+
+  With ``arrival_watermarks`` the events carry the watermark they arrived
+  under and are routed by comparison; otherwise the runner's watermark is probed
+  with timers. Either way a window counts as closed once the watermark is
+  strictly past ``end + lateness`` (``WindowSpec.closing``), on every runner.
 
   Returns a DoOutputsTuple: ``on_time`` of ``((window start, shard), Event)``
   pairs, ready for dedup, and ``too_late`` of DeadLetter.
@@ -148,19 +181,22 @@ class RouteTooLate(beam.PTransform):
       window_size_s: int,
       allowed_lateness_s: int,
       shards: int = 1,
-      expiry_offset_micros: int = 1):
+      arrival_watermarks: bool = False):
     super().__init__()
     self._spec = window_spec(window_size_s, allowed_lateness_s)
     if not isinstance(shards, int) or shards < 1:
       raise ValueError(f'shards must be a positive integer, got {shards!r}')
     self._shards = shards
-    self._offset = expiry_offset_micros
+    self._arrival_watermarks = arrival_watermarks
 
   def expand(self, events: beam.PCollection[Event]):
+    route = (
+        _CompareArrivalWatermarkFn(self._spec)
+        if self._arrival_watermarks else _RouteTooLateFn(self._spec))
     return (
         events
         | 'InGlobalWindow' >> beam.WindowInto(beam.window.GlobalWindows())
         | 'KeyByWindowShard' >> beam.Map(key_by_window_shard(
             self._spec, self._shards)).with_output_types(Tuple[WindowShardKey, Event])
-        | 'Route' >> beam.ParDo(_RouteTooLateFn(self._spec, self._offset)).with_output_types(
+        | 'Route' >> beam.ParDo(route).with_output_types(
             Tuple[WindowShardKey, Event]).with_outputs(TOO_LATE_TAG, main='on_time'))

@@ -7,7 +7,7 @@ Everything here is plain data: no Beam, no I/O. Times are epoch milliseconds
 from __future__ import annotations
 
 import zlib
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 #: The contract's dead-letter reasons.
 INVALID = 'invalid'
@@ -21,9 +21,15 @@ CATEGORIES = (RECEIVED, INVALID, TOO_LATE, DUPLICATE, AGGREGATED)
 
 
 class RawMessage(NamedTuple):
-  """A message as a source delivered it: who sent it and the untouched payload."""
+  """A message as a source delivered it: who sent it and the untouched payload.
+
+  ``arrival_watermark`` is the pipeline watermark (epoch ms) when the message
+  arrived, for a source that knows it (a replay states it line by line); it is
+  None for a live source, whose watermark only the runner knows.
+  """
   source: str
   data: str
+  arrival_watermark: Optional[int] = None
 
 
 class Event(NamedTuple):
@@ -35,6 +41,7 @@ class Event(NamedTuple):
   event_time: int  # epoch ms
   source: str
   data: str  # the payload exactly as received, for dead letters
+  arrival_watermark: Optional[int] = None  # as in RawMessage
 
 
 class DeadLetter(NamedTuple):
@@ -89,6 +96,16 @@ class WindowSpec(NamedTuple):
     """The instant ``end + lateness``: once the watermark is past it, the
     window is closed and anything for it is too late."""
     return self.start(event_time) + self.size_ms + self.lateness_ms
+
+  def closing(self, event_time: int) -> int:
+    """The first millisecond at which the window counts as closed: the
+    watermark strictly past ``end + lateness``.
+
+    This is Beam Python's rule for the instant ``end + lateness`` itself, and
+    Tidemark applies it on every runner (contract section 3 leaves it to the
+    runner), so that Flink and the DirectRunner agree event for event.
+    """
+    return self.expiry(event_time) + 1
 
 
 def window_spec(window_size_s: int, allowed_lateness_s: int) -> WindowSpec:

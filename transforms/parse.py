@@ -130,7 +130,7 @@ class _ParseFn(beam.DoFn):
       yield pvalue.TaggedOutput(
           INVALID_TAG, DeadLetter(INVALID, message.source, message.data, str(e)))
       return
-    event = Event(*fields, message.source, message.data)
+    event = Event(*fields, message.source, message.data, message.arrival_watermark)
     yield beam.window.TimestampedValue(event, millis_to_timestamp(event.event_time))
 
 

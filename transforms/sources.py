@@ -15,19 +15,26 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
 
 from transforms.model import RawMessage
-from transforms.replay import Messages, ProcessingTime, Replay, Watermark, compile_replay
+from transforms.replay import (
+    MIN_WATERMARK_MS, Messages, ProcessingTime, Replay, Watermark, compile_replay)
 
 
 def _millis(millis) -> Timestamp:
   return MIN_TIMESTAMP if millis is None else Timestamp(micros=millis * 1000)
 
 
-#: (source, (payload bytes, source watermark lag ms or -1)) in Beam's portable
-#: KV/string/bytes/varint coders, so that runners written in other languages
-#: (Flink's Java TestStream) can decode it.
+#: (source, (payload bytes, (source watermark lag ms or -1, pipeline watermark
+#: ms at arrival))) in Beam's portable KV/string/bytes/varint coders (pairs
+#: only: a longer tuple has no portable coder), so that runners written in
+#: other languages (Flink's Java TestStream) can decode it.
 REPLAY_ELEMENT_CODER = coders.TupleCoder([
     coders.StrUtf8Coder(),
-    coders.TupleCoder([coders.BytesCoder(), coders.VarIntCoder()])])
+    coders.TupleCoder([
+        coders.BytesCoder(),
+        coders.TupleCoder([coders.VarIntCoder(), coders.VarIntCoder()])])])
+
+#: The arrival watermark of a message that came before any watermark line.
+BEGINNING_OF_TIME_MS = MIN_WATERMARK_MS - 1
 
 
 def replay_to_test_stream(replay: Replay, processing_time: bool = True) -> TestStream:
@@ -43,7 +50,8 @@ def replay_to_test_stream(replay: Replay, processing_time: bool = True) -> TestS
       stream.add_elements([
           beam.window.TimestampedValue(
               (m.source, (m.data.encode('utf-8', 'surrogatepass'),
-                          -1 if m.source_lag_ms is None else m.source_lag_ms)),
+                          (-1 if m.source_lag_ms is None else m.source_lag_ms,
+                           BEGINNING_OF_TIME_MS if m.watermark is None else m.watermark))),
               _millis(m.watermark))
           for m in step.batch
       ])
@@ -54,24 +62,27 @@ def replay_to_test_stream(replay: Replay, processing_time: bool = True) -> TestS
         stream.advance_watermark_to(_millis(step.millis))
     elif isinstance(step, ProcessingTime) and processing_time:
       stream.advance_processing_time(step.seconds)
-  return stream.with_output_types(Tuple[str, Tuple[bytes, int]])
+  return stream.with_output_types(Tuple[str, Tuple[bytes, Tuple[int, int]]])
 
 
 class _ToRawMessageFn(beam.DoFn):
   """Rebuilds the message and records its source's watermark lag."""
 
-  def __init__(self):
+  def __init__(self, arrival_watermarks: bool):
+    self._arrival_watermarks = arrival_watermarks
     self._lags = {}
 
-  def process(self, element: Tuple[str, Tuple[bytes, int]]) -> Iterable[RawMessage]:
-    source, (data, lag_ms) = element
+  def process(self, element: Tuple[str, Tuple[bytes, Tuple[int, int]]]) -> Iterable[RawMessage]:
+    source, (data, (lag_ms, watermark)) = element
     if lag_ms >= 0:
       if source not in self._lags:
         self._lags[source] = Metrics.distribution('tidemark', f'watermark_lag_ms/{source}')
       self._lags[source].update(lag_ms)
     # Payloads travel as bytes so that even one with a lone surrogate (not
     # UTF-8, hence invalid downstream) reaches the dead letter exactly as recorded.
-    yield RawMessage(source, data.decode('utf-8', 'surrogatepass'))
+    yield RawMessage(
+        source, data.decode('utf-8', 'surrogatepass'),
+        watermark if self._arrival_watermarks else None)
 
 
 class ReadReplay(beam.PTransform):
@@ -82,18 +93,28 @@ class ReadReplay(beam.PTransform):
   Needs a streaming runner that executes TestStream. ``processing_time=False``
   leaves out the replay's processing-time steps, for runners that cannot
   advance processing time (Flink); only early panes depend on them.
+
+  Each message carries the pipeline watermark at its arrival, which the file
+  states exactly, so too-late routing needs no probing of the runner.
+  ``arrival_watermarks=False`` leaves it out: the replay then behaves like a
+  live source, whose watermark only the runner knows.
   """
 
-  def __init__(self, replay: Union[str, Replay], processing_time: bool = True):
+  def __init__(
+      self,
+      replay: Union[str, Replay],
+      processing_time: bool = True,
+      arrival_watermarks: bool = True):
     super().__init__()
     self.replay = compile_replay(replay) if isinstance(replay, str) else replay
     self.processing_time = processing_time
+    self.arrival_watermarks = arrival_watermarks
 
   def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[RawMessage]:
     return (
         pbegin
         | 'Stream' >> replay_to_test_stream(self.replay, self.processing_time)
-        | 'AsRawMessage' >> beam.ParDo(_ToRawMessageFn()))
+        | 'AsRawMessage' >> beam.ParDo(_ToRawMessageFn(self.arrival_watermarks)))
 
 
 # --- Pub/Sub ------------------------------------------------------------------
@@ -178,6 +199,10 @@ class ReadPubSubEvents(beam.PTransform):
   runners that support it may set it (the DirectRunner refuses it).
   """
 
+
+  #: A live source: only the runner knows the watermark.
+  arrival_watermarks = False
+
   def __init__(
       self,
       subscriptions: Mapping[str, str],
@@ -234,6 +259,10 @@ class ReadKafkaEvents(beam.PTransform):
   of a Java expansion service that serves Kafka IO (never downloaded).
   ``max_num_records`` (per topic) makes the read bounded, for tests.
   """
+
+
+  #: A live source: only the runner knows the watermark.
+  arrival_watermarks = False
 
   def __init__(
       self,

@@ -129,7 +129,7 @@ def test_kafka_traffic_on_flink_meets_the_contract(kafka_broker, flink_job_serve
       f'--window-size={WINDOW_S}', f'--allowed-lateness={LATENESS_S}',
       '--early-firing=0', f'--output-dir={out}', '--sqlite=none'])
   config = RunConfig.from_options(options)
-  assert config.expiry_offset_micros == 0 and config.accounting_update_s == 2
+  assert config.accounting_update_s == 2
   prepare_output(config)
   pipeline = beam.Pipeline(options=options)
   build(pipeline, config, read_source(config))
