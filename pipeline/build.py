@@ -9,11 +9,15 @@ import apache_beam as beam
 from pipeline.config import RunConfig, parse_aggregates_topic
 from transforms.accounting import CountOutcomes, ReportProgress
 from transforms.aggregate import AggregateWindows
+from transforms.bulk import (
+    AggregateWindowsInBulk, CountChunkOutcomes, ParseChunks, ReadReplayInChunks,
+    RouteChunksTooLate)
 from transforms.dedup import DeduplicateEvents
 from transforms.diagnostics import SampleMemory
 from transforms.lateness import RouteTooLate
 from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.parse import ParseEvents
+from transforms.replay import index_replay
 from transforms.sinks import (
     PublishAggregatesToKafka, PublishAggregatesToPubSub, UpsertPostgres, UpsertSqlite, WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery,
     WriteDeadLettersToPostgres, WriteJsonLines, WriteLatestJson)
@@ -28,6 +32,10 @@ class Built(NamedTuple):
 
 
 def read_source(config: RunConfig) -> beam.PTransform:
+  """The source transform; a replay file is read and checked here, before
+  anything runs (ReplayError names a bad line)."""
+  if config.source_kind == 'replay' and config.replay_mode == 'bulk':
+    return ReadReplayInChunks(index_replay(config.source_target))
   if config.source_kind == 'replay':
     return ReadReplay(config.source_target, config.replay_processing_time)
   if config.source_kind == 'pubsub':
@@ -87,6 +95,44 @@ def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built
       AGGREGATED: unique.unique,
   } | 'Accounting' >> CountOutcomes(config.accounting_update_s)
 
+  write(config, aggregates, dead_letters, accounting)
+  if config.sample_memory_s:
+    (parsed.events
+     | 'SampleMemory' >> SampleMemory(config.sample_memory_s)
+     | 'WriteMemorySamples' >> WriteJsonLines(config.memory_path))
+  return Built(aggregates, dead_letters, accounting)
+
+
+def build_bulk(p: beam.Pipeline, config: RunConfig, source: ReadReplayInChunks) -> Built:
+  """The same flow over a whole replay at once, on a batch runner: chunks of
+  messages carry the watermark and processing time of their arrival, and the
+  rules are applied to the replay's timeline (transforms/bulk.py)."""
+  size, lateness = config.window_size_s, config.allowed_lateness_s
+
+  chunks = p | 'Read' >> source
+  parsed = chunks | 'Parse' >> ParseChunks()
+  routed = parsed.events | 'RouteTooLate' >> RouteChunksTooLate(size, lateness)
+  windows = routed.on_time | 'DedupAndAggregate' >> AggregateWindowsInBulk(
+      size, lateness, config.early_firing_s, source.index)
+  dead_letters = (
+      (parsed.invalid, routed.too_late)
+      | 'DeadLetters' >> beam.Flatten()
+      | 'OnePerMessage' >> beam.FlatMap(lambda letters: letters))
+  accounting = {
+      RECEIVED: chunks,
+      INVALID: parsed.invalid,
+      TOO_LATE: routed.too_late,
+      DUPLICATE: windows.duplicate,
+      AGGREGATED: windows.aggregated,
+  } | 'Accounting' >> CountChunkOutcomes()
+
+  write(config, windows.panes, dead_letters, accounting)
+  return Built(windows.panes, dead_letters, accounting)
+
+
+def write(config: RunConfig, aggregates: beam.PCollection, dead_letters: beam.PCollection,
+          accounting: beam.PCollection) -> None:
+  """Every configured output: files, SQLite, a topic, a database."""
   aggregates | 'WriteAggregates' >> WriteJsonLines(config.aggregates_path)
   if config.sqlite_path:
     aggregates | 'UpsertFinalAggregates' >> UpsertSqlite(config.sqlite_path)
@@ -95,13 +141,8 @@ def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built
     aggregates | 'PublishAggregates' >> publish
   dead_letters | 'WriteDeadLetters' >> WriteJsonLines(config.dead_letter_path)
   accounting | 'WriteAccounting' >> WriteLatestJson(config.accounting_path)
-  if config.sample_memory_s:
-    (parsed.events
-     | 'SampleMemory' >> SampleMemory(config.sample_memory_s)
-     | 'WriteMemorySamples' >> WriteJsonLines(config.memory_path))
   upsert, append = database_sinks(config)
   if upsert is not None:
     refused = aggregates | f'Upsert{config.sink.title()}' >> upsert
     refused | 'WriteRefused' >> WriteJsonLines(config.refused_path)
     dead_letters | f'DeadLetters{config.sink.title()}' >> append
-  return Built(aggregates, dead_letters, accounting)

@@ -30,6 +30,8 @@ RUNNERS_WITHOUT_PUBSUB_ID_LABEL = ('DirectRunner', 'BundleBasedDirectRunner', 'S
 DEFAULT_KAFKA_EXPANSION_SERVICE = 'localhost:' + os.environ.get('KAFKA_EXPANSION_PORT', '18096')
 #: How often an unbounded run (Kafka) rewrites accounting.json, in seconds.
 
+#: How a replay runs: as a stream (TestStream) or in bulk (batch, chunked).
+REPLAY_MODES = ('stream', 'bulk')
 #: Runners that cannot advance processing time in a TestStream (Flink refuses
 #: with "Advancing Processing time is not supported by the Flink Runner").
 NO_PROCESSING_TIME_TEST_STREAM_RUNNERS = ('FlinkRunner', 'PortableRunner')
@@ -128,6 +130,9 @@ class RunConfig:
   run_seconds: Optional[int] = None
   #: 'kafka:BOOTSTRAP/TOPIC' or 'pubsub:projects/P/topics/T': every pane published
   aggregates_topic: Optional[str] = None
+  #: replays: 'stream' (a TestStream on a streaming runner) or 'bulk' (the whole
+  #: file at once, in chunks, on a batch runner)
+  replay_mode: str = 'stream'
 
   @property
   def unbounded(self) -> bool:
@@ -139,7 +144,6 @@ class RunConfig:
     record is rewritten this often (processing time) instead of once."""
     return ACCOUNTING_UPDATE_S if self.unbounded else None
 
-  #: where too-late routing and dedup expire, past ``end + lateness`` (runner's rule)
   #: whether the replay's processing-time steps are replayed (runner permitting)
   replay_processing_time: bool = True
   kafka_expansion_service: str = DEFAULT_KAFKA_EXPANSION_SERVICE
@@ -261,7 +265,18 @@ class RunConfig:
     topic = opts.aggregates_topic
     if topic is not None:
       parse_aggregates_topic(topic)
+    replay_mode = opts.replay_mode or 'stream'
+    if replay_mode not in REPLAY_MODES:
+      raise ConfigError(
+          '--replay-mode', f'must be one of {", ".join(REPLAY_MODES)}, got {replay_mode!r}')
+    if replay_mode == 'bulk' and kind != 'replay':
+      raise ConfigError('--replay-mode', 'bulk reads a replay file (--source replay:PATH)')
+    if replay_mode == 'bulk' and sample_memory is not None:
+      raise ConfigError(
+          '--sample-memory-every', 'samples memory as event time passes, which needs '
+          '--replay-mode stream')
     return cls(
+        replay_mode=replay_mode,
         source=source,
         aggregates_topic=topic,
         window_size_s=window,

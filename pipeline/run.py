@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.build import build, read_source
+from pipeline.build import build, build_bulk, read_source
 from pipeline.config import ConfigError, RunConfig, watermark_risks
 from transforms.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.replay import ReplayError
@@ -156,7 +156,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'tidemark: error: {e}', file=sys.stderr)
     return 2
   standard = options.view_as(StandardOptions)
-  standard.streaming = True  # replays, Pub/Sub and Kafka are streams, watermarks and all
+  # Replays, Pub/Sub and Kafka are streams, watermarks and all; a bulk replay
+  # knows its whole timeline in advance and runs as a batch.
+  standard.streaming = config.replay_mode != 'bulk'
+  flow = build_bulk if config.replay_mode == 'bulk' else build
   if not standard.runner:
     standard.runner = 'DirectRunner'
   try:
@@ -173,7 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = run_unbounded(options, config, source)
   else:
     p = beam.Pipeline(options=options)
-    build(p, config, source)
+    flow(p, config, source)
     result = p.run()
     result.wait_until_finish()
   seconds = time.monotonic() - started

@@ -12,8 +12,10 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from pipeline.build import Built, build
+from pipeline.build import Built, build, build_bulk
 from pipeline.config import RunConfig
+from transforms.bulk import ReadReplayInChunks
+from transforms.replay import index_replay
 from transforms.sources import ReadReplay
 
 T0 = 1705543200000  # 2024-01-18T02:00:00Z
@@ -80,16 +82,23 @@ def make_config(tmp_path, replay_path: str, window_size_s: int = 60,
       sample_memory_s=sample_memory_s, aggregates_topic=aggregates_topic)
 
 
-def run_replay(tmp_path, lines, check=None, arrival_watermarks=True,
+def run_replay(tmp_path, lines, check=None, arrival_watermarks=True, bulk=False,
                **config_kwargs) -> Outputs:
   """Runs the whole pipeline (build()) on a replay; ``check(built)`` may add
   in-pipeline assertions (assert_that) before it runs. With
   ``arrival_watermarks=False`` the replay behaves like a live source and
-  too-late routing probes the runner's watermark."""
+  too-late routing probes the runner's watermark. With ``bulk`` it runs the
+  bulk flow (build_bulk()) on the batch DirectRunner instead."""
   replay = write_replay(os.path.join(str(tmp_path), 'replay.jsonl'), lines)
   config = make_config(tmp_path, replay, **config_kwargs)
-  with streaming_pipeline() as p:
-    built: Built = build(p, config, ReadReplay(replay, arrival_watermarks=arrival_watermarks))
+  if bulk:
+    with TestPipeline(runner='DirectRunner', blocking=True) as p:
+      built = build_bulk(p, config, ReadReplayInChunks(index_replay(replay, chunk_messages=3)))
+      if check is not None:
+        check(built)
+  else:
+    with streaming_pipeline() as p:
+      built: Built = build(p, config, ReadReplay(replay, arrival_watermarks=arrival_watermarks))
     if check is not None:
       check(built)
   with open(config.accounting_path, encoding='utf-8') as f:
@@ -107,12 +116,15 @@ def panes_of(aggregates: List[dict], window_start: int, customer_id='finserve',
       a['key'] == key)
 
 
-@pytest.fixture(params=[True, False], ids=['replay-watermark', 'probed-watermark'])
+@pytest.fixture(params=['replay-watermark', 'probed-watermark', 'bulk'])
 def run(tmp_path, request):
-  """Runs a replay twice over: routing by the watermark the replay states, and
-  as a live source whose watermark the router probes."""
+  """Runs a replay three ways: streaming, routing by the watermark the replay
+  states; streaming, as a live source whose watermark the router probes; and
+  in bulk on the batch runner."""
   def _run(lines, **kwargs) -> Outputs:
-    return run_replay(tmp_path, lines, arrival_watermarks=request.param, **kwargs)
+    return run_replay(
+        tmp_path, lines, arrival_watermarks=request.param != 'probed-watermark',
+        bulk=request.param == 'bulk', **kwargs)
   return _run
 
 

@@ -73,7 +73,8 @@ def _iso(millis: int) -> str:
   return millis_to_timestamp(millis).to_rfc3339()
 
 
-def _dead_letter(spec: WindowSpec, event: Event) -> DeadLetter:
+def dead_letter_too_late(spec: WindowSpec, event: Event) -> DeadLetter:
+  """The dead letter of an event whose window had closed when it arrived."""
   end = spec.end(event.event_time)
   closed = end + spec.lateness_ms
   detail = (
@@ -99,7 +100,7 @@ class _CompareArrivalWatermarkFn(beam.DoFn):
           'watermark; route a live source with arrival_watermarks=False')
     if event.arrival_watermark >= self._spec.closing(window_start):
       self.too_late.inc()
-      yield pvalue.TaggedOutput(TOO_LATE_TAG, _dead_letter(self._spec, event))
+      yield pvalue.TaggedOutput(TOO_LATE_TAG, dead_letter_too_late(self._spec, event))
     else:
       yield element
 
@@ -158,7 +159,7 @@ class _RouteTooLateFn(beam.DoFn):
       confirm=beam.DoFn.TimerParam(CONFIRM)) -> Iterable:
     for _, event in buffer.read():
       self.too_late.inc()
-      yield pvalue.TaggedOutput(TOO_LATE_TAG, _dead_letter(self._spec, event))
+      yield pvalue.TaggedOutput(TOO_LATE_TAG, dead_letter_too_late(self._spec, event))
     buffer.clear()
     status.clear()
     confirm.clear()

@@ -16,9 +16,12 @@ Any line that is not one of the contract's shapes stops the compile with a
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+
+import msgspec
 
 #: Watermarks are limited to instants Beam can represent as whole milliseconds.
 MIN_WATERMARK_MS = -9223372036854775 + 1
@@ -71,18 +74,31 @@ def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _read_lines(path: str) -> Iterator[Tuple[int, str]]:
+def _read_lines(path: str) -> Iterator[Tuple[int, bytes, str]]:
   with open(path, 'rb') as f:
     for number, raw in enumerate(f, start=1):
       try:
-        yield number, raw.decode('utf-8')
+        yield number, raw, raw.decode('utf-8')
       except UnicodeDecodeError as e:
         raise ReplayError(path, number, f'not UTF-8 ({e.reason})') from None
 
 
+_JSON = msgspec.json.Decoder()
+
+
+def _decode(text: Union[str, bytes]):
+  """JSON as the standard library reads it, fast: msgspec takes strict JSON,
+  and whatever it refuses (NaN, huge integers, lone surrogate escapes, errors)
+  goes to ``json.loads``, which decides."""
+  try:
+    return _JSON.decode(text)
+  except (msgspec.DecodeError, msgspec.ValidationError):
+    return json.loads(text)
+
+
 def _classify(path: str, number: int, text: str):
   try:
-    obj = json.loads(text)
+    obj = _decode(text)
   except ValueError as e:
     raise ReplayError(path, number, f'not JSON ({e})') from None
   if not isinstance(obj, dict):
@@ -115,51 +131,196 @@ def _classify(path: str, number: int, text: str):
       '{"source","watermark"} or {"advance_processing_time"}' % sorted(keys))
 
 
-def compile_replay(path: str) -> Replay:
-  """Reads and checks the whole file, then returns its steps."""
+class Timeline:
+  """The pipeline watermark and processing time as a replay's lines arrive.
+
+  Steps are numbered in file order: each run of messages with nothing else
+  between them is one step, and so is each watermark or processing-time line
+  that changes something.
+  """
+
+  def __init__(self, sources: Tuple[str, ...]):
+    self.source_marks: Dict[str, Optional[int]] = {s: None for s in sources}
+    self.max_lag: Dict[str, int] = {s: 0 for s in sources}
+    self.watermark: Optional[int] = None  # the pipeline watermark; None: beginning of time
+    self.processing_time = 0.0  # seconds since the start
+    self.step = -1
+    self._in_messages = False
+
+  def message(self, source: str) -> Optional[int]:
+    """A message arrives; returns its source's lag behind the most advanced
+    source (None while the pipeline watermark is at the beginning of time)."""
+    if not self._in_messages:
+      self.step += 1
+      self._in_messages = True
+    if self.watermark is None:
+      return None
+    return max(self.source_marks.values()) - self.source_marks[source]
+
+  def advance_processing_time(self, seconds: float) -> bool:
+    """Returns whether this is a step (it moved processing time on)."""
+    if seconds <= 0:
+      return False
+    self.processing_time += seconds
+    self.step += 1
+    self._in_messages = False
+    return True
+
+  def advance_watermark(self, source: str, millis: int) -> bool:
+    """Returns whether the pipeline watermark moved (a step). Raises
+    ValueError if the source's watermark moves backwards."""
+    previous = self.source_marks[source]
+    if previous is not None and millis < previous:
+      raise ValueError(
+          f'watermark of source {source!r} moves backwards ({millis} < {previous})')
+    self.source_marks[source] = millis
+    if any(m is None for m in self.source_marks.values()):
+      return False
+    lowest = min(self.source_marks.values())
+    highest = max(self.source_marks.values())
+    for s, m in self.source_marks.items():
+      self.max_lag[s] = max(self.max_lag[s], highest - m)
+    if self.watermark is not None and lowest <= self.watermark:
+      return False
+    self.watermark = lowest
+    self.step += 1
+    self._in_messages = False
+    return True
+
+  def finish(self) -> None:
+    """The end of the file: every watermark advances to infinity (one step)."""
+    self.step += 1
+    self._in_messages = False
+
+
+def _validated_lines(path: str) -> Tuple[List[tuple], Tuple[str, ...]]:
+  """Every non-blank line as ``(offset, number, kind, source, payload)``, and
+  the sources named in the file; raises ReplayError at the first bad line."""
   lines = []
   sources: Dict[str, None] = {}
-  for number, text in _read_lines(path):
-    if not text.strip():
-      continue
-    kind, source, payload = _classify(path, number, text)
-    if source is not None:
-      sources.setdefault(source)
-    lines.append((number, kind, source, payload))
+  offset = 0
+  for number, raw, text in _read_lines(path):
+    if text.strip():
+      kind, source, payload = _classify(path, number, text)
+      if source is not None:
+        sources.setdefault(source)
+      lines.append((offset, number, kind, source, payload))
+    offset += len(raw)
+  return lines, tuple(sources)
 
-  source_marks: Dict[str, Optional[int]] = {s: None for s in sources}
-  max_lag = {s: 0 for s in sources}
+
+def compile_replay(path: str) -> Replay:
+  """Reads and checks the whole file, then returns its steps."""
+  lines, sources = _validated_lines(path)
+  timeline = Timeline(sources)
   steps: List[Step] = []
-  pipeline_mark: Optional[int] = None
   messages = 0
-  for number, kind, source, payload in lines:
+  for _, number, kind, source, payload in lines:
     if kind == 'data':
       messages += 1
-      lag = None
-      if pipeline_mark is not None:
-        lag = max(source_marks.values()) - source_marks[source]
-      message = Message(source, payload, pipeline_mark, lag)
+      lag = timeline.message(source)
+      message = Message(source, payload, timeline.watermark, lag)
       if steps and isinstance(steps[-1], Messages):
         steps[-1].batch.append(message)
       else:
         steps.append(Messages([message]))
     elif kind == 'processing_time':
-      if payload > 0:
+      if timeline.advance_processing_time(payload):
         steps.append(ProcessingTime(payload))
     else:
-      previous = source_marks[source]
-      if previous is not None and payload < previous:
-        raise ReplayError(
-            path, number,
-            f'watermark of source {source!r} moves backwards ({payload} < {previous})')
-      source_marks[source] = payload
-      if all(m is not None for m in source_marks.values()):
-        lowest = min(source_marks.values())
-        highest = max(source_marks.values())
-        for s, m in source_marks.items():
-          max_lag[s] = max(max_lag[s], highest - m)
-        if pipeline_mark is None or lowest > pipeline_mark:
-          pipeline_mark = lowest
-          steps.append(Watermark(lowest))
+      try:
+        moved = timeline.advance_watermark(source, payload)
+      except ValueError as e:
+        raise ReplayError(path, number, str(e)) from None
+      if moved:
+        steps.append(Watermark(timeline.watermark))
+  timeline.finish()
   steps.append(Watermark(None))
-  return Replay(steps, tuple(sources), messages, max_lag)
+  return Replay(steps, sources, messages, timeline.max_lag)
+
+
+class ChunkStart(NamedTuple):
+  """Where a run of ``messages`` messages begins, and the timeline just before."""
+  offset: int  # byte offset of the chunk's first line in the file
+  first_message: int  # arrival order of its first message, from 0
+  messages: int
+  timeline: Timeline
+
+
+class ReplayIndex(NamedTuple):
+  """A checked replay as chunks that can be read independently, and its timeline."""
+  path: str
+  sources: Tuple[str, ...]
+  messages: int
+  chunks: List[ChunkStart]
+  #: ``(step, pipeline watermark ms or None for infinity)`` of every watermark step
+  watermark_steps: List[Tuple[int, Optional[int]]]
+  #: ``(step, processing time s)`` of every processing-time step
+  processing_time_steps: List[Tuple[int, float]]
+  max_watermark_lag_ms: Dict[str, int]
+
+
+def index_replay(path: str, chunk_messages: int = 20000) -> ReplayIndex:
+  """Reads and checks the whole file like ``compile_replay``, keeping no
+  payloads: the file is cut into chunks of ``chunk_messages`` messages, each
+  with the timeline where it starts, for readers working in parallel."""
+  if chunk_messages <= 0:
+    raise ValueError(f'chunk_messages must be positive, got {chunk_messages}')
+  lines, sources = _validated_lines(path)
+  timeline = Timeline(sources)
+  chunks: List[ChunkStart] = []
+  watermark_steps: List[Tuple[int, Optional[int]]] = []
+  processing_time_steps: List[Tuple[int, float]] = []
+  messages = 0
+  for offset, number, kind, source, payload in lines:
+    if kind == 'data':
+      if messages % chunk_messages == 0:
+        if chunks:
+          chunks[-1] = chunks[-1]._replace(messages=messages - chunks[-1].first_message)
+        chunks.append(ChunkStart(offset, messages, 0, copy.deepcopy(timeline)))
+      messages += 1
+      timeline.message(source)
+    elif kind == 'processing_time':
+      if timeline.advance_processing_time(payload):
+        processing_time_steps.append((timeline.step, timeline.processing_time))
+    else:
+      try:
+        moved = timeline.advance_watermark(source, payload)
+      except ValueError as e:
+        raise ReplayError(path, number, str(e)) from None
+      if moved:
+        watermark_steps.append((timeline.step, timeline.watermark))
+  if chunks:
+    chunks[-1] = chunks[-1]._replace(messages=messages - chunks[-1].first_message)
+  timeline.finish()
+  watermark_steps.append((timeline.step, None))
+  return ReplayIndex(
+      path, sources, messages, chunks, watermark_steps, processing_time_steps,
+      timeline.max_lag)
+
+
+def read_chunk(path: str, chunk: ChunkStart) -> Iterator[Tuple[int, int, Optional[int], float, str, str]]:
+  """The chunk's messages as ``(arrival index, step, pipeline watermark at
+  arrival, processing time at arrival, source, payload)``. The file must be the
+  one indexed (it is not checked again)."""
+  timeline = copy.deepcopy(chunk.timeline)
+  left = chunk.messages
+  seq = chunk.first_message
+  with open(path, 'rb') as f:
+    f.seek(chunk.offset)
+    for raw in f:
+      if not raw.strip():
+        continue
+      obj = _decode(raw)
+      if 'data' in obj:
+        source = obj['source']
+        timeline.message(source)
+        yield seq, timeline.step, timeline.watermark, timeline.processing_time, source, obj['data']
+        seq += 1
+        left -= 1
+        if not left:
+          return
+      elif 'watermark' in obj:
+        timeline.advance_watermark(obj['source'], obj['watermark'])
+      else:
+        timeline.advance_processing_time(obj['advance_processing_time'])

@@ -1,0 +1,144 @@
+"""Bulk replays: the same outputs as the streaming pipeline, pane for pane.
+
+The incident-symptom tests also run in bulk (the ``run`` fixture); here: the
+chunked reading of a replay, the trigger along the replay's timeline, equality
+with the streaming DirectRunner on generated incident replays, with the
+reference on a larger one, and the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import MINUTE, SECOND, T0, data, mark, payload, run_replay, write_replay
+from pipeline import reference, traffic
+from pipeline.run import final_panes
+from test_replay_and_cli import cli
+from transforms.bulk import fire_panes
+from transforms.model import Event
+from transforms.replay import Messages, ReplayError, compile_replay, index_replay, read_chunk
+
+
+def _generated(tmp_path, messages: int, seed: int, **profile) -> str:
+  path = str(tmp_path / f'generated-{seed}.jsonl')
+  traffic.write_replay(path, traffic.Profile(messages=messages, seed=seed, **profile))
+  return path
+
+
+@pytest.mark.parametrize('chunk_messages', [1, 7, 250, 100000])
+def test_chunks_read_back_every_message_with_its_arrival_watermark(tmp_path, chunk_messages):
+  replay = _generated(tmp_path, 600, seed=5)
+  compiled = [m for s in compile_replay(replay).steps if isinstance(s, Messages) for m in s.batch]
+  index = index_replay(replay, chunk_messages)
+  assert index.messages == len(compiled) == 600
+  assert len(index.chunks) == -(-600 // chunk_messages)
+  read = [m for chunk in index.chunks for m in read_chunk(replay, chunk)]
+  assert [m[0] for m in read] == list(range(600))
+  assert [(m[4], m[5], m[2]) for m in read] == [(m.source, m.data, m.watermark) for m in compiled]
+  # Steps never go backwards and processing time only grows.
+  assert all(a[1] <= b[1] and a[3] <= b[3] for a, b in zip(read, read[1:]))
+
+
+def test_index_refuses_a_bad_line_naming_it(tmp_path):
+  replay = write_replay(tmp_path / 'r.jsonl', [
+      data('A', payload('e', T0)), mark('A', T0 + MINUTE), mark('A', T0)])
+  with pytest.raises(ReplayError) as e:
+    index_replay(str(replay))
+  assert e.value.line == 3 and 'backwards' in e.value.reason
+
+
+def _row(seq: int, step: int, arrived_at: float, value: float) -> tuple:
+  event = Event(f'e{seq}', 'finserve', 'AAPL', value, T0, 'A', '{}', None)
+  return (seq, step, arrived_at, *event)
+
+
+def test_the_trigger_along_the_timeline_early_on_time_then_one_late_pane_per_step():
+  end = T0 + MINUTE
+  # steps: 0 messages, 1 pt=10, 2 messages, 3 wm=end-1, 4 pt=25, 5 wm=end, 6 msgs, 7 msgs
+  watermark_steps = [(3, end - 1), (5, end), (8, None)]
+  processing_time_steps = [(1, 10.0), (4, 25.0)]
+  rows = [_row(0, 0, 0.0, 1.0), _row(1, 2, 10.0, 2.0), _row(2, 6, 25.0, 4.0),
+          _row(3, 6, 25.0, 8.0), _row(4, 7, 25.0, 16.0)]
+  panes = fire_panes(rows, end, 10, watermark_steps, processing_time_steps)
+  assert panes == [
+      ('EARLY', (1, 1.0, 1.0, 1.0)),  # pt 10 >= 0 + 10
+      ('EARLY', (2, 3.0, 1.0, 2.0)),  # pt 25 >= 10 + 10
+      ('ON_TIME', (2, 3.0, 1.0, 2.0)),  # watermark reaches the end at step 5
+      ('LATE', (4, 15.0, 1.0, 8.0)),  # both events of step 6 in one pane
+      ('LATE', (5, 31.0, 1.0, 16.0)),
+  ]
+  assert [t for t, _ in fire_panes(rows, end, None, watermark_steps, processing_time_steps)] == [
+      'ON_TIME', 'LATE', 'LATE']
+
+
+def test_a_window_whose_events_all_came_after_its_end_starts_with_a_late_pane():
+  end = T0 + MINUTE
+  panes = fire_panes([_row(0, 2, 0.0, 5.0)], end, 10, [(1, end + SECOND), (3, None)], [])
+  assert panes == [('LATE', (1, 5.0, 5.0, 5.0))]
+
+
+def _multiset(outputs, name):
+  return sorted(json.dumps(o, sort_keys=True) for o in getattr(outputs, name))
+
+
+@pytest.mark.parametrize('seed, early_firing_s', [(11, 10), (12, None)])
+def test_bulk_equals_the_streaming_runner_pane_for_pane(tmp_path, seed, early_firing_s):
+  replay = _generated(tmp_path, 1500, seed)
+  with open(replay, encoding='utf-8') as f:
+    lines = [line.rstrip('\n') for line in f]
+  assert any('advance_processing_time' in line for line in lines)
+  (tmp_path / 'stream').mkdir()
+  (tmp_path / 'bulk').mkdir()
+  streamed = run_replay(tmp_path / 'stream', lines, early_firing_s=early_firing_s)
+  bulk = run_replay(tmp_path / 'bulk', lines, bulk=True, early_firing_s=early_firing_s)
+  timings = {a['timing'] for a in streamed.aggregates}
+  assert timings == ({'EARLY', 'ON_TIME', 'LATE'} if early_firing_s else {'ON_TIME', 'LATE'})
+  assert bulk.accounting == streamed.accounting
+  assert _multiset(bulk, 'aggregates') == _multiset(streamed, 'aggregates')
+  assert _multiset(bulk, 'dead_letters') == _multiset(streamed, 'dead_letters')
+
+
+def test_the_bulk_cli_equals_the_contract_on_a_larger_replay(tmp_path):
+  replay = _generated(tmp_path, 30000, seed=21, window_size_s=30, allowed_lateness_s=10)
+  out = tmp_path / 'out'
+  result = cli('run', '--replay-mode', 'bulk', '--source', f'replay:{replay}',
+               '--window-size', '30', '--allowed-lateness', '10', '--output-dir', str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  expected = reference.compute(replay, 30, 10)
+  with open(out / 'accounting.json', encoding='utf-8') as f:
+    assert json.load(f) == expected.accounting
+  finals = final_panes(str(out / 'aggregates.jsonl'))
+  assert {w: (p['count'], p['sum'], p['min'], p['max']) for w, p in finals.items()} == (
+      expected.windows)
+  with open(out / 'dead_letter.jsonl', encoding='utf-8') as f:
+    dead = [json.loads(line) for line in f]
+  assert sorted((d['source'], d['data']) for d in dead if d['reason'] == 'too_late') == sorted(
+      expected.too_late)
+  assert sorted((d['source'], d['data']) for d in dead if d['reason'] == 'invalid') == sorted(
+      expected.invalid)
+  assert os.path.exists(out / 'aggregates.sqlite')
+
+
+def test_a_bad_line_stops_a_bulk_run_before_it_starts(tmp_path):
+  replay = write_replay(tmp_path / 'r.jsonl', [data('A', payload('e', T0)), '{"source": 1}'])
+  out = tmp_path / 'out'
+  result = cli('run', '--replay-mode', 'bulk', '--source', f'replay:{replay}',
+               '--output-dir', str(out))
+  assert result.returncode == 2
+  assert f'{replay}:2:' in result.stderr
+  assert not out.exists()
+
+
+@pytest.mark.parametrize('args, field', [
+    (['--replay-mode', 'sideways'], '--replay-mode'),
+    (['--replay-mode', 'bulk', '--source', 'pubsub:projects/p-1234/subscriptions/sub-a'],
+     '--replay-mode'),
+    (['--replay-mode', 'bulk', '--sample-memory-every', '3600'], '--sample-memory-every'),
+])
+def test_bulk_settings_that_cannot_work_are_refused_naming_the_field(tmp_path, args, field):
+  result = cli('run', '--output-dir', str(tmp_path / 'out'), *args)
+  assert result.returncode == 2
+  assert field in result.stderr

@@ -1,0 +1,333 @@
+"""Bulk replay: a whole replay file through the pipeline on a batch runner.
+
+A replay is a stream written down, so everything a streaming runner learns as
+time passes is known in advance: the pipeline watermark and the processing time
+at each message's arrival, and the steps at which the watermark and processing
+time move. The bulk transforms apply the same rules as the streaming ones to
+that timeline, in chunks of thousands of messages (per-element overhead is what
+limits a Python runner), and emit the same outputs:
+
+* ``ReadReplayInChunks``: the indexed file (``transforms.replay.index_replay``)
+  read chunk by chunk, in parallel;
+* ``ParseChunks``: contract section 1, by ``transforms.parse.parse_payload``;
+* ``RouteChunksTooLate``: an event is too late when the watermark it arrived
+  under had reached its window's ``WindowSpec.closing``, as in RouteTooLate;
+* ``AggregateWindowsInBulk``: per window, the first accepted copy of each
+  ``event_id`` in arrival order, then the panes the streaming trigger
+  (``AfterWatermark(early=AfterProcessingTime, late=AfterCount(1))``,
+  accumulating) fires along the replay's timeline.
+
+Elements are lists (one per chunk, or per window); only the outputs are single
+records.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import pickle
+from collections import defaultdict
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.coders import coder_impl
+
+from transforms.aggregate import Stats
+from transforms.lateness import dead_letter_too_late
+from transforms.model import (
+    AGGREGATED, CATEGORIES, INVALID, DeadLetter, Event, WindowAggregate, window_spec)
+from transforms.parse import InvalidPayload, parse_payload
+from transforms.replay import ReplayIndex, read_chunk
+
+INVALID_TAG = 'invalid'
+TOO_LATE_TAG = 'too_late'
+DUPLICATE_TAG = 'duplicate'
+
+#: A message in a chunk: (arrival index, step, pipeline watermark ms at arrival
+#: or None, processing time s at arrival, source, payload).
+Message = Tuple[int, int, Optional[int], float, str, str]
+#: An event in a chunk, a plain tuple (cheap to encode): arrival index, step,
+#: processing time s at arrival, then the fields of Event in order.
+Row = tuple
+SEQ, STEP, ARRIVED_AT = 0, 1, 2
+EVENT_ID, CUSTOMER_ID, KEY, VALUE, EVENT_TIME, SOURCE, DATA, ARRIVAL_WATERMARK = range(3, 11)
+
+
+def row_event(row: Row) -> Event:
+  return Event(*row[EVENT_ID:])
+
+
+class Chunk(list):
+  """A list of messages, rows or dead letters that travels as one element."""
+
+
+class ChunkCoder(beam.coders.Coder):
+  """Pickle: fast for large nested lists, and it keeps the lone surrogates an
+  invalid payload may hold. Its size estimate is a guess from the length, as
+  the runner estimates sizes of sampled elements on every step and encoding a
+  whole chunk to measure it costs as much as shipping it."""
+
+  def _create_impl(self):
+    return coder_impl.CallbackCoderImpl(
+        lambda chunk: pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL), pickle.loads,
+        lambda chunk: _ROW_SIZE_GUESS * len(chunk))
+
+  def is_deterministic(self) -> bool:
+    return False
+
+  def to_type_hint(self):
+    return Chunk
+
+  def __eq__(self, other):
+    return type(self) is type(other)
+
+  def __hash__(self):
+    return hash(type(self))
+
+
+_ROW_SIZE_GUESS = 256
+beam.coders.registry.register_coder(Chunk, ChunkCoder)
+
+
+class ReadReplayInChunks(beam.PTransform):
+  """The indexed replay as lists of messages, one per chunk, read in parallel."""
+
+  def __init__(self, index: ReplayIndex):
+    super().__init__()
+    self.index = index
+
+  def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[List[Message]]:
+    path = self.index.path
+    return (
+        pbegin
+        | 'Chunks' >> beam.Create(self.index.chunks)
+        | 'Spread' >> beam.Reshuffle()
+        | 'Read' >> beam.Map(lambda chunk: Chunk(read_chunk(path, chunk))).with_output_types(Chunk))
+
+
+class _ParseChunkFn(beam.DoFn):
+
+  def process(self, messages: List[Message]) -> Iterable:
+    rows: List[Row] = Chunk()
+    invalid: List[DeadLetter] = Chunk()
+    for seq, step, watermark, processing_time, source, data in messages:
+      try:
+        fields = parse_payload(data)
+      except InvalidPayload as e:
+        invalid.append(DeadLetter(INVALID, source, data, str(e)))
+        continue
+      rows.append((seq, step, processing_time, *fields, source, data, watermark))
+    yield rows
+    if invalid:
+      yield pvalue.TaggedOutput(INVALID_TAG, invalid)
+
+
+class ParseChunks(beam.PTransform):
+  """Payloads to Events, a chunk at a time.
+
+  Returns a DoOutputsTuple: ``events`` (lists of rows) and ``invalid`` (lists
+  of DeadLetter with reason ``invalid``).
+  """
+
+  def expand(self, chunks: beam.PCollection[List[Message]]):
+    return chunks | 'Validate' >> beam.ParDo(_ParseChunkFn()).with_output_types(
+        Chunk).with_outputs(INVALID_TAG, main='events')
+
+
+class _RouteChunkFn(beam.DoFn):
+
+  def __init__(self, window_size_s: int, allowed_lateness_s: int):
+    self._spec = window_spec(window_size_s, allowed_lateness_s)
+
+  def process(self, rows: List[Row]) -> Iterable:
+    spec = self._spec
+    by_window: Dict[int, List[Row]] = defaultdict(Chunk)
+    too_late: List[DeadLetter] = Chunk()
+    for row in rows:
+      start = spec.start(row[EVENT_TIME])
+      watermark = row[ARRIVAL_WATERMARK]
+      if watermark is not None and watermark >= spec.closing(start):
+        too_late.append(dead_letter_too_late(spec, row_event(row)))
+      else:
+        by_window[start].append(row)
+    yield from by_window.items()
+    if too_late:
+      yield pvalue.TaggedOutput(TOO_LATE_TAG, too_late)
+
+
+class RouteChunksTooLate(beam.PTransform):
+  """Splits each chunk into events of open windows, keyed by window start, and
+  those too late.
+
+  Returns a DoOutputsTuple: ``on_time`` of ``(window start, rows)`` and
+  ``too_late`` (lists of DeadLetter).
+  """
+
+  def __init__(self, window_size_s: int, allowed_lateness_s: int):
+    super().__init__()
+    window_spec(window_size_s, allowed_lateness_s)  # validates
+    self._size = window_size_s
+    self._lateness = allowed_lateness_s
+
+  def expand(self, rows: beam.PCollection[List[Row]]):
+    return rows | 'Route' >> beam.ParDo(
+        _RouteChunkFn(self._size, self._lateness)).with_output_types(
+            Tuple[int, Chunk]).with_outputs(TOO_LATE_TAG, main='on_time')
+
+
+def fire_panes(
+    rows: Sequence[Row],
+    window_end: int,
+    early_firing_s: Optional[int],
+    watermark_steps: Sequence[Tuple[int, Optional[int]]],
+    processing_time_steps: Sequence[Tuple[int, float]]) -> List[Tuple[str, tuple]]:
+  """The panes the streaming trigger fires for one (customer, key, window):
+  ``(timing, (count, sum, min, max))`` in pane order.
+
+  ``rows`` are the window's accepted events for the key, in arrival order. The
+  on-time pane fires at the step where the watermark reaches the window end (if
+  anything arrived before it); before that, an early pane fires at the first
+  processing-time step ``early_firing_s`` after the first event since the last
+  pane; after it, every step that brings events fires a late pane.
+  """
+  marks = [(m if m is not None else math.inf) for _, m in watermark_steps]
+  end_step = watermark_steps[bisect.bisect_left(marks, window_end)][0]
+  panes: List[Tuple[str, tuple]] = []
+  combine = Stats()
+  acc = combine.create_accumulator()
+  on_time = [r for r in rows if r[STEP] < end_step]
+  late = rows[len(on_time):]
+
+  if on_time:
+    clock = iter(
+        [(s, t) for s, t in processing_time_steps if s < end_step] if early_firing_s else ())
+    next_tick = next(clock, None)
+    timer = None
+    for row in on_time:
+      while next_tick is not None and next_tick[0] < row[STEP]:
+        if timer is not None and next_tick[1] >= timer:
+          panes.append(('EARLY', combine.extract_output(acc)))
+          timer = None
+        next_tick = next(clock, None)
+      acc = combine.add_input(acc, row[VALUE])
+      if early_firing_s and timer is None:
+        timer = row[ARRIVED_AT] + early_firing_s
+    while next_tick is not None:
+      if timer is not None and next_tick[1] >= timer:
+        panes.append(('EARLY', combine.extract_output(acc)))
+        timer = None
+      next_tick = next(clock, None)
+    panes.append(('ON_TIME', combine.extract_output(acc)))
+
+  i = 0
+  while i < len(late):
+    step = late[i][STEP]
+    while i < len(late) and late[i][STEP] == step:
+      acc = combine.add_input(acc, late[i][VALUE])
+      i += 1
+    panes.append(('LATE', combine.extract_output(acc)))
+  return panes
+
+
+class _AggregateWindowFn(beam.DoFn):
+
+  def __init__(self, window_size_s: int, early_firing_s: Optional[int],
+               watermark_steps, processing_time_steps):
+    self._size_ms = window_size_s * 1000
+    self._early = early_firing_s
+    self._watermark_steps = watermark_steps
+    self._processing_time_steps = processing_time_steps
+
+  def process(self, element: Tuple[int, Iterable[List[Row]]]) -> Iterable:
+    start, chunks = element
+    rows = sorted((row for chunk in chunks for row in chunk), key=lambda r: r[SEQ])
+    seen = set()
+    by_key: Dict[Tuple[str, str], List[Row]] = defaultdict(list)
+    duplicates = 0
+    for row in rows:
+      event_id = row[EVENT_ID]
+      if event_id in seen:
+        duplicates += 1
+        continue
+      seen.add(event_id)
+      by_key[(row[CUSTOMER_ID], row[KEY])].append(row)
+    end = start + self._size_ms
+    for (customer_id, key), key_rows in by_key.items():
+      panes = fire_panes(
+          key_rows, end, self._early, self._watermark_steps, self._processing_time_steps)
+      for index, (timing, (count, total, low, high)) in enumerate(panes):
+        yield WindowAggregate(
+            customer_id, key, start, end, count, total, low, high, index, timing)
+    yield pvalue.TaggedOutput(AGGREGATED, len(seen))
+    yield pvalue.TaggedOutput(DUPLICATE_TAG, duplicates)
+
+
+class AggregateWindowsInBulk(beam.PTransform):
+  """Dedup and the window aggregates of a whole replay, pane by pane.
+
+  Takes ``(window start, rows)`` from RouteChunksTooLate. Returns a
+  DoOutputsTuple: ``panes`` (WindowAggregate), and per window the number of
+  ``duplicate`` and ``aggregated`` events.
+  """
+
+  def __init__(self, window_size_s: int, allowed_lateness_s: int,
+               early_firing_s: Optional[int], index: ReplayIndex):
+    super().__init__()
+    window_spec(window_size_s, allowed_lateness_s)  # validates
+    if early_firing_s is not None and (
+        not isinstance(early_firing_s, int) or early_firing_s <= 0):
+      raise ValueError(f'early_firing_s must be a positive integer, got {early_firing_s!r}')
+    self._size = window_size_s
+    self._early = early_firing_s
+    self._watermark_steps = index.watermark_steps
+    self._processing_time_steps = index.processing_time_steps
+
+  def expand(self, keyed_rows: beam.PCollection[Tuple[int, List[Row]]]):
+    return (
+        keyed_rows
+        | 'GroupByWindow' >> beam.GroupByKey()
+        | 'DedupAndFire' >> beam.ParDo(_AggregateWindowFn(
+            self._size, self._early, self._watermark_steps,
+            self._processing_time_steps)).with_outputs(
+                DUPLICATE_TAG, AGGREGATED, main='panes'))
+
+
+class CountChunkOutcomes(beam.PTransform):
+  """The accounting of a bulk run, as one dict of every category.
+
+  Takes a dict from category to a PCollection whose elements are either lists
+  (each item one message) or, for ``aggregated``, counts.
+  """
+
+  def expand(self, outcomes: Dict[str, beam.PCollection]) -> beam.PCollection[Dict[str, int]]:
+    counted = [
+        pcoll | f'Count{category.title()}' >> beam.Map(
+            lambda x, c=category: (c, x if isinstance(x, int) else len(x)))
+        for category, pcoll in outcomes.items()
+    ]
+    return (
+        counted
+        | 'All' >> beam.Flatten()
+        | 'Sum' >> beam.CombineGlobally(_SumByCategory()))
+
+
+class _SumByCategory(beam.CombineFn):
+
+  def create_accumulator(self) -> Dict[str, int]:
+    return dict.fromkeys(CATEGORIES, 0)
+
+  def add_input(self, acc, item: Tuple[str, int]):
+    acc[item[0]] += item[1]
+    return acc
+
+  def merge_accumulators(self, accumulators):
+    total = self.create_accumulator()
+    for acc in accumulators:
+      for category, n in acc.items():
+        total[category] += n
+    return total
+
+  def extract_output(self, acc) -> Dict[str, int]:
+    return dict(acc)
+
