@@ -99,8 +99,8 @@ def run_replay(tmp_path, lines, check=None, arrival_watermarks=True, bulk=False,
   else:
     with streaming_pipeline() as p:
       built: Built = build(p, config, ReadReplay(replay, arrival_watermarks=arrival_watermarks))
-    if check is not None:
-      check(built)
+      if check is not None:
+        check(built)
   with open(config.accounting_path, encoding='utf-8') as f:
     accounting = json.load(f)
   return Outputs(
