@@ -4,7 +4,8 @@ Commands:
   run       run the pipeline (default: the bundled incident replay on the DirectRunner)
             python -m pipeline run [--source replay:PATH | pubsub:[NAME=]projects/P/subscriptions/S,...]
                 [--window-size W] [--expected-skew S] [--run-seconds N]
-                [--allowed-lateness L] [--output-dir DIR] [Beam options...]
+                [--allowed-lateness L] [--rollup SIZE:LATENESS ...] [--output-dir DIR]
+                [Beam options...]
   generate  write an incident-like replay file
             python -m pipeline generate --out PATH [--messages N] [--seed S]
   bench     benchmarks printing one JSON line per run

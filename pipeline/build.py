@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 
 from pipeline.config import RunConfig, parse_aggregates_topic
 from transforms.accounting import CountOutcomes, ReportProgress
-from transforms.aggregate import AggregateWindows
 from transforms.bulk import (
     AggregateWindowsInBulk, CountChunkOutcomes, ParseChunks, ReadReplayInChunks,
     RouteChunksTooLate)
-from transforms.dedup import DeduplicateEvents
 from transforms.diagnostics import SampleMemory
-from transforms.lateness import RouteTooLate
 from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.parse import ParseEvents
 from transforms.replay import index_replay
+from transforms.rollup import Rollup
 from transforms.sinks import (
     PublishAggregatesToKafka, PublishAggregatesToPubSub, UpsertPostgres, UpsertSqlite, WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery,
     WriteDeadLettersToPostgres, WriteJsonLines, WriteLatestJson)
@@ -25,10 +23,17 @@ from transforms.sources import ReadKafkaEvents, ReadPubSubEvents, ReadReplay
 
 
 class Built(NamedTuple):
-  """The pipeline's outputs, for tests and for the launcher."""
+  """The pipeline's outputs, for tests and for the launcher: the primary
+  window size's, and in ``rollups`` each rollup's (dead letters: too_late only)."""
   aggregates: beam.PCollection
   dead_letters: beam.PCollection
   accounting: beam.PCollection
+  rollups: Tuple['Built', ...] = ()
+
+
+#: The first word of a rollup's step labels (``Rollup3600s``); print_metrics
+#: leaves those steps out.
+ROLLUP_PREFIX = 'Rollup'
 
 
 def read_source(config: RunConfig) -> beam.PTransform:
@@ -73,40 +78,103 @@ def topic_sink(config: RunConfig) -> Optional[beam.PTransform]:
   return PublishAggregatesToPubSub(topic)
 
 
-def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built:
-  """read → parse → route late → dedup → window & aggregate → write."""
-  size, lateness = config.window_size_s, config.allowed_lateness_s
+class WriteWindowOutputs(beam.PTransform):
+  """One window size's outputs to the places ``config`` names: aggregates
+  (JSON lines, SQLite, database), dead letters (JSON lines, database), the
+  accounting record and, with ``duplicates``, the copies dedup dropped.
 
+  Takes ``{'aggregates', 'dead_letters', 'accounting', 'duplicates'}``.
+  """
+
+  def __init__(self, config: RunConfig, duplicates: bool):
+    super().__init__()
+    self._config = config
+    self._duplicates = duplicates
+    self._upsert, self._append = database_sinks(config)
+
+  def expand(self, outputs: Dict[str, beam.PCollection]) -> beam.pvalue.PDone:
+    config = self._config
+    aggregates, dead_letters = outputs['aggregates'], outputs['dead_letters']
+    aggregates | 'WriteAggregates' >> WriteJsonLines(config.aggregates_path)
+    if config.sqlite_path:
+      aggregates | 'UpsertFinalAggregates' >> UpsertSqlite(config.sqlite_path)
+    dead_letters | 'WriteDeadLetters' >> WriteJsonLines(config.dead_letter_path)
+    outputs['accounting'] | 'WriteAccounting' >> WriteLatestJson(config.accounting_path)
+    if self._duplicates:
+      outputs['duplicates'] | 'WriteDuplicates' >> WriteJsonLines(config.duplicates_path)
+    if self._upsert is not None:
+      refused = aggregates | f'Upsert{config.sink.title()}' >> self._upsert
+      refused | 'WriteRefused' >> WriteJsonLines(config.refused_path)
+      dead_letters | f'DeadLetters{config.sink.title()}' >> self._append
+    return beam.pvalue.PDone(aggregates.pipeline)
+
+
+def aggregate_window_size(
+    config: RunConfig, label: str, messages: beam.PCollection,
+    parsed: beam.pvalue.DoOutputsTuple, arrival_watermarks: bool, with_invalid: bool,
+    with_duplicates: bool) -> Built:
+  """route late → dedup → window & aggregate → write, for the window size and
+  lateness of ``config``. Every window size counts every message, so each
+  accounting adds up on its own; ``with_invalid`` puts the invalid payloads in
+  its dead letters (the primary's: they are no window size's). With
+  ``arrival_watermarks`` the events carry the watermark they arrived under
+  (replays)."""
+  windows = parsed.events | label >> Rollup(
+      config.window_size_s, config.allowed_lateness_s, config.shards,
+      arrival_watermarks, config.early_firing_s)
+  dead_letters = ((parsed.invalid, windows.too_late) if with_invalid else (windows.too_late,)
+                  ) | f'{label}DeadLetters' >> beam.Flatten()
+  accounting = {
+      RECEIVED: messages,
+      INVALID: parsed.invalid,
+      TOO_LATE: windows.too_late,
+      DUPLICATE: windows.duplicates,
+      AGGREGATED: windows.aggregated,
+  } | f'{label}Accounting' >> CountOutcomes(config.accounting_update_s)
+  _ = {
+      'aggregates': windows.aggregates,
+      'dead_letters': dead_letters,
+      'accounting': accounting,
+      'duplicates': windows.duplicates,
+  } | f'{label}Write' >> WriteWindowOutputs(config, with_duplicates)
+  return Built(windows.aggregates, dead_letters, accounting)
+
+
+def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built:
+  """read → parse → for the window size and every rollup: route late → dedup
+  → window & aggregate → write."""
   messages = p | 'Read' >> source
   if isinstance(source, ReadReplay):
     messages = messages | 'Progress' >> ReportProgress(source.replay.messages)
   parsed = messages | 'Parse' >> ParseEvents()
-  routed = parsed.events | 'RouteTooLate' >> RouteTooLate(
-      size, lateness, config.shards, source.arrival_watermarks)
-  unique = routed.on_time | 'Deduplicate' >> DeduplicateEvents(size, lateness)
-  aggregates = unique.unique | 'Aggregate' >> AggregateWindows(
-      size, lateness, config.early_firing_s)
-  dead_letters = (parsed.invalid, routed.too_late) | 'DeadLetters' >> beam.Flatten()
-  accounting = {
-      RECEIVED: messages,
-      INVALID: parsed.invalid,
-      TOO_LATE: routed.too_late,
-      DUPLICATE: unique.duplicate,
-      AGGREGATED: unique.unique,
-  } | 'Accounting' >> CountOutcomes(config.accounting_update_s)
+  # Rollups are reconciled against the primary windows event by event, which
+  # needs every copy each size dropped as a duplicate too (duplicates.jsonl).
+  reconciled = bool(config.rollups)
+  known = source.arrival_watermarks
+  primary = aggregate_window_size(
+      config, 'Primary', messages, parsed, known, with_invalid=True,
+      with_duplicates=reconciled)
+  rollups = tuple(
+      aggregate_window_size(
+          rollup, f'{ROLLUP_PREFIX}{rollup.window_size_s}s', messages, parsed, known,
+          with_invalid=False, with_duplicates=True)
+      for rollup in config.rollup_configs)
 
-  write(config, aggregates, dead_letters, accounting)
+  publish = topic_sink(config)
+  if publish is not None:  # the primary's panes only: consumers key them by window_start
+    primary.aggregates | 'PublishAggregates' >> publish
   if config.sample_memory_s:
     (parsed.events
      | 'SampleMemory' >> SampleMemory(config.sample_memory_s)
      | 'WriteMemorySamples' >> WriteJsonLines(config.memory_path))
-  return Built(aggregates, dead_letters, accounting)
+  return primary._replace(rollups=rollups)
 
 
 def build_bulk(p: beam.Pipeline, config: RunConfig, source: ReadReplayInChunks) -> Built:
-  """The same flow over a whole replay at once, on a batch runner: chunks of
-  messages carry the watermark and processing time of their arrival, and the
-  rules are applied to the replay's timeline (transforms/bulk.py)."""
+  """The same flow over a whole replay at once, on a batch runner: read →
+  parse → route late → dedup → window & aggregate → write, in chunks of
+  messages that carry the watermark and processing time of their arrival, the
+  rules applied along the replay's timeline (transforms/bulk.py)."""
   size, lateness = config.window_size_s, config.allowed_lateness_s
 
   chunks = p | 'Read' >> source
@@ -126,23 +194,12 @@ def build_bulk(p: beam.Pipeline, config: RunConfig, source: ReadReplayInChunks) 
       AGGREGATED: windows.aggregated,
   } | 'Accounting' >> CountChunkOutcomes()
 
-  write(config, windows.panes, dead_letters, accounting)
-  return Built(windows.panes, dead_letters, accounting)
-
-
-def write(config: RunConfig, aggregates: beam.PCollection, dead_letters: beam.PCollection,
-          accounting: beam.PCollection) -> None:
-  """Every configured output: files, SQLite, a topic, a database."""
-  aggregates | 'WriteAggregates' >> WriteJsonLines(config.aggregates_path)
-  if config.sqlite_path:
-    aggregates | 'UpsertFinalAggregates' >> UpsertSqlite(config.sqlite_path)
+  _ = {
+      'aggregates': windows.panes,
+      'dead_letters': dead_letters,
+      'accounting': accounting,
+  } | 'Write' >> WriteWindowOutputs(config, duplicates=False)
   publish = topic_sink(config)
   if publish is not None:
-    aggregates | 'PublishAggregates' >> publish
-  dead_letters | 'WriteDeadLetters' >> WriteJsonLines(config.dead_letter_path)
-  accounting | 'WriteAccounting' >> WriteLatestJson(config.accounting_path)
-  upsert, append = database_sinks(config)
-  if upsert is not None:
-    refused = aggregates | f'Upsert{config.sink.title()}' >> upsert
-    refused | 'WriteRefused' >> WriteJsonLines(config.refused_path)
-    dead_letters | f'DeadLetters{config.sink.title()}' >> append
+    windows.panes | 'PublishAggregates' >> publish
+  return Built(windows.panes, dead_letters, accounting)

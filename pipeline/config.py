@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -37,6 +37,9 @@ REPLAY_MODES = ('stream', 'bulk')
 NO_PROCESSING_TIME_TEST_STREAM_RUNNERS = ('FlinkRunner', 'PortableRunner')
 
 _HOST_PORT = re.compile(r'[A-Za-z0-9.\-]+:(\d{1,5})\Z')
+_ROLLUP = re.compile(r'\s*([+-]?\d+)\s*:\s*([+-]?\d+)\s*\Z')
+#: The folder of a rollup's outputs inside --output-dir.
+ROLLUP_DIR = 'rollup-{size}s'
 _TOPIC = re.compile(r'[A-Za-z0-9._\-]{1,249}\Z')
 _SOURCE_NAME = re.compile(r'[A-Za-z0-9._\-]{1,64}\Z')
 
@@ -103,6 +106,69 @@ def parse_aggregates_topic(spec: str, field: str = '--aggregates-topic') -> Tupl
     raise ConfigError(field, str(e)) from None
 
 
+class RollupError(ValueError):
+  """Rollup ``index`` (0-based) is wrong in ``field`` (``size_s`` or
+  ``allowed_lateness_s``); the CLI and customer files name it their own way."""
+
+  def __init__(self, index: int, field: str, reason: str):
+    super().__init__(reason)
+    self.index = index
+    self.field = field
+    self.reason = reason
+
+
+def check_rollups(
+    window_size_s: int, rollups: Sequence[Tuple[int, int]]) -> Tuple[Tuple[int, int], ...]:
+  """Checks ``(size s, allowed lateness s)`` rollups of a run whose primary
+  window is ``window_size_s``; returns them sorted by size.
+
+  Each size must be a multiple of the primary size larger than it: windows
+  are aligned to the epoch, so a rollup window is then exactly a run of whole
+  primary windows, and the primary figures inside it can be summed and
+  reconciled against it. Lateness is any whole number of seconds >= 0 (each
+  rollup decides its own too-late events). Sizes may not repeat.
+  """
+  seen: Dict[int, int] = {}
+  for index, (size, lateness) in enumerate(rollups):
+    if size <= 0:
+      raise RollupError(index, 'size_s', f'size must be a positive number of seconds, got {size}')
+    if size <= window_size_s or size % window_size_s:
+      raise RollupError(
+          index, 'size_s', f'size {size} s must be a multiple of the window size '
+          f'({window_size_s} s) larger than it, so that whole windows nest in each rollup '
+          'window and the two reconcile')
+    if lateness < 0:
+      raise RollupError(
+          index, 'allowed_lateness_s',
+          f'allowed lateness must be zero or a positive number of seconds, got {lateness}')
+    if size in seen:
+      raise RollupError(
+          index, 'size_s', f'size {size} s is given twice (rollups {seen[size] + 1} and '
+          f'{index + 1})')
+    seen[size] = index
+  return tuple(sorted((int(s), int(l)) for s, l in rollups))
+
+
+def parse_rollups(specs: Sequence[str], window_size_s: int,
+                  field: str = '--rollup') -> Tuple[Tuple[int, int], ...]:
+  """``--rollup SIZE:LATENESS`` values (the flag may repeat, and a value may
+  list several, comma-separated, as one Flex Template parameter must) to
+  checked ``(size s, lateness s)`` pairs; ConfigError naming ``field``."""
+  items = [item for spec in specs for item in spec.split(',')]
+  rollups = []
+  for item in items:
+    match = _ROLLUP.fullmatch(item)
+    if not match:
+      raise ConfigError(
+          field, f'{item!r} is not SIZE:LATENESS (whole seconds, e.g. 3600:900)')
+    rollups.append((int(match.group(1)), int(match.group(2))))
+  try:
+    return check_rollups(window_size_s, rollups)
+  except RollupError as e:
+    size, lateness = rollups[e.index]
+    raise ConfigError(field, f'{size}:{lateness}: {e.reason}') from None
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   source: str  # 'replay:PATH' or 'kafka:BOOTSTRAP/TOPIC[,TOPIC...]'
@@ -133,6 +199,9 @@ class RunConfig:
   #: replays: 'stream' (a TestStream on a streaming runner) or 'bulk' (the whole
   #: file at once, in chunks, on a batch runner)
   replay_mode: str = 'stream'
+  #: ((size s, allowed lateness s), ...): larger windows computed in the same
+  #: run, each written under OUTPUT_DIR/rollup-SIZEs/ and reconciled
+  rollups: Tuple[Tuple[int, int], ...] = ()
 
   @property
   def unbounded(self) -> bool:
@@ -188,6 +257,32 @@ class RunConfig:
   def refused_path(self) -> str:
     """Rows the customer-scoped database sink refused (other customers')."""
     return os.path.join(self.output_dir, 'refused.jsonl')
+
+  @property
+  def duplicates_path(self) -> str:
+    """The copies dedup dropped, payloads and all (written where rollups are
+    reconciled: which events two window sizes accepted differently)."""
+    return os.path.join(self.output_dir, 'duplicates.jsonl')
+
+  @property
+  def reconciliation_path(self) -> str:
+    return os.path.join(self.output_dir, 'reconciliation.json')
+
+  def rollup(self, size_s: int, allowed_lateness_s: int) -> 'RunConfig':
+    """The settings of one rollup as if it were a run of its own: its window
+    size and lateness, its outputs in OUTPUT_DIR/rollup-SIZEs/ (the same file
+    names; SQLite only if the run has one), no rollups, topic or memory
+    samples of its own."""
+    output_dir = os.path.join(self.output_dir, ROLLUP_DIR.format(size=size_s))
+    return dataclasses.replace(
+        self, window_size_s=size_s, allowed_lateness_s=allowed_lateness_s,
+        output_dir=output_dir,
+        sqlite_path=self.sqlite_path and os.path.join(output_dir, 'aggregates.sqlite'),
+        rollups=(), aggregates_topic=None, sample_memory_s=None)
+
+  @property
+  def rollup_configs(self) -> Tuple['RunConfig', ...]:
+    return tuple(self.rollup(size, lateness) for size, lateness in self.rollups)
 
   @classmethod
   def from_options(cls, options: PipelineOptions) -> 'RunConfig':
@@ -265,6 +360,7 @@ class RunConfig:
     topic = opts.aggregates_topic
     if topic is not None:
       parse_aggregates_topic(topic)
+    rollups = parse_rollups(opts.rollup or [], window)
     replay_mode = opts.replay_mode or 'stream'
     if replay_mode not in REPLAY_MODES:
       raise ConfigError(
@@ -275,10 +371,13 @@ class RunConfig:
       raise ConfigError(
           '--sample-memory-every', 'samples memory as event time passes, which needs '
           '--replay-mode stream')
+    if replay_mode == 'bulk' and rollups:
+      raise ConfigError('--rollup', 'rollups are computed by --replay-mode stream only')
     return cls(
         replay_mode=replay_mode,
         source=source,
         aggregates_topic=topic,
+        rollups=rollups,
         window_size_s=window,
         allowed_lateness_s=lateness,
         early_firing_s=early or None,

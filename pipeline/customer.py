@@ -10,7 +10,7 @@ JSON pointer (``/sink/table``):
    lower-cased, every character outside ``a-z0-9`` made ``_``, as SQL and
    BigQuery names need), followed by the end of the name or by ``-``, ``_`` or
    ``.``. For ``dataflow-inc``: ``dataflow-inc.iot-readings`` and
-   ``dataflow_inc_rollups_1h`` pass; ``dataflowinc_x``, ``acme_dataflow-inc``
+   ``dataflow_inc_rollups`` pass; ``dataflowinc_x``, ``acme_dataflow-inc``
    and ``finserve_trading`` do not.
 
 At run time the sink is also scoped to the customer (``--customer-id``), so
@@ -156,6 +156,13 @@ def load(name: str, directory: str = CUSTOMERS_DIR) -> Customer:
           path, pointer, f'{resource!r} is not a resource of customer '
           f'{spec["customer_id"]!r}: it must start with {spec["customer_id"]!r} or '
           f'{token(spec["customer_id"])!r} followed by "-", "_", "." or nothing')
+  from pipeline.config import RollupError, check_rollups  # Beam's options: slow to import
+  window = spec['window']
+  try:
+    check_rollups(window['size_s'], [
+        (r['size_s'], r['allowed_lateness_s']) for r in window.get('rollups', ())])
+  except RollupError as e:
+    raise CustomerFileError(path, f'/window/rollups/{e.index}/{e.field}', e.reason) from None
   sink = spec['sink']
   if sink['table'] == sink['dead_letter_table']:
     raise CustomerFileError(path, '/sink/dead_letter_table', 'must differ from /sink/table')
@@ -179,6 +186,9 @@ def run_parameters(customer: Customer) -> List[Tuple[str, str]]:
   ]
   if 'early_firing_s' in window:
     params.append(('early_firing', str(window['early_firing_s'])))
+  if 'rollups' in window:
+    params.append(('rollup', ','.join(
+        f'{r["size_s"]}:{r["allowed_lateness_s"]}' for r in window['rollups'])))
   if 'shards' in spec:
     params.append(('shards', str(spec['shards'])))
   params += [('customer_id', customer.customer_id), ('sink', sink['kind'])]

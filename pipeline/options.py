@@ -30,6 +30,12 @@ class TidemarkOptions(PipelineOptions):
     option('early_firing', type=int,
         help='Emit an EARLY pane this many seconds of processing time after the '
         'first event of a window; 0 turns early panes off.')
+    option('rollup', action='append',
+        help='SIZE:LATENESS (whole seconds): also aggregate the same events in windows of '
+        'SIZE, a multiple of --window-size, with their own allowed lateness, into '
+        'OUTPUT_DIR/rollup-SIZEs/; OUTPUT_DIR/reconciliation.json then shows each rollup '
+        'window equals the windows inside it, event by event. Repeat the flag or '
+        'separate with commas for several.')
     option('output_dir', help='Folder for aggregates.jsonl, dead_letter.jsonl and accounting.json.')
     option('sqlite', help='SQLite file of final aggregates (default: OUTPUT_DIR/aggregates.sqlite; '
         '"none" to skip).')

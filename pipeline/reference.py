@@ -87,12 +87,17 @@ def validate(data: str):
   return eid, cust, key, value, t
 
 
+#: An aggregated event: (event_id, customer_id, key, event_time, value)
+Accepted = Tuple[str, str, str, int, float]
+
+
 class Outcome(NamedTuple):
   accounting: Dict[str, int]
   #: (customer_id, key, window_start, window_end) -> (count, sum, min, max)
   windows: Dict[Tuple[str, str, int, int], Tuple[int, float, float, float]]
   too_late: List[Tuple[str, str]]  # (source, data)
   invalid: List[Tuple[str, str]]
+  accepted: List[Accepted] = []
 
 
 def compute(path: str, window_size_s: int, allowed_lateness_s: int) -> Outcome:
@@ -110,6 +115,7 @@ def compute(path: str, window_size_s: int, allowed_lateness_s: int) -> Outcome:
   counts = dict(received=0, invalid=0, too_late=0, duplicate=0, aggregated=0)
   values: Dict[Tuple[str, str, int, int], List[float]] = {}
   accepted = set()
+  aggregated: List[Accepted] = []
   too_late: List[Tuple[str, str]] = []
   invalid: List[Tuple[str, str]] = []
   for line in lines:
@@ -137,9 +143,27 @@ def compute(path: str, window_size_s: int, allowed_lateness_s: int) -> Outcome:
       counts['duplicate'] += 1
       continue
     accepted.add(eid)
+    aggregated.append((eid, cust, key, t, value))
     counts['aggregated'] += 1
     values.setdefault((cust, key, start, start + size), []).append(value)
   windows = {
       w: (len(v), math.fsum(v), min(v), max(v)) for w, v in values.items()
   }
-  return Outcome(counts, windows, too_late, invalid)
+  return Outcome(counts, windows, too_late, invalid, aggregated)
+
+
+def rollup_differences(
+    path: str, window_size_s: int, allowed_lateness_s: int, rollup_size_s: int,
+    rollup_lateness_s: int) -> Dict[Tuple[str, str, int], Tuple[List[str], List[str]]]:
+  """The same replay in windows of two sizes: per rollup window
+  ``(customer_id, key, start)``, the sorted event ids only the rollup
+  aggregated and those only the primary windows aggregated (where any)."""
+  size = rollup_size_s * 1000
+  primary = compute(path, window_size_s, allowed_lateness_s).accepted
+  rollup = compute(path, rollup_size_s, rollup_lateness_s).accepted
+  differences: Dict[Tuple[str, str, int], Tuple[List[str], List[str]]] = {}
+  for events, others, side in ((rollup, primary, 0), (primary, rollup, 1)):
+    for eid, cust, key, t, _ in sorted(set(events) - set(others)):
+      window = (cust, key, t - t % size)
+      differences.setdefault(window, ([], []))[side].append(eid)
+  return {w: (sorted(a), sorted(b)) for w, (a, b) in differences.items()}

@@ -7,33 +7,20 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.build import build, build_bulk, read_source
+from pipeline.build import ROLLUP_PREFIX, build, build_bulk, read_source
 from pipeline.config import ConfigError, RunConfig, watermark_risks
+from pipeline.reconciliation import final_panes, reconcile_rollups
 from transforms.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.replay import ReplayError
 
 
 class Reconciliation(Exception):
   """The run's outputs do not add up; nothing may go unaccounted."""
-
-
-def final_panes(aggregates_path: str) -> Dict[tuple, dict]:
-  """The pane with the highest index per (customer_id, key, window)."""
-  finals: Dict[tuple, dict] = {}
-  if not os.path.exists(aggregates_path):
-    return finals
-  with open(aggregates_path, encoding='utf-8') as f:
-    for line in f:
-      pane = json.loads(line)
-      window = (pane['customer_id'], pane['key'], pane['window_start'], pane['window_end'])
-      if window not in finals or pane['pane_index'] > finals[window]['pane_index']:
-        finals[window] = pane
-  return finals
 
 
 def reconcile(config: RunConfig) -> Dict[str, int]:
@@ -57,6 +44,51 @@ def reconcile(config: RunConfig) -> Dict[str, int]:
   if problems:
     raise Reconciliation('; '.join(problems))
   return accounting
+
+
+#: each rollup's settings and accounting
+RollupAccounting = List[Tuple[RunConfig, Dict[str, int]]]
+
+
+def reconcile_run(config: RunConfig) -> Tuple[Dict[str, int], RollupAccounting]:
+  """``reconcile`` for the run and for each rollup; with rollups, also writes
+  reconciliation.json and checks that every rollup window is explained by the
+  primary windows inside it. Returns the accountings (the run's, and each
+  rollup's with its config)."""
+  problems: List[str] = []
+  report = None
+  if config.rollups:
+    report = reconcile_rollups(config)
+    write_json(config.reconciliation_path, report)
+  accounting: Dict[str, int] = {}
+  rollups: RollupAccounting = []
+  for size_config in (config,) + config.rollup_configs:
+    try:
+      checked = reconcile(size_config)
+    except Reconciliation as e:
+      problems.append(str(e) if size_config is config else
+                      f'rollup {size_config.window_size_s} s: {e}')
+      continue
+    if size_config is config:
+      accounting = checked
+    else:
+      rollups.append((size_config, checked))
+  for rollup in report['rollups'] if report else ():
+    if not rollup['reconciled']:
+      problems.append(
+          f'rollup {rollup["window_size_s"]} s: {rollup["windows_unexplained"]} windows are '
+          'not the primary windows inside them plus the events only one accepted' +
+          ''.join(f'; {p}' for p in rollup['problems'][:3]) +
+          f' (see {config.reconciliation_path})')
+  if problems:
+    raise Reconciliation('; '.join(problems))
+  return accounting, rollups
+
+
+def write_json(path: str, record) -> None:
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(record, f, indent=2)
+    f.write('\n')
 
 
 def print_accounting(accounting: Dict[str, int], seconds: float, out=sys.stdout) -> None:
@@ -89,6 +121,8 @@ def print_metrics(result, out=sys.stdout) -> None:
     return  # some runners do not report metrics
   counters = {}
   for counter in metrics['counters']:
+    if counter.key.step.startswith(ROLLUP_PREFIX):
+      continue  # the table above is the primary window size's
     if counter.key.metric.namespace == 'tidemark':
       name = counter.key.metric.name
       counters[name] = counters.get(name, 0) + (counter.committed or counter.attempted or 0)
@@ -107,16 +141,40 @@ def print_metrics(result, out=sys.stdout) -> None:
 
 
 def prepare_output(config: RunConfig) -> None:
-  os.makedirs(config.output_dir, exist_ok=True)
-  for path in (config.aggregates_path, config.dead_letter_path, config.accounting_path,
-               config.sqlite_path, config.memory_path, config.refused_path):
-    if path and os.path.exists(path):
-      os.remove(path)
-  # Before anything arrives, every count is zero; the pipeline replaces this
-  # record as messages are accounted for (an empty stream emits none).
-  with open(config.accounting_path, 'w', encoding='utf-8') as f:
-    json.dump(dict.fromkeys(CATEGORIES, 0), f, indent=2)
-    f.write('\n')
+  """Empties the run's output files (and each rollup's) of any earlier run."""
+  for size_config in (config,) + config.rollup_configs:
+    os.makedirs(size_config.output_dir, exist_ok=True)
+    for path in (size_config.aggregates_path, size_config.dead_letter_path,
+                 size_config.accounting_path, size_config.sqlite_path,
+                 size_config.memory_path, size_config.refused_path,
+                 size_config.duplicates_path, size_config.reconciliation_path):
+      if path and os.path.exists(path):
+        os.remove(path)
+    # Before anything arrives, every count is zero; the pipeline replaces this
+    # record as messages are accounted for (an empty stream emits none).
+    write_json(size_config.accounting_path, dict.fromkeys(CATEGORIES, 0))
+
+
+def print_rollups(config: RunConfig, rollups: RollupAccounting, out=sys.stdout) -> None:
+  """One line per rollup: its accounting and how it reconciled."""
+  report = {}
+  if os.path.exists(config.reconciliation_path):
+    with open(config.reconciliation_path, encoding='utf-8') as f:
+      report = {r['window_size_s']: r for r in json.load(f)['rollups']}
+  for rollup, accounting in rollups:
+    counts = ', '.join(f'{c} {accounting[c]:,}' for c in CATEGORIES)
+    line = (f'rollup {rollup.window_size_s} s (lateness {rollup.allowed_lateness_s} s) in '
+            f'{rollup.output_dir}: {counts}')
+    r = report.get(rollup.window_size_s)
+    if r:
+      line += (f'; {r["windows"]:,} windows, {r["windows_with_differences"]:,} differ from '
+               f'the {config.window_size_s} s windows inside them by '
+               f'{r["events_only_in_rollup"]:,} events only the rollup accepted and '
+               f'{r["events_only_in_primary"]:,} only the {config.window_size_s} s windows '
+               f'accepted, {r["windows_unexplained"]:,} unexplained')
+    print(line, file=out)
+  if report:
+    print(f'reconciliation: {config.reconciliation_path}', file=out)
 
 
 def run_unbounded(options: PipelineOptions, config: RunConfig, source):
@@ -180,8 +238,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = p.run()
     result.wait_until_finish()
   seconds = time.monotonic() - started
+  rollups: RollupAccounting = []
   try:
-    accounting = reconcile(config)
+    accounting, rollups = reconcile_run(config)
   except Reconciliation as e:
     if not config.unbounded:
       print(f'tidemark: error: outputs do not reconcile: {e}', file=sys.stderr)
@@ -193,6 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'tidemark: note: stopped mid-stream, so messages in flight and windows '
           f'not yet closed are not final: {e}', file=sys.stderr)
   print_accounting(accounting, seconds)
+  print_rollups(config, rollups)
   print_metrics(result)
   print(f'outputs in {os.path.abspath(config.output_dir)}')
   return 0

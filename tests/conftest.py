@@ -72,14 +72,15 @@ def read_jsonl(path: str) -> List[dict]:
 def make_config(tmp_path, replay_path: str, window_size_s: int = 60,
                 allowed_lateness_s: int = 30, early_firing_s: Optional[int] = None,
                 shards: int = 1, sample_memory_s: Optional[int] = None,
-                aggregates_topic: Optional[str] = None) -> RunConfig:
+                aggregates_topic: Optional[str] = None, rollups=()) -> RunConfig:
   out = os.path.join(str(tmp_path), 'out')
   os.makedirs(out, exist_ok=True)
   return RunConfig(
       source=f'replay:{replay_path}', window_size_s=window_size_s,
       allowed_lateness_s=allowed_lateness_s, early_firing_s=early_firing_s,
       output_dir=out, sqlite_path=os.path.join(out, 'aggregates.sqlite'), shards=shards,
-      sample_memory_s=sample_memory_s, aggregates_topic=aggregates_topic)
+      sample_memory_s=sample_memory_s, aggregates_topic=aggregates_topic,
+      rollups=tuple(rollups))
 
 
 def run_replay(tmp_path, lines, check=None, arrival_watermarks=True, bulk=False,

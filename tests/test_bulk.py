@@ -137,6 +137,7 @@ def test_a_bad_line_stops_a_bulk_run_before_it_starts(tmp_path):
     (['--replay-mode', 'bulk', '--source', 'pubsub:projects/p-1234/subscriptions/sub-a'],
      '--replay-mode'),
     (['--replay-mode', 'bulk', '--sample-memory-every', '3600'], '--sample-memory-every'),
+    (['--replay-mode', 'bulk', '--rollup', '3600:600'], '--rollup'),
 ])
 def test_bulk_settings_that_cannot_work_are_refused_naming_the_field(tmp_path, args, field):
   result = cli('run', '--output-dir', str(tmp_path / 'out'), *args)

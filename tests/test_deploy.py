@@ -51,7 +51,8 @@ def checked_config(params):
   """RunConfig from the launch's parameters, through the run's own checks.
   The source is swapped for a replay: this branch knows no pubsub/kafka
   source kinds yet (they come from the source branches)."""
-  args = [f'--{k}={v}' for k, v in params.items() if k != 'source']
+  args = [f'--{k}={x}' for k, v in params.items() if k != 'source'
+          for x in (v if isinstance(v, list) else [v])]  # --rollup repeats
   return RunConfig.from_options(PipelineOptions(args + [f'--source=replay:{BUNDLED_REPLAY}']))
 
 
@@ -134,11 +135,29 @@ def test_dataflow_inc_dry_run_prints_the_complete_flink_submission():
   params = {d: getattr(opts, d) for d in option_dests() if getattr(opts, d) is not None}
   config = checked_config(params)
   assert (config.window_size_s, config.allowed_lateness_s, config.early_firing_s) == (
-      3600, 900, 60)
+      60, 300, 60)
+  assert opts.rollup == ['3600:900']  # minute and hourly rollups from one run
+  assert config.rollups == ((3600, 900),)
   assert (config.sink, config.customer_id, config.postgres_table,
           config.postgres_dead_letter_table) == (
-              'postgres', 'dataflow-inc', 'dataflow_inc_rollups_1h', 'dataflow_inc_dead_letters')
+              'postgres', 'dataflow-inc', 'dataflow_inc_rollups', 'dataflow_inc_dead_letters')
   assert config.postgres_dsn == 'postgresql://tidemark@127.0.0.1:15433/tidemark'
+
+
+def test_rollups_reach_the_flex_template_as_one_parameter(tmp_path):
+  spec = spec_of('finserve')
+  spec['window']['rollups'] = [{'size_s': 3600, 'allowed_lateness_s': 60},
+                               {'size_s': 86400, 'allowed_lateness_s': 600}]
+  (tmp_path / 'finserve.yaml').write_text(yaml.safe_dump(spec))
+  result = deploy('--customer', 'finserve', '--customers-dir', str(tmp_path),
+                  '--target', 'dataflow', '--dry-run')
+  assert result.returncode == 0, result.stderr
+  flags = dict(arg[2:].split('=', 1) for arg in shlex.split(result.stdout)[5:])
+  assert flags['parameters'].startswith('^')  # commas inside: gcloud's other delimiter
+  params = parse_gcloud_dict(flags['parameters'])
+  assert params['rollup'] == '3600:60,86400:600'
+  assert any(re.match(r, params['rollup']) for r in METADATA['rollup']['regexes'])
+  assert checked_config(params).rollups == ((3600, 60), (86400, 600))
 
 
 def test_a_target_the_customer_has_not_configured_is_refused():
@@ -199,6 +218,18 @@ def mutate(spec, path, value):
      '/sink/dsn'),
     ('dataflow-inc', ['deploy', 'flink', 'job_endpoint'], 'localhost', '/deploy/flink/job_endpoint'),
     ('dataflow-inc', ['deploy', 'flink', 'job_endpoint'], KeyError, '/deploy/flink/job_endpoint'),
+    ('dataflow-inc', ['window', 'rollups', 0, 'size_s'], 90, '/window/rollups/0/size_s'),
+    ('dataflow-inc', ['window', 'rollups', 0, 'size_s'], 60, '/window/rollups/0/size_s'),
+    ('dataflow-inc', ['window', 'size_s'], 7, '/window/rollups/0/size_s'),
+    ('dataflow-inc', ['window', 'rollups', 0, 'allowed_lateness_s'], -1,
+     '/window/rollups/0/allowed_lateness_s'),
+    ('dataflow-inc', ['window', 'rollups', 0, 'allowed_lateness_s'], KeyError,
+     '/window/rollups/0/allowed_lateness_s'),
+    ('dataflow-inc', ['window', 'rollups', 0, 'every_s'], 5, '/window/rollups/0/every_s'),
+    ('dataflow-inc', ['window', 'rollups'], [], '/window/rollups'),
+    ('dataflow-inc', ['window', 'rollups'], [{'size_s': 3600, 'allowed_lateness_s': 900},
+                                             {'size_s': 3600, 'allowed_lateness_s': 0}],
+     '/window/rollups/1/size_s'),
 ])
 def test_a_broken_customer_file_is_refused_naming_the_field(tmp_path, name, path, value,
                                                            pointer):

@@ -37,10 +37,19 @@ def _to_json_line(record) -> str:
   return json.dumps(obj, separators=(',', ':'), allow_nan=False) + '\n'
 
 
+def _make_parent(path: str) -> None:
+  """The folder of a local output file, made where the writer runs (a worker
+  may not share the launcher's disk)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
 class _AppendLinesFn(beam.DoFn):
 
   def __init__(self, path: str):
     self._path = path
+
+  def setup(self):
+    _make_parent(self._path)
 
   def start_bundle(self):
     self._lines: List[str] = []
@@ -86,6 +95,9 @@ class _ReplaceFileFn(beam.DoFn):
 
   def __init__(self, path: str):
     self._path = path
+
+  def setup(self):
+    _make_parent(self._path)
 
   def process(self, record: Dict) -> Iterable:
     tmp = f'{self._path}.tmp.{os.getpid()}.{threading.get_ident()}'
@@ -218,6 +230,7 @@ class _UpsertSqliteFn(beam.DoFn):
     self._path = path
 
   def setup(self):
+    _make_parent(self._path)
     self._conn = sqlite3.connect(self._path, timeout=60, check_same_thread=False)
     with self._conn:
       self._conn.execute(SQLITE_DDL)
