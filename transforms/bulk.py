@@ -48,10 +48,12 @@ DUPLICATE_TAG = 'duplicate'
 #: or None, processing time s at arrival, source, payload).
 Message = Tuple[int, int, Optional[int], float, str, str]
 #: An event in a chunk, a plain tuple (cheap to encode): arrival index, step,
-#: processing time s at arrival, then the fields of Event in order.
+#: processing time s at arrival, then the fields of Event in order. Once routed,
+#: only the first ``WINDOWED_FIELDS`` travel on (aggregation needs no payload).
 Row = tuple
 SEQ, STEP, ARRIVED_AT = 0, 1, 2
 EVENT_ID, CUSTOMER_ID, KEY, VALUE, EVENT_TIME, SOURCE, DATA, ARRIVAL_WATERMARK = range(3, 11)
+WINDOWED_FIELDS = VALUE + 1
 
 
 def row_event(row: Row) -> Event:
@@ -150,7 +152,7 @@ class _RouteChunkFn(beam.DoFn):
       if watermark is not None and watermark >= spec.closing(start):
         too_late.append(dead_letter_too_late(spec, row_event(row)))
       else:
-        by_window[start].append(row)
+        by_window[start].append(row[:WINDOWED_FIELDS])
     yield from by_window.items()
     if too_late:
       yield pvalue.TaggedOutput(TOO_LATE_TAG, too_late)

@@ -193,9 +193,10 @@ class Timeline:
     self._in_messages = False
 
 
-def _validated_lines(path: str) -> Tuple[List[tuple], Tuple[str, ...]]:
+def _validated_lines(path: str, keep_data: bool = True) -> Tuple[List[tuple], Tuple[str, ...]]:
   """Every non-blank line as ``(offset, number, kind, source, payload)``, and
-  the sources named in the file; raises ReplayError at the first bad line."""
+  the sources named in the file; raises ReplayError at the first bad line.
+  Without ``keep_data`` a message's payload is left out (None)."""
   lines = []
   sources: Dict[str, None] = {}
   offset = 0
@@ -204,7 +205,8 @@ def _validated_lines(path: str) -> Tuple[List[tuple], Tuple[str, ...]]:
       kind, source, payload = _classify(path, number, text)
       if source is not None:
         sources.setdefault(source)
-      lines.append((offset, number, kind, source, payload))
+      lines.append((offset, number, kind, source,
+                    payload if keep_data or kind != 'data' else None))
     offset += len(raw)
   return lines, tuple(sources)
 
@@ -266,7 +268,7 @@ def index_replay(path: str, chunk_messages: int = 20000) -> ReplayIndex:
   with the timeline where it starts, for readers working in parallel."""
   if chunk_messages <= 0:
     raise ValueError(f'chunk_messages must be positive, got {chunk_messages}')
-  lines, sources = _validated_lines(path)
+  lines, sources = _validated_lines(path, keep_data=False)
   timeline = Timeline(sources)
   chunks: List[ChunkStart] = []
   watermark_steps: List[Tuple[int, Optional[int]]] = []
