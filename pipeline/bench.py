@@ -27,9 +27,17 @@ from pipeline import reference, traffic
 from pipeline.run import final_panes
 
 
+def _flag(extra: List[str], name: str, default: str) -> str:
+  for i, arg in enumerate(extra):
+    if arg == name and i + 1 < len(extra):
+      return extra[i + 1]
+    if arg.startswith(name + '='):
+      return arg.split('=', 1)[1]
+  return default
+
+
 def _runner(extra: List[str]) -> str:
-  return next((extra[i + 1] for i, a in enumerate(extra[:-1]) if a == '--runner'),
-              'DirectRunner')
+  return _flag(extra, '--runner', 'DirectRunner')
 
 
 def _replay_for(args: argparse.Namespace, messages: int, rate: float, tick_s: int) -> str:
@@ -74,6 +82,8 @@ def _bench_replay(args: argparse.Namespace, extra: List[str]) -> dict:
   return {
       'bench': 'replay',
       'runner': _runner(extra),
+      'replay_mode': _flag(
+          extra, '--replay-mode', 'bulk' if _runner(extra) == 'DirectRunner' else 'stream'),
       'messages': args.messages,
       'wall_s': round(wall, 2),
       'events_per_s': round(args.messages / wall, 1),

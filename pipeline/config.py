@@ -32,6 +32,9 @@ DEFAULT_KAFKA_EXPANSION_SERVICE = 'localhost:' + os.environ.get('KAFKA_EXPANSION
 
 #: How a replay runs: as a stream (TestStream) or in bulk (batch, chunked).
 REPLAY_MODES = ('stream', 'bulk')
+#: Runners on which a replay runs in bulk unless told otherwise: the
+#: DirectRunner's streaming mode manages a few hundred events per second.
+BULK_REPLAY_RUNNERS = ('DirectRunner', 'BundleBasedDirectRunner', 'SwitchingDirectRunner')
 #: Runners that cannot advance processing time in a TestStream (Flink refuses
 #: with "Advancing Processing time is not supported by the Flink Runner").
 NO_PROCESSING_TIME_TEST_STREAM_RUNNERS = ('FlinkRunner', 'PortableRunner')
@@ -167,6 +170,15 @@ def parse_rollups(specs: Sequence[str], window_size_s: int,
   except RollupError as e:
     size, lateness = rollups[e.index]
     raise ConfigError(field, f'{size}:{lateness}: {e.reason}') from None
+
+
+def default_replay_mode(kind: str, runner: str, sample_memory: Optional[int],
+                        rollups) -> str:
+  """Bulk for a replay on the DirectRunner, unless the run needs event time to
+  pass as a stream (memory samples, rollups); stream otherwise."""
+  if kind == 'replay' and runner in BULK_REPLAY_RUNNERS and sample_memory is None and not rollups:
+    return 'bulk'
+  return 'stream'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,7 +373,7 @@ class RunConfig:
     if topic is not None:
       parse_aggregates_topic(topic)
     rollups = parse_rollups(opts.rollup or [], window)
-    replay_mode = opts.replay_mode or 'stream'
+    replay_mode = opts.replay_mode or default_replay_mode(kind, runner, sample_memory, rollups)
     if replay_mode not in REPLAY_MODES:
       raise ConfigError(
           '--replay-mode', f'must be one of {", ".join(REPLAY_MODES)}, got {replay_mode!r}')

@@ -73,10 +73,12 @@ class TidemarkOptions(PipelineOptions):
         help='Unbounded sources: stop the run after this many seconds of wall time '
         '(default: run until interrupted).')
     option('replay_mode',
-        help='replay sources: stream (default; the file as a TestStream on a streaming '
-        'runner: watermarks advance and triggers fire as they would live) or bulk (the '
-        'whole file at once, in chunks, on a batch runner, with the same rules applied '
-        'to the replay\'s timeline: the same outputs, much faster).')
+        help='replay sources: stream (the file as a TestStream on a streaming runner: '
+        'watermarks advance and triggers fire as they would live) or bulk (the whole file '
+        'at once, in chunks, on a batch runner, the same rules applied along the '
+        'replay\'s timeline: the same outputs, much faster). Default: bulk on the '
+        'DirectRunner (stream when --sample-memory-every or --rollup need it), stream '
+        'on other runners.')
     option('kafka_expansion_service', help='HOST:PORT of the Java expansion service for Kafka IO (default: the '
         'one scripts/flink.sh starts, localhost:18096).')
     option('kafka_max_records', type=int,

@@ -10,10 +10,10 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from pipeline.build import ROLLUP_PREFIX, build, build_bulk, read_source
-from pipeline.config import ConfigError, RunConfig, watermark_risks
+from pipeline.config import BULK_REPLAY_RUNNERS, ConfigError, RunConfig, watermark_risks
 from pipeline.reconciliation import final_panes, reconcile_rollups
 from transforms.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.replay import ReplayError
@@ -203,6 +203,23 @@ def run_unbounded(options: PipelineOptions, config: RunConfig, source):
   return result
 
 
+#: A bulk replay this large runs on one DirectRunner worker process per core
+#: (below it, starting the processes costs more than they save).
+PARALLEL_BULK_MESSAGES = 200_000
+
+
+def use_every_core(options: PipelineOptions, messages: int) -> None:
+  """A large bulk replay on the DirectRunner: one worker process per core,
+  unless ``--direct_num_workers`` was given."""
+  if (options.view_as(StandardOptions).runner not in BULK_REPLAY_RUNNERS or
+      messages < PARALLEL_BULK_MESSAGES or
+      'direct_num_workers' in options.get_all_options(drop_default=True)):
+    return
+  direct = options.view_as(DirectOptions)
+  direct.direct_num_workers = os.cpu_count() or 1
+  direct.direct_running_mode = 'multi_processing'
+
+
 def main(argv: Optional[List[str]] = None) -> int:
   """``python -m pipeline run``: run, reconcile, print the accounting."""
   logging.getLogger('apache_beam').setLevel(logging.WARNING)
@@ -220,6 +237,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   flow = build_bulk if config.replay_mode == 'bulk' else build
   if not standard.runner:
     standard.runner = 'DirectRunner'
+  if config.replay_mode == 'bulk':
+    use_every_core(options, source.index.messages)
   try:
     warnings = watermark_risks(config, standard.runner)
   except ConfigError as e:

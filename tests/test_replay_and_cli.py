@@ -91,14 +91,16 @@ def test_a_bad_setting_is_refused_naming_the_field(tmp_path, flag, value, field)
   assert field in result.stderr
 
 
-def test_cli_outputs_equal_the_contract_on_a_generated_incident_replay(tmp_path):
+@pytest.mark.parametrize('mode', ['stream', 'bulk'])
+def test_cli_outputs_equal_the_contract_on_a_generated_incident_replay(tmp_path, mode):
   window, lateness = 60, 30
   replay = str(tmp_path / 'incident.jsonl')
   traffic.write_replay(replay, traffic.Profile(
       messages=2500, seed=11, window_size_s=window, allowed_lateness_s=lateness))
   out = tmp_path / 'out'
   result = cli('run', '--source', f'replay:{replay}', '--window-size', str(window),
-               '--allowed-lateness', str(lateness), '--output-dir', str(out))
+               '--allowed-lateness', str(lateness), '--output-dir', str(out),
+               '--replay-mode', mode)
   assert result.returncode == 0, result.stderr[-3000:]
 
   expected = reference.compute(replay, window, lateness)

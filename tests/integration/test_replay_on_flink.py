@@ -67,14 +67,16 @@ def test_a_replay_on_flink_equals_the_direct_runner_and_the_contract(tmp_path, f
   # windowing; Tidemark applies one rule on both, and this replay exercises it.
   assert _arrivals_at_exactly_end_plus_lateness(replay) >= 1
 
-  direct = _run(replay, str(tmp_path / 'direct'))
-  flink = _run(replay, str(tmp_path / 'flink'), *flink_args(flink_job_server))
+  direct = _run(replay, str(tmp_path / 'direct'), '--replay-mode', 'stream')
+  bulk = _run(replay, str(tmp_path / 'bulk'), '--replay-mode', 'bulk')
+  flink = _run(replay, str(tmp_path / 'flink'), '--replay-mode', 'stream',
+               *flink_args(flink_job_server))
 
   expected = reference.compute(replay, WINDOW_S, LATENESS_S)
   assert expected.accounting['too_late'] > 0 and expected.accounting['duplicate'] > 0
-  for outputs in (direct, flink):
+  for outputs in (direct, bulk, flink):
     assert outputs['accounting'] == expected.accounting
     assert outputs['finals'] == expected.windows
     assert outputs['too_late'] == sorted(expected.too_late)
     assert outputs['invalid'] == sorted(expected.invalid)
-  assert flink == direct
+  assert flink == direct == bulk
