@@ -208,12 +208,12 @@ def run_unbounded(options: PipelineOptions, config: RunConfig, source):
 PARALLEL_BULK_MESSAGES = 200_000
 
 
-def use_every_core(options: PipelineOptions, messages: int) -> None:
+def use_every_core(options: PipelineOptions, argv: List[str], messages: int) -> None:
   """A large bulk replay on the DirectRunner: one worker process per core,
   unless ``--direct_num_workers`` was given."""
   if (options.view_as(StandardOptions).runner not in BULK_REPLAY_RUNNERS or
       messages < PARALLEL_BULK_MESSAGES or
-      'direct_num_workers' in options.get_all_options(drop_default=True)):
+      any(a.startswith('--direct_num_workers') for a in argv)):
     return
   direct = options.view_as(DirectOptions)
   direct.direct_num_workers = os.cpu_count() or 1
@@ -238,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   if not standard.runner:
     standard.runner = 'DirectRunner'
   if config.replay_mode == 'bulk':
-    use_every_core(options, source.index.messages)
+    use_every_core(options, sys.argv[1:] if argv is None else argv, source.index.messages)
   try:
     warnings = watermark_risks(config, standard.runner)
   except ConfigError as e:

@@ -25,14 +25,15 @@ INVALID_TAG = 'invalid'
 class _Payload(msgspec.Struct):
   """The wire shape; unknown fields are ignored."""
   event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-  customer_id: Annotated[
-      str, msgspec.Meta(min_length=1, max_length=64, pattern=r'^[A-Za-z0-9_.-]+\Z')]
+  customer_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]  # + _CUSTOMER_ID
   key: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
   value: Union[int, float]
   event_time: Union[int, str]
 
 
 _DECODER = msgspec.json.Decoder(_Payload)
+#: Checked after decoding: a pattern in msgspec.Meta costs twice as much.
+_CUSTOMER_ID = re.compile(r'[A-Za-z0-9_.-]+')
 
 _RFC3339 = re.compile(
     r'(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?'
@@ -92,6 +93,10 @@ def parse_payload(data: Union[str, bytes]) -> tuple:
   except msgspec.DecodeError as e:
     raise InvalidPayload(f'not a JSON object: {e}') from None
 
+  if _CUSTOMER_ID.fullmatch(payload.customer_id) is None:
+    raise InvalidPayload(
+        f'invalid field: customer_id {payload.customer_id[:64]!r} has characters outside '
+        'A-Z a-z 0-9 _ . - - at `$.customer_id`')
   value = payload.value
   if isinstance(value, int):
     try:

@@ -74,13 +74,20 @@ def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _read_lines(path: str) -> Iterator[Tuple[int, bytes, str]]:
+def _read_lines(path: str) -> Iterator[Tuple[int, bytes, Optional[tuple]]]:
+  """``(line number, bytes, (kind, source, payload) or None when blank)``;
+  raises ReplayError at the first bad line."""
   with open(path, 'rb') as f:
     for number, raw in enumerate(f, start=1):
+      fast = _classify_fast(raw)  # msgspec refuses invalid UTF-8 too
+      if fast is not None:
+        yield number, raw, fast
+        continue
       try:
-        yield number, raw, raw.decode('utf-8')
+        text = raw.decode('utf-8')
       except UnicodeDecodeError as e:
         raise ReplayError(path, number, f'not UTF-8 ({e.reason})') from None
+      yield number, raw, _classify(path, number, text) if text.strip() else None
 
 
 _JSON = msgspec.json.Decoder()
@@ -96,7 +103,42 @@ def _decode(text: Union[str, bytes]):
     return json.loads(text)
 
 
+class _Line(msgspec.Struct, forbid_unknown_fields=True):
+  """The shapes of a replay line, for the fast path of ``_classify``."""
+  source: Union[str, msgspec.UnsetType] = msgspec.UNSET
+  data: Union[str, msgspec.UnsetType] = msgspec.UNSET
+  watermark: Union[int, msgspec.UnsetType] = msgspec.UNSET
+  advance_processing_time: Union[int, float, msgspec.UnsetType] = msgspec.UNSET
+
+
+_LINE = msgspec.json.Decoder(_Line)
+_UNSET = msgspec.UNSET
+
+
+def _classify_fast(text: Union[str, bytes]):
+  """``_classify`` for well-formed lines, or None: then ``_classify`` decides
+  (and names what is wrong)."""
+  try:
+    line = _LINE.decode(text)
+  except (msgspec.DecodeError, msgspec.ValidationError):
+    return None
+  source = line.source
+  if source is not _UNSET and source and line.advance_processing_time is _UNSET:
+    if line.data is not _UNSET and line.watermark is _UNSET:
+      return 'data', source, line.data
+    mark = line.watermark
+    if line.data is _UNSET and mark is not _UNSET and MIN_WATERMARK_MS <= mark <= MAX_WATERMARK_MS:
+      return 'watermark', source, mark
+  elif (source is _UNSET and line.data is _UNSET and line.watermark is _UNSET and
+        line.advance_processing_time is not _UNSET and line.advance_processing_time >= 0):
+    if math.isfinite(line.advance_processing_time):
+      return 'processing_time', None, line.advance_processing_time
+  return None
+
+
 def _classify(path: str, number: int, text: str):
+  """``(kind, source, payload)`` of a line that ``_classify_fast`` could not
+  take, or ReplayError saying what is wrong with it."""
   try:
     obj = _decode(text)
   except ValueError as e:
@@ -147,12 +189,16 @@ class Timeline:
     self.step = -1
     self._in_messages = False
 
-  def message(self, source: str) -> Optional[int]:
-    """A message arrives; returns its source's lag behind the most advanced
-    source (None while the pipeline watermark is at the beginning of time)."""
+  def arrive(self) -> None:
+    """A message arrives: the first of a run starts a step."""
     if not self._in_messages:
       self.step += 1
       self._in_messages = True
+
+  def message(self, source: str) -> Optional[int]:
+    """A message arrives; returns its source's lag behind the most advanced
+    source (None while the pipeline watermark is at the beginning of time)."""
+    self.arrive()
     if self.watermark is None:
       return None
     return max(self.source_marks.values()) - self.source_marks[source]
@@ -193,20 +239,18 @@ class Timeline:
     self._in_messages = False
 
 
-def _validated_lines(path: str, keep_data: bool = True) -> Tuple[List[tuple], Tuple[str, ...]]:
+def _validated_lines(path: str) -> Tuple[List[tuple], Tuple[str, ...]]:
   """Every non-blank line as ``(offset, number, kind, source, payload)``, and
-  the sources named in the file; raises ReplayError at the first bad line.
-  Without ``keep_data`` a message's payload is left out (None)."""
+  the sources named in the file; raises ReplayError at the first bad line."""
   lines = []
   sources: Dict[str, None] = {}
   offset = 0
-  for number, raw, text in _read_lines(path):
-    if text.strip():
-      kind, source, payload = _classify(path, number, text)
+  for number, raw, line in _read_lines(path):
+    if line is not None:
+      kind, source, payload = line
       if source is not None:
         sources.setdefault(source)
-      lines.append((offset, number, kind, source,
-                    payload if keep_data or kind != 'data' else None))
+      lines.append((offset, number, kind, source, payload))
     offset += len(raw)
   return lines, tuple(sources)
 
@@ -268,26 +312,56 @@ def index_replay(path: str, chunk_messages: int = 20000) -> ReplayIndex:
   with the timeline where it starts, for readers working in parallel."""
   if chunk_messages <= 0:
     raise ValueError(f'chunk_messages must be positive, got {chunk_messages}')
-  lines, sources = _validated_lines(path, keep_data=False)
-  timeline = Timeline(sources)
+  # Pass 1: check every line; keep the control lines, runs of messages (as
+  # counts) and where each chunk starts.
+  sources: Dict[str, None] = {}
+  items: List[tuple] = []
+  messages = 0
+  run = 0
+  offset = 0
+  for number, raw, line in _read_lines(path):
+    if line is not None:
+      kind, source, payload = line
+      if source is not None:
+        sources.setdefault(source)
+      if kind == 'data':
+        if messages % chunk_messages == 0:
+          if run:
+            items.append(('data', run))
+            run = 0
+          items.append(('chunk', offset, messages))
+        messages += 1
+        run += 1
+      else:
+        if run:
+          items.append(('data', run))
+          run = 0
+        items.append((kind, number, source, payload))
+    offset += len(raw)
+  if run:
+    items.append(('data', run))
+
+  # Pass 2: the timeline, now that every source is known.
+  timeline = Timeline(tuple(sources))
   chunks: List[ChunkStart] = []
   watermark_steps: List[Tuple[int, Optional[int]]] = []
   processing_time_steps: List[Tuple[int, float]] = []
-  messages = 0
-  for offset, number, kind, source, payload in lines:
+  for item in items:
+    kind = item[0]
     if kind == 'data':
-      if messages % chunk_messages == 0:
-        if chunks:
-          chunks[-1] = chunks[-1]._replace(messages=messages - chunks[-1].first_message)
-        chunks.append(ChunkStart(offset, messages, 0, copy.deepcopy(timeline)))
-      messages += 1
-      timeline.message(source)
+      timeline.arrive()
+    elif kind == 'chunk':
+      _, chunk_offset, first = item
+      if chunks:
+        chunks[-1] = chunks[-1]._replace(messages=first - chunks[-1].first_message)
+      chunks.append(ChunkStart(chunk_offset, first, 0, copy.deepcopy(timeline)))
     elif kind == 'processing_time':
-      if timeline.advance_processing_time(payload):
+      if timeline.advance_processing_time(item[3]):
         processing_time_steps.append((timeline.step, timeline.processing_time))
     else:
+      _, number, source, mark = item
       try:
-        moved = timeline.advance_watermark(source, payload)
+        moved = timeline.advance_watermark(source, mark)
       except ValueError as e:
         raise ReplayError(path, number, str(e)) from None
       if moved:
@@ -297,7 +371,7 @@ def index_replay(path: str, chunk_messages: int = 20000) -> ReplayIndex:
   timeline.finish()
   watermark_steps.append((timeline.step, None))
   return ReplayIndex(
-      path, sources, messages, chunks, watermark_steps, processing_time_steps,
+      path, tuple(sources), messages, chunks, watermark_steps, processing_time_steps,
       timeline.max_lag)
 
 
@@ -311,18 +385,21 @@ def read_chunk(path: str, chunk: ChunkStart) -> Iterator[Tuple[int, int, Optiona
   with open(path, 'rb') as f:
     f.seek(chunk.offset)
     for raw in f:
-      if not raw.strip():
-        continue
-      obj = _decode(raw)
-      if 'data' in obj:
-        source = obj['source']
-        timeline.message(source)
-        yield seq, timeline.step, timeline.watermark, timeline.processing_time, source, obj['data']
+      line = _classify_fast(raw)
+      if line is None:
+        text = raw.decode('utf-8')
+        if not text.strip():
+          continue
+        line = _classify(path, 0, text)
+      kind, source, payload = line
+      if kind == 'data':
+        timeline.arrive()
+        yield seq, timeline.step, timeline.watermark, timeline.processing_time, source, payload
         seq += 1
         left -= 1
         if not left:
           return
-      elif 'watermark' in obj:
-        timeline.advance_watermark(obj['source'], obj['watermark'])
+      elif kind == 'watermark':
+        timeline.advance_watermark(source, payload)
       else:
-        timeline.advance_processing_time(obj['advance_processing_time'])
+        timeline.advance_processing_time(payload)
