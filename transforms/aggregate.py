@@ -10,7 +10,7 @@ from apache_beam.transforms import trigger
 from apache_beam.utils.timestamp import Duration
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
-from transforms.model import Event, WindowAggregate, window_spec
+from transforms.model import Event, WindowAggregate, check_early_firing, window_spec
 from transforms.parse import millis_to_timestamp
 
 
@@ -98,9 +98,7 @@ class AggregateWindows(beam.PTransform):
       early_firing_s: Optional[int] = None):
     super().__init__()
     window_spec(window_size_s, allowed_lateness_s)  # validates
-    if early_firing_s is not None and (
-        not isinstance(early_firing_s, int) or early_firing_s <= 0):
-      raise ValueError(f'early_firing_s must be a positive integer, got {early_firing_s!r}')
+    check_early_firing(early_firing_s)
     self._size = window_size_s
     self._lateness = allowed_lateness_s
     self._early = early_firing_s

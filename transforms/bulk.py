@@ -36,7 +36,8 @@ from apache_beam.coders import coder_impl
 from transforms.aggregate import Stats
 from transforms.lateness import dead_letter_too_late
 from transforms.model import (
-    AGGREGATED, CATEGORIES, INVALID, DeadLetter, Event, WindowAggregate, window_spec)
+    AGGREGATED, CATEGORIES, INVALID, DeadLetter, Event, WindowAggregate, check_early_firing,
+    window_spec)
 from transforms.parse import InvalidPayload, parse_payload
 from transforms.replay import ReplayIndex, read_chunk
 
@@ -277,9 +278,7 @@ class AggregateWindowsInBulk(beam.PTransform):
                early_firing_s: Optional[int], index: ReplayIndex):
     super().__init__()
     window_spec(window_size_s, allowed_lateness_s)  # validates
-    if early_firing_s is not None and (
-        not isinstance(early_firing_s, int) or early_firing_s <= 0):
-      raise ValueError(f'early_firing_s must be a positive integer, got {early_firing_s!r}')
+    check_early_firing(early_firing_s)
     self._size = window_size_s
     self._early = early_firing_s
     self._watermark_steps = index.watermark_steps

@@ -119,6 +119,14 @@ def window_spec(window_size_s: int, allowed_lateness_s: int) -> WindowSpec:
   return WindowSpec(window_size_s * 1000, allowed_lateness_s * 1000)
 
 
+def check_early_firing(early_firing_s) -> None:
+  """Early panes: None (off) or a positive whole number of seconds."""
+  if early_firing_s is not None and (
+      isinstance(early_firing_s, bool) or not isinstance(early_firing_s, int) or
+      early_firing_s <= 0):
+    raise ValueError(f'early_firing_s must be a positive integer, got {early_firing_s!r}')
+
+
 def stable_shard(event_id: str, shards: int) -> int:
   """A shard for ``event_id`` that is the same in every process and run."""
   if shards == 1:

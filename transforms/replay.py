@@ -239,19 +239,24 @@ class Timeline:
     self._in_messages = False
 
 
-def _validated_lines(path: str) -> Tuple[List[tuple], Tuple[str, ...]]:
-  """Every non-blank line as ``(offset, number, kind, source, payload)``, and
-  the sources named in the file; raises ReplayError at the first bad line."""
-  lines = []
-  sources: Dict[str, None] = {}
+def _checked_lines(path: str, sources: Dict[str, None]) -> Iterator[tuple]:
+  """Every non-blank line as ``(offset, number, kind, source, payload)``,
+  adding the sources it names to ``sources``; raises ReplayError at the first
+  bad line."""
   offset = 0
   for number, raw, line in _read_lines(path):
     if line is not None:
       kind, source, payload = line
       if source is not None:
         sources.setdefault(source)
-      lines.append((offset, number, kind, source, payload))
+      yield offset, number, kind, source, payload
     offset += len(raw)
+
+
+def _validated_lines(path: str) -> Tuple[List[tuple], Tuple[str, ...]]:
+  """Every non-blank line (``_checked_lines``), and the sources named in the file."""
+  sources: Dict[str, None] = {}
+  lines = list(_checked_lines(path, sources))
   return lines, tuple(sources)
 
 
@@ -318,26 +323,20 @@ def index_replay(path: str, chunk_messages: int = 20000) -> ReplayIndex:
   items: List[tuple] = []
   messages = 0
   run = 0
-  offset = 0
-  for number, raw, line in _read_lines(path):
-    if line is not None:
-      kind, source, payload = line
-      if source is not None:
-        sources.setdefault(source)
-      if kind == 'data':
-        if messages % chunk_messages == 0:
-          if run:
-            items.append(('data', run))
-            run = 0
-          items.append(('chunk', offset, messages))
-        messages += 1
-        run += 1
-      else:
+  for offset, number, kind, source, payload in _checked_lines(path, sources):
+    if kind == 'data':
+      if messages % chunk_messages == 0:
         if run:
           items.append(('data', run))
           run = 0
-        items.append((kind, number, source, payload))
-    offset += len(raw)
+        items.append(('chunk', offset, messages))
+      messages += 1
+      run += 1
+    else:
+      if run:
+        items.append(('data', run))
+        run = 0
+      items.append((kind, number, source, payload))
   if run:
     items.append(('data', run))
 
