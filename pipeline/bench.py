@@ -1,9 +1,11 @@
 """``python -m pipeline bench``: benchmarks that print figures, one JSON line per run.
 
-  replay   a generated incident replay through the whole pipeline (any runner),
-           beside the same data through the plain-Python reference; prints
-           events/s, wall time, peak RSS and the ratio to the reference, and
-           whether the outputs were equal.
+  replay   a generated incident replay through the whole pipeline (any runner;
+           on the DirectRunner in bulk unless --replay-mode stream is passed
+           through), beside the same data through the plain-Python reference;
+           prints events/s, wall time, peak RSS and the ratio to the
+           reference, and whether the outputs were equal. The full incident
+           hour: --messages 2850000 --rate 791.
   soak     HOURS of event time at a steady rate (1-minute windows with lateness);
            the worker's RSS is sampled inside the pipeline each event-time hour;
            prints the samples and whether they stay flat (within +-10 %) after
