@@ -143,3 +143,20 @@ def test_bulk_settings_that_cannot_work_are_refused_naming_the_field(tmp_path, a
   result = cli('run', '--output-dir', str(tmp_path / 'out'), *args)
   assert result.returncode == 2
   assert field in result.stderr
+
+
+def test_probing_the_watermark_gives_what_the_replay_states_on_a_generated_replay(tmp_path):
+  # The live-source path (timer probes whose floor rises as windows close) must
+  # decide exactly as the replay's own watermarks do, over many windows.
+  replay = _generated(tmp_path, 1500, seed=13)
+  with open(replay, encoding='utf-8') as f:
+    lines = [line.rstrip('\n') for line in f]
+  (tmp_path / 'stated').mkdir()
+  (tmp_path / 'probed').mkdir()
+  stated = run_replay(tmp_path / 'stated', lines)
+  probed = run_replay(tmp_path / 'probed', lines, arrival_watermarks=False)
+  expected = reference.compute(replay, 60, 30)
+  assert probed.accounting == stated.accounting == expected.accounting
+  assert expected.accounting['too_late'] > 0
+  assert _multiset(probed, 'aggregates') == _multiset(stated, 'aggregates')
+  assert _multiset(probed, 'dead_letters') == _multiset(stated, 'dead_letters')

@@ -18,8 +18,9 @@ fires at T proves the watermark reached T. Events are keyed by
 Per key:
 
 * the first event of a window sets an **expiry** timer just past
-  ``end + lateness`` and a **probe** timer at the beginning of time, and is
-  buffered. The probe fires at once; its handler sets a **confirm** timer, which
+  ``end + lateness`` and a **probe** timer at a lower bound of the watermark
+  (the latest instant a timer of this DoFn fired; at first the beginning of
+  time), and is buffered. The probe fires at once; its handler sets a **confirm** timer, which
   fires one timer round later. Any timer the watermark already allows fires in the
   first round, so when *confirm* fires the expiry timer has either fired (the
   window was closed when the event arrived: the buffer goes to the dead letter)
@@ -115,6 +116,20 @@ class _RouteTooLateFn(beam.DoFn):
   def __init__(self, spec: WindowSpec):
     self._spec = spec
     self.too_late = Metrics.counter('tidemark', 'too_late')
+    self._floor = MIN_TIMESTAMP
+
+  def setup(self):
+    # A lower bound of the input watermark: the latest instant at which a timer
+    # of this instance fired. Probes are set there rather than at the
+    # beginning of time: they still fire in the very next timer round, and the
+    # output watermark they hold while pending is not pulled back to the
+    # beginning of time (on Flink a probe is pending until the next watermark
+    # advance, and with steady traffic some probe always is).
+    self._floor = MIN_TIMESTAMP
+
+  def _fired(self, timestamp: Timestamp) -> None:
+    if timestamp > self._floor:
+      self._floor = timestamp
 
   def process(
       self,
@@ -132,17 +147,23 @@ class _RouteTooLateFn(beam.DoFn):
       status.write(_PROBING)
       window_start = element[0][0]
       expiry.set(Timestamp(micros=self._spec.closing(window_start) * 1000))
-      probe.set(MIN_TIMESTAMP)
+      probe.set(self._floor)
 
   @on_timer(PROBE)
-  def on_probe(self, confirm=beam.DoFn.TimerParam(CONFIRM)):
-    confirm.set(MIN_TIMESTAMP)
+  def on_probe(
+      self,
+      timestamp=beam.DoFn.TimestampParam,
+      confirm=beam.DoFn.TimerParam(CONFIRM)):
+    self._fired(timestamp)
+    confirm.set(self._floor)
 
   @on_timer(CONFIRM)
   def on_confirm(
       self,
+      timestamp=beam.DoFn.TimestampParam,
       status=beam.DoFn.StateParam(STATUS),
       buffer=beam.DoFn.StateParam(BUFFER)) -> Iterable:
+    self._fired(timestamp)
     if status.read() != _PROBING:
       return
     status.write(_OPEN)
@@ -154,9 +175,11 @@ class _RouteTooLateFn(beam.DoFn):
   @on_timer(EXPIRY)
   def on_expiry(
       self,
+      timestamp=beam.DoFn.TimestampParam,
       status=beam.DoFn.StateParam(STATUS),
       buffer=beam.DoFn.StateParam(BUFFER),
       confirm=beam.DoFn.TimerParam(CONFIRM)) -> Iterable:
+    self._fired(timestamp)
     for _, event in buffer.read():
       self.too_late.inc()
       yield pvalue.TaggedOutput(TOO_LATE_TAG, dead_letter_too_late(self._spec, event))
