@@ -1,0 +1,529 @@
+"""``python -m pipeline bench stream``: the highest rate the pipeline sustains
+reading Kafka on Flink, and the event-to-final-pane latency.
+
+Needs a running Kafka broker and Flink job server (``scripts/kafka.sh start``,
+``scripts/flink.sh start``); the bench does not start or stop them, so JVM
+start-up is never part of a figure. It creates fresh topics (one per traffic
+source), launches ``python -m pipeline run`` reading them (by default on the
+Flink job server, LOOPBACK worker), and publishes the simulator's incident
+traffic (pipeline.traffic) at increasing rates, one step per rate. Event times
+are shifted to the moment each step starts, so event time follows the wall
+clock and a window's end is a wall-clock instant.
+
+Per step it compares what was published with what the pipeline has accounted
+for (accounting.json, rewritten every 2 s): the step is *sustained* when the
+backlog (published - received, and published - received-and-routed) did not
+grow by more than ``--slack-seconds`` of traffic over the step. The ramp stops
+at the first step that is not sustained. Latency is the wall time from a
+window's end to its ON_TIME pane appearing in aggregates.jsonl (the final pane
+unless late data follows), p50/p95/max over the windows that ended in a step.
+
+At the end it waits for the backlog to drain and every window to close, checks
+the accounting (received = invalid + too_late + duplicate + aggregated, and
+aggregated = the sum of the final panes' counts), stops the job (SIGINT: the
+launcher cancels it) and deletes the topics. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from pipeline import simulate, traffic
+from pipeline.run import Reconciliation, final_panes
+from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
+
+#: Issue 4's throughput target, events per second.
+TARGET_EVENTS_PER_S = 25000
+#: Event times of the generated traffic start here and are shifted to "now".
+_BASE_MS = traffic.INCIDENT_START_MS
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CLK_TCK = os.sysconf('SC_CLK_TCK')
+
+
+def stage_dir() -> str:
+  """Where scripts/ keep pid files and logs (``TIDEMARK_STAGE`` or ``.stage``)."""
+  return os.environ.get('TIDEMARK_STAGE', os.path.join(_ROOT, '.stage'))
+
+
+def service_pid(name: str) -> Optional[int]:
+  """The pid of a live service started by scripts/ (``flink``, ``kafka``), or None."""
+  try:
+    with open(os.path.join(stage_dir(), 'run', f'{name}.pid'), encoding='ascii') as f:
+      pid = int(f.read().strip())
+    os.kill(pid, 0)
+    return pid
+  except (OSError, ValueError):
+    return None
+
+
+def flink_args() -> List[str]:
+  """Runner options for the job server that scripts/flink.sh starts."""
+  port = os.environ.get('FLINK_JOB_PORT', '18099')
+  return ['--runner=PortableRunner', f'--job_endpoint=localhost:{port}',
+          '--environment_type=LOOPBACK']
+
+
+# --- Pure logic: verdicts and summaries (unit tested) -------------------------
+
+def step_verdict(rate: float, seconds: float, published: Tuple[int, int],
+                 received: Tuple[int, int], accounted: Tuple[int, int],
+                 slack_s: float) -> dict:
+  """Whether one step of the ramp was sustained.
+
+  ``published``, ``received`` and ``accounted`` are (at step start, at step
+  end) totals. The backlog is published minus received (read by the pipeline)
+  and published minus accounted (routed to an outcome); the step is sustained
+  when neither grew by more than ``slack_s`` seconds of traffic at ``rate``
+  (the accounting record is rewritten every 2 s, so it always trails a little).
+  """
+  if rate <= 0 or seconds <= 0 or slack_s < 0:
+    raise ValueError('rate and seconds must be positive, slack_s non-negative')
+  sent = published[1] - published[0]
+  backlog = [published[i] - received[i] for i in (0, 1)]
+  unrouted = [published[i] - accounted[i] for i in (0, 1)]
+  allowed = slack_s * rate
+  return {
+      'rate': rate,
+      'seconds': round(seconds, 1),
+      'published': sent,
+      'publish_rate': round(sent / seconds, 1),
+      'receive_rate': round((received[1] - received[0]) / seconds, 1),
+      'account_rate': round((accounted[1] - accounted[0]) / seconds, 1),
+      'backlog_start': backlog[0],
+      'backlog_end': backlog[1],
+      'unrouted_end': unrouted[1],
+      'backlog_growth': backlog[1] - backlog[0],
+      'sustained': (backlog[1] - backlog[0] <= allowed and
+                    unrouted[1] - unrouted[0] <= allowed),
+  }
+
+
+def percentile(values: Sequence[float], q: float) -> Optional[float]:
+  """Nearest-rank percentile (``q`` in 0..100) of ``values``; None when empty."""
+  if not values:
+    return None
+  ordered = sorted(values)
+  rank = max(1, -(-len(ordered) * q // 100))  # ceil
+  return ordered[int(rank) - 1]
+
+
+def latency_summary(seconds: Sequence[float]) -> dict:
+  """p50, p95 and max (s, one decimal) of latencies, and how many there were."""
+  def r(x):
+    return None if x is None else round(x, 1)
+  return {'windows': len(seconds), 'p50_s': r(percentile(seconds, 50)),
+          'p95_s': r(percentile(seconds, 95)), 'max_s': r(max(seconds) if seconds else None)}
+
+
+def max_sustained(steps: Iterable[dict]) -> Optional[float]:
+  """The highest rate of the unbroken run of sustained steps from the start."""
+  best = None
+  for step in steps:
+    if not step['sustained']:
+      break
+    best = step['rate']
+  return best
+
+
+def parse_rates(text: str) -> List[float]:
+  try:
+    rates = [float(r) for r in text.split(',') if r.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected RATE[,RATE...]') from None
+  if not rates or any(r <= 0 for r in rates) or rates != sorted(rates):
+    raise argparse.ArgumentTypeError(f'{text!r}: rates must be positive and increasing')
+  return rates
+
+
+# --- Observing the run --------------------------------------------------------
+
+def tree_cpu_seconds(root: int, descendants: bool = True) -> float:
+  """CPU seconds (user + system) used so far by ``root`` and (by default) its
+  descendants."""
+  stats: Dict[int, Tuple[int, float]] = {}
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat', encoding='ascii', errors='replace') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:
+      continue
+    stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+  total, todo = 0.0, [root]
+  while todo:
+    pid = todo.pop()
+    if pid in stats:
+      total += stats[pid][1]
+      if descendants:
+        todo.extend(p for p, (ppid, _) in stats.items() if ppid == pid)
+  return total
+
+
+class _Watcher(threading.Thread):
+  """Polls the run's outputs: the latest accounting record, and the wall time
+  (ms) at which each window's ON_TIME pane first appeared."""
+
+  def __init__(self, accounting_path: str, aggregates_path: str, every_s: float = 0.2):
+    super().__init__(daemon=True)
+    self._accounting_path = accounting_path
+    self._aggregates_path = aggregates_path
+    self._every = every_s
+    self._halt = threading.Event()
+    self._offset = 0
+    self._partial = b''
+    self.lock = threading.Lock()
+    self.accounting: Dict[str, int] = {}
+    self.on_time_seen: Dict[tuple, Tuple[int, int]] = {}  # window -> (end ms, seen ms)
+
+  def run(self) -> None:
+    while not self._halt.is_set():
+      self.poll()
+      self._halt.wait(self._every)
+
+  def stop(self) -> None:
+    self._halt.set()
+    self.join(5)
+
+  def poll(self) -> None:
+    now = int(time.time() * 1000)
+    try:
+      with open(self._accounting_path, encoding='utf-8') as f:
+        accounting = json.load(f)
+      with self.lock:
+        self.accounting = accounting
+    except (OSError, ValueError):
+      pass
+    try:
+      with open(self._aggregates_path, 'rb') as f:
+        f.seek(self._offset)
+        chunk = f.read()
+    except OSError:
+      return
+    self._offset += len(chunk)
+    lines = (self._partial + chunk).split(b'\n')
+    self._partial = lines.pop()
+    with self.lock:
+      for line in lines:
+        pane = json.loads(line)
+        if pane['timing'] == 'ON_TIME':
+          window = (pane['customer_id'], pane['key'], pane['window_start'])
+          self.on_time_seen.setdefault(window, (pane['window_end'], now))
+
+  def counts(self) -> Tuple[int, int]:
+    """(received, accounted) where accounted = invalid + too_late + duplicate + aggregated."""
+    with self.lock:
+      a = dict(self.accounting)
+    return a.get(RECEIVED, 0), sum(a.get(c, 0) for c in (INVALID, TOO_LATE, DUPLICATE, AGGREGATED))
+
+  def latencies(self, start_ms: int, end_ms: int) -> List[float]:
+    """Seconds from window end to ON_TIME pane, for windows ending in [start, end)."""
+    with self.lock:
+      return [(seen - end) / 1000 for end, seen in self.on_time_seen.values()
+              if start_ms <= end < end_ms]
+
+
+def tcp_connections(pid: int, remote_port: int) -> int:
+  """Established TCP connections from process ``pid`` to ``remote_port``."""
+  inodes = set()
+  try:
+    for fd in os.listdir(f'/proc/{pid}/fd'):
+      try:
+        link = os.readlink(f'/proc/{pid}/fd/{fd}')
+      except OSError:
+        continue
+      if link.startswith('socket:['):
+        inodes.add(link[8:-1])
+  except OSError:
+    return 0
+  count = 0
+  for table in ('tcp', 'tcp6'):
+    try:
+      with open(f'/proc/{pid}/net/{table}', encoding='ascii') as f:
+        next(f)
+        for line in f:
+          fields = line.split()
+          if (fields[3] == '01' and int(fields[2].rsplit(':', 1)[1], 16) == remote_port
+              and fields[9] in inodes):
+            count += 1
+    except OSError:
+      pass
+  return count
+
+
+def _port_open(address: str) -> bool:
+  host, _, port = address.rpartition(':')
+  try:
+    with socket.create_connection((host or 'localhost', int(port)), timeout=2):
+      return True
+  except OSError:
+    return False
+
+
+def _option(extra: Sequence[str], name: str) -> Optional[str]:
+  for i, arg in enumerate(extra):
+    if arg == name and i + 1 < len(extra):
+      return extra[i + 1]
+    if arg.startswith(name + '='):
+      return arg.split('=', 1)[1]
+  return None
+
+
+def _require_services(bootstrap: str, extra: Sequence[str]) -> Optional[str]:
+  """None when Kafka, the job server and the expansion service answer; else
+  what to start."""
+  missing = []
+  if not _port_open(bootstrap.split(',')[0]):
+    missing.append(f'Kafka at {bootstrap} (scripts/kafka.sh start)')
+  job = _option(extra, '--job_endpoint')
+  if job and not _port_open(job):
+    missing.append(f'the Flink job server at {job} (scripts/flink.sh start)')
+  expansion = _option(extra, '--kafka-expansion-service') or _option(
+      extra, '--kafka_expansion_service') or 'localhost:' + os.environ.get(
+          'KAFKA_EXPANSION_PORT', '18096')
+  if not _port_open(expansion):
+    missing.append(f'the Kafka expansion service at {expansion} (scripts/flink.sh start)')
+  if missing:
+    return 'bench stream: not running: ' + '; '.join(missing)
+  return None
+
+
+def _step_lines(args: argparse.Namespace, step: int, rate: float,
+                seconds: float) -> List[traffic.Line]:
+  """The simulator's traffic for one step, event ids made unique across steps."""
+  profile = traffic.Profile(
+      messages=max(1, int(rate * seconds)), seed=args.seed + step, rate_per_s=rate,
+      window_size_s=args.window_size, allowed_lateness_s=args.allowed_lateness,
+      start_ms=_BASE_MS)
+  tag = f'"event_id": "s{step}-'
+  return [traffic.Data(line.source, line.payload.replace('"event_id": "', tag, 1),
+                       line.event_time)
+          if isinstance(line, traffic.Data) else line
+          for line in traffic.generate(profile)]
+
+
+def _wait(predicate, timeout_s: float, every_s: float = 0.5) -> bool:
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if predicate():
+      return True
+    time.sleep(every_s)
+  return bool(predicate())
+
+
+def _stop_job(proc: subprocess.Popen) -> int:
+  """SIGINT: the launcher cancels the Flink job and reconciles; then wait."""
+  if proc.poll() is None:
+    proc.send_signal(signal.SIGINT)
+    try:
+      proc.wait(120)
+    except subprocess.TimeoutExpired:
+      proc.terminate()
+      try:
+        proc.wait(30)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+  return proc.returncode
+
+
+def _leaked_consumers(flink_pid: Optional[int], kafka_port: int, before: int) -> int:
+  """Kafka connections the job server opened for the job and still holds a
+  few seconds after it stopped."""
+  if not flink_pid:
+    return 0
+  leaked = 0
+  for _ in range(10):
+    leaked = max(0, tcp_connections(flink_pid, kafka_port) - before)
+    if not leaked:
+      break
+    time.sleep(1)
+  return leaked
+
+
+def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
+  from confluent_kafka.admin import AdminClient, NewTopic
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from pipeline.config import RunConfig
+  from pipeline.run import reconcile
+
+  if _option(extra, '--runner') is None:
+    extra = flink_args() + list(extra)
+  problem = _require_services(args.bootstrap_servers, extra)
+  if problem:
+    raise SystemExit(problem)
+
+  run_id = uuid.uuid4().hex[:8]
+  prefix = f'tidemark-bench-{run_id}-'
+  sources = [s[0] for s in traffic.Profile().sources]
+  topics = {s: prefix + s for s in sources}
+  admin = AdminClient({'bootstrap.servers': args.bootstrap_servers})
+  for future in admin.create_topics(
+      [NewTopic(t, args.partitions, 1) for t in topics.values()]).values():
+    future.result(30)
+
+  out = os.path.join(args.workdir, f'stream-{run_id}')
+  source = f'kafka:{args.bootstrap_servers}/' + ','.join(f'{s}={t}' for s, t in topics.items())
+  run_args = ['--source', source, '--window-size', str(args.window_size),
+              '--allowed-lateness', str(args.allowed_lateness), '--output-dir', out, *extra]
+  config = RunConfig.from_options(PipelineOptions(run_args))
+
+  # Traffic for every step is generated before anything is timed.
+  plan = [(rate, _step_lines(args, k, rate, args.step_seconds))
+          for k, rate in enumerate([args.rates[0]] + list(args.rates))]
+  target = simulate.KafkaTarget(args.bootstrap_servers, prefix)
+  log_path = os.path.join(args.workdir, f'stream-{run_id}.log')
+  log = open(log_path, 'w', encoding='utf-8')
+  started = time.monotonic()
+  proc = subprocess.Popen([sys.executable, '-m', 'pipeline', 'run', *run_args],
+                          stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT)
+  watcher = _Watcher(config.accounting_path, config.aggregates_path)
+  watcher.start()
+  kafka_port = int(args.bootstrap_servers.split(',')[0].rsplit(':', 1)[1])
+  flink_pid = service_pid('flink')
+  connections_before = tcp_connections(flink_pid, kafka_port) if flink_pid else 0
+  pids = {'pipeline': proc.pid, 'flink': flink_pid,
+          'kafka': service_pid('kafka'), 'bench': os.getpid()}
+  published = 0
+  profiler = None
+  steps: List[dict] = []
+  result: dict = {'bench': 'stream', 'runner': _option(extra, '--runner')}
+  try:
+    # Warm-up: the first rate until the job has started and caught up.
+    rate, lines = plan[0]
+    published += simulate.simulate(lines, target, rate, int(time.time() * 1000) - _BASE_MS).messages
+    if not _wait(lambda: watcher.counts()[1] >= published or proc.poll() is not None,
+                 args.startup_timeout):
+      raise SystemExit(f'bench stream: the job did not catch up with {published} warm-up '
+                       f'messages within {args.startup_timeout} s; see {log_path}')
+    if proc.poll() is not None:
+      raise SystemExit(f'bench stream: the pipeline exited ({proc.returncode}); see {log_path}')
+    result['startup_s'] = round(time.monotonic() - started, 1)
+    if args.py_spy:
+      profiler = subprocess.Popen(
+          [os.path.join(os.path.dirname(sys.executable), 'py-spy'), 'record', '--pid', str(proc.pid), '--subprocesses', '--format', 'raw',
+           '--rate', '47', '--output', args.py_spy],
+          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    for rate, lines in plan[1:]:
+      cpu0 = {n: tree_cpu_seconds(p, n != 'bench') for n, p in pids.items() if p}
+      received0, accounted0 = watcher.counts()
+      published0 = published
+      step_start = time.time()
+      report = simulate.simulate(lines, target, rate, int(step_start * 1000) - _BASE_MS)
+      published += report.messages
+      step_end = time.time()
+      received1, accounted1 = watcher.counts()
+      wall = step_end - step_start
+      step = step_verdict(rate, wall, (published0, published), (received0, received1),
+                          (accounted0, accounted1), args.slack_seconds)
+      step['cpu_pct'] = {n: round(100 * (tree_cpu_seconds(pids[n], n != 'bench') - c) / wall)
+                         for n, c in cpu0.items()}
+      step['load_avg_1m'] = round(os.getloadavg()[0], 2)
+      step['_window'] = (int(step_start * 1000), int(step_end * 1000))
+      steps.append(step)
+      print(f'bench stream: {json.dumps({k: v for k, v in step.items() if k[0] != "_"})}',
+            file=sys.stderr, flush=True)
+      if not step['sustained'] or proc.poll() is not None:
+        break
+    if profiler is not None:
+      profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+      profiler.wait(60)
+      result['py_spy_profile'] = args.py_spy if os.path.exists(args.py_spy) else None
+
+    # Drain, let every window close, then check the accounting.
+    drained_at = time.monotonic()
+    drained = _wait(lambda: watcher.counts()[1] >= published, args.drain_timeout)
+    result['drain_s'] = round(time.monotonic() - drained_at, 1)
+
+    def reconciled():
+      try:
+        reconcile(config)
+        return True
+      except (Reconciliation, OSError, ValueError, KeyError):
+        return False
+    settle = args.window_size + args.allowed_lateness + 60
+    consistent = drained and _wait(reconciled, settle, every_s=2)
+  finally:
+    # Each clean-up step runs whatever happened before it.
+    try:
+      code = _stop_job(proc)
+    finally:
+      try:
+        if profiler is not None and profiler.poll() is None:
+          profiler.send_signal(signal.SIGINT)
+          profiler.wait(60)
+      finally:
+        watcher.stop()
+        log.close()
+        leaked = _leaked_consumers(flink_pid, kafka_port, connections_before)
+        # Consumers left behind poll their topics for ever: deleting the topics
+        # would turn that into a busy loop of errors (and a fast-growing log).
+        if not leaked:
+          admin.delete_topics(list(topics.values()))
+  watcher.poll()
+  if leaked:
+    print(f'bench stream: WARNING: the Flink job server still holds {leaked} Kafka '
+          'connection(s) the stopped job opened (Beam\'s KafkaIO does not close its '
+          'consumers when a job is cancelled on Flink); they keep polling, using CPU. '
+          f'Topics {prefix}* are kept (deleting them makes the consumers spin). Restart '
+          'the job server before the next measurement: scripts/flink.sh stop; '
+          'scripts/flink.sh start', file=sys.stderr, flush=True)
+
+  with open(config.accounting_path, encoding='utf-8') as f:
+    accounting = json.load(f)
+  parts = sum(accounting[c] for c in (INVALID, TOO_LATE, DUPLICATE, AGGREGATED))
+  in_panes = sum(p['count'] for p in final_panes(config.aggregates_path).values())
+  for step in steps:
+    step['on_time_latency'] = latency_summary(watcher.latencies(*step.pop('_window')))
+  best = max_sustained(steps)
+  at_best = next((s for s in steps if s['rate'] == best), None)
+  result.update({
+      'max_sustained_rate': best,
+      'target_events_per_s': TARGET_EVENTS_PER_S,
+      'on_time_latency_at_max': at_best and at_best['on_time_latency'],
+      'step_seconds': args.step_seconds,
+      'slack_seconds': args.slack_seconds,
+      'partitions_per_topic': args.partitions,
+      'steps': steps,
+      'published': published,
+      'accounting': accounting,
+      'received_equals_published': accounting[RECEIVED] == published,
+      'accounting_consistent': accounting[RECEIVED] == parts,
+      'aggregated_equals_final_panes': accounting[AGGREGATED] == in_panes,
+      'reconciled_before_stop': consistent,
+      'pipeline_exit_code': code,
+      'job_server_kafka_connections_left': leaked,
+      'topics_deleted': not leaked,
+      'pipeline_options': [a for a in extra],
+      'output_dir': out,
+  })
+  return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--rates', type=parse_rates, default=parse_rates('250,500,1000,2000,4000'),
+                      help='stream: messages/s per step, increasing')
+  parser.add_argument('--step-seconds', type=float, default=60.0, help='stream: wall s per step')
+  parser.add_argument('--slack-seconds', type=float, default=5.0,
+                      help='stream: backlog growth tolerated per step, in seconds of traffic')
+  parser.add_argument('--partitions', type=int, default=1, help='stream: partitions per topic')
+  parser.add_argument('--bootstrap-servers', default=simulate.DEFAULT_KAFKA_SERVERS,
+                      help='stream: Kafka')
+  parser.add_argument('--startup-timeout', type=float, default=300.0,
+                      help='stream: s to wait for the job to start and read the warm-up')
+  parser.add_argument('--py-spy', metavar='PATH',
+                      help='stream: record a py-spy profile (collapsed stacks) of the pipeline '
+                      'process and its SDK workers over the ramp steps into PATH')
+  parser.add_argument('--drain-timeout', type=float, default=300.0,
+                      help='stream: s to wait for the backlog to drain after the ramp')
