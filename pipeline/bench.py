@@ -9,8 +9,9 @@
   soak     HOURS of event time at a steady rate (1-minute windows with lateness);
            the worker's RSS is sampled inside the pipeline each event-time hour;
            on Flink the job server JVM's RSS and live heap (after a forced full
-           GC: Flink's heap state backend keeps all keyed state and timers
-           there) are sampled as each of those samples appears; prints the
+           GC, jcmd GC.class_histogram: Flink's heap state backend keeps all
+           keyed state and timers there) are sampled as each of those samples
+           appears; prints the
            samples and whether they stay flat (within +-10 %) after the warm-up.
   stream   Kafka -> the pipeline on Flink at increasing rates: the highest rate
            sustained (backlog not growing) and the window-end-to-ON_TIME-pane
@@ -115,23 +116,39 @@ def _bench_replay(args: argparse.Namespace, extra: List[str]) -> dict:
   }
 
 
-def steady_spread(series: List[float], warmup: int) -> Optional[float]:
-  """(max - min) / median of ``series`` after the first ``warmup`` values."""
-  steady = series[warmup:]
+def steady_spread(series: List[Optional[float]], warmup: int) -> Optional[float]:
+  """(max - min) / median of ``series`` after the first ``warmup`` values
+  (missing values skipped)."""
+  steady = [v for v in series[warmup:] if v is not None]
   return (max(steady) - min(steady)) / statistics.median(steady) if steady else None
 
 
+def steady_slope(series: List[Optional[float]], warmup: int) -> Optional[float]:
+  """Least-squares slope (units per sample, i.e. per event-time hour) of
+  ``series`` after the first ``warmup`` values: growth, robust to one noisy sample."""
+  points = [(i, v) for i, v in enumerate(series) if i >= warmup and v is not None]
+  if len(points) < 2:
+    return None
+  mean_x = statistics.fmean(x for x, _ in points)
+  mean_y = statistics.fmean(y for _, y in points)
+  return (sum((x - mean_x) * (y - mean_y) for x, y in points) /
+          sum((x - mean_x) ** 2 for x, _ in points))
+
+
 def jvm_live_heap_mib(pid: int) -> Optional[float]:
-  """The JVM's used heap right after a full GC (``jcmd GC.run``, then
-  ``GC.heap_info``), in MiB; None if jcmd is missing or answers otherwise."""
+  """The bytes of live objects on the JVM's heap, in MiB: ``jcmd PID
+  GC.class_histogram`` runs a full GC and counts what survives, in one step.
+  None if ``pid`` is not a JVM (jcmd would send it SIGQUIT), jcmd is missing or
+  answers otherwise."""
   try:
-    subprocess.run(['jcmd', str(pid), 'GC.run'], capture_output=True, timeout=60, check=True)
-    info = subprocess.run(['jcmd', str(pid), 'GC.heap_info'], capture_output=True,
-                          text=True, timeout=60, check=True).stdout
+    if os.path.basename(os.readlink(f'/proc/{pid}/exe')) != 'java':
+      return None
+    histogram = subprocess.run(['jcmd', str(pid), 'GC.class_histogram'], capture_output=True,
+                               text=True, timeout=120, check=True).stdout
   except (OSError, subprocess.SubprocessError):
     return None
-  match = re.search(r'heap\s+total \d+K, used (\d+)K', info)
-  return round(int(match.group(1)) / 1024, 1) if match else None
+  match = re.search(r'^Total\s+\d+\s+(\d+)\s*$', histogram, re.MULTILINE)
+  return round(int(match.group(1)) / 2**20, 1) if match else None
 
 
 class _JvmSampler:
@@ -167,13 +184,14 @@ def _bench_soak(args: argparse.Namespace, extra: List[str]) -> dict:
     if pid is None:
       raise SystemExit('bench soak: no Flink job server pid (scripts/flink.sh start, or --jvm-pid)')
     jvm = _JvmSampler(pid, args.jvm_live_heap)
+  # Samples that only appear as the job ends (the last hour's, flushed when the
+  # watermark jumps to the end) have no JVM figure: the job is being torn down.
   out, wall = _run_pipeline(args, replay, ['--sample-memory-every', '3600', *extra], jvm)
-  if jvm is not None:
-    jvm(out)  # the last samples, written as the run ended
   with open(os.path.join(out, 'memory.jsonl'), encoding='utf-8') as f:
     samples = sorted((json.loads(line) for line in f), key=lambda s: s['event_time'])
   rss = [s['rss_mib'] for s in samples]
   spread = steady_spread(rss, args.warmup_hours)
+  slope = steady_slope(rss, args.warmup_hours)
   figures = {
       'bench': 'soak',
       'runner': runner,
@@ -184,19 +202,23 @@ def _bench_soak(args: argparse.Namespace, extra: List[str]) -> dict:
       'rss_mib_per_event_hour': rss,
       'warmup_hours': args.warmup_hours,
       'steady_spread_pct': None if spread is None else round(100 * spread, 1),
+      'steady_slope_mib_per_hour': None if slope is None else round(slope, 2),
       'flat_within_10pct': spread is not None and spread <= 0.10,
   }
   if jvm is not None:
-    per_hour = [jvm.samples.get(s['event_time'], {}) for s in samples]
+    # The last hour's sample appears only when the watermark jumps to the end
+    # of time, as Flink finishes the job and frees it: not a steady figure.
+    per_hour = [jvm.samples.get(s['event_time'], {}) for s in samples[:-1]] + [{}]
     jvm_rss = [h.get('rss_mib') for h in per_hour]
     live = [h.get('live_heap_mib') for h in per_hour]
     figures['job_server_rss_mib_per_event_hour'] = jvm_rss
     if args.jvm_live_heap:
       figures['job_server_live_heap_mib_per_event_hour'] = live
     for name, series in (('job_server_rss', jvm_rss), ('job_server_live_heap', live)):
-      if series and all(v is not None for v in series):
-        s = steady_spread(series, args.warmup_hours)
-        figures[f'{name}_steady_spread_pct'] = None if s is None else round(100 * s, 1)
+      s = steady_spread(series, args.warmup_hours)
+      k = steady_slope(series, args.warmup_hours)
+      figures[f'{name}_steady_spread_pct'] = None if s is None else round(100 * s, 1)
+      figures[f'{name}_steady_slope_mib_per_hour'] = None if k is None else round(k, 2)
   return figures
 
 

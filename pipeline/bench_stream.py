@@ -117,12 +117,16 @@ def percentile(values: Sequence[float], q: float) -> Optional[float]:
   return ordered[int(rank) - 1]
 
 
-def latency_summary(seconds: Sequence[float]) -> dict:
-  """p50, p95 and max (s, one decimal) of latencies, and how many there were."""
+def latency_summary(latencies: Sequence[Tuple[int, float]]) -> dict:
+  """p50, p95 and max (s, one decimal) of ``(window end ms, latency s)`` pairs
+  (one per key and window), how many there were and how many window ends (every
+  key's window ends together, so the panes of one end are not independent)."""
   def r(x):
     return None if x is None else round(x, 1)
-  return {'windows': len(seconds), 'p50_s': r(percentile(seconds, 50)),
-          'p95_s': r(percentile(seconds, 95)), 'max_s': r(max(seconds) if seconds else None)}
+  seconds = [s for _, s in latencies]
+  return {'windows': len(seconds), 'window_ends': len({e for e, _ in latencies}),
+          'p50_s': r(percentile(seconds, 50)), 'p95_s': r(percentile(seconds, 95)),
+          'max_s': r(max(seconds) if seconds else None)}
 
 
 def max_sustained(steps: Iterable[dict]) -> Optional[float]:
@@ -226,10 +230,11 @@ class _Watcher(threading.Thread):
       a = dict(self.accounting)
     return a.get(RECEIVED, 0), sum(a.get(c, 0) for c in (INVALID, TOO_LATE, DUPLICATE, AGGREGATED))
 
-  def latencies(self, start_ms: int, end_ms: int) -> List[float]:
-    """Seconds from window end to ON_TIME pane, for windows ending in [start, end)."""
+  def latencies(self, start_ms: int, end_ms: int) -> List[Tuple[int, float]]:
+    """``(window end ms, seconds from it to the ON_TIME pane)`` of the windows
+    ending in [start, end)."""
     with self.lock:
-      return [(seen - end) / 1000 for end, seen in self.on_time_seen.values()
+      return [(end, (seen - end) / 1000) for end, seen in self.on_time_seen.values()
               if start_ms <= end < end_ms]
 
 
@@ -270,7 +275,8 @@ def _port_open(address: str) -> bool:
     return False
 
 
-def _option(extra: Sequence[str], name: str) -> Optional[str]:
+def option_value(extra: Sequence[str], name: str) -> Optional[str]:
+  """The value of option ``name`` in pass-through arguments (``NAME V`` or ``NAME=V``)."""
   for i, arg in enumerate(extra):
     if arg == name and i + 1 < len(extra):
       return extra[i + 1]
@@ -285,10 +291,10 @@ def _require_services(bootstrap: str, extra: Sequence[str]) -> Optional[str]:
   missing = []
   if not _port_open(bootstrap.split(',')[0]):
     missing.append(f'Kafka at {bootstrap} (scripts/kafka.sh start)')
-  job = _option(extra, '--job_endpoint')
+  job = option_value(extra, '--job_endpoint')
   if job and not _port_open(job):
     missing.append(f'the Flink job server at {job} (scripts/flink.sh start)')
-  expansion = _option(extra, '--kafka-expansion-service') or _option(
+  expansion = option_value(extra, '--kafka-expansion-service') or option_value(
       extra, '--kafka_expansion_service') or 'localhost:' + os.environ.get(
           'KAFKA_EXPANSION_PORT', '18096')
   if not _port_open(expansion):
@@ -321,20 +327,68 @@ def _wait(predicate, timeout_s: float, every_s: float = 0.5) -> bool:
   return bool(predicate())
 
 
-def _stop_job(proc: subprocess.Popen) -> int:
-  """SIGINT: the launcher cancels the Flink job and reconciles; then wait."""
-  if proc.poll() is None:
-    proc.send_signal(signal.SIGINT)
-    try:
-      proc.wait(120)
-    except subprocess.TimeoutExpired:
-      proc.terminate()
+def cancel_job(job_endpoint: str, job_name: str) -> int:
+  """Cancels the running jobs whose ``--job_name`` is ``job_name`` through the
+  Beam job service; returns how many."""
+  import grpc
+  from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
+  states = beam_job_api_pb2.JobState
+  done = (states.STOPPED, states.DONE, states.FAILED, states.CANCELLED, states.UPDATED,
+          states.DRAINED, states.CANCELLING)
+  cancelled = 0
+  with grpc.insecure_channel(job_endpoint) as channel:
+    stub = beam_job_api_pb2_grpc.JobServiceStub(channel)
+    for info in stub.GetJobs(beam_job_api_pb2.GetJobsRequest(), timeout=30).job_info:
+      name = info.pipeline_options.fields.get('beam:option:job_name:v1')
+      if name is not None and name.string_value == job_name and info.state not in done:
+        stub.Cancel(beam_job_api_pb2.CancelJobRequest(job_id=info.job_id), timeout=60)
+        cancelled += 1
+  return cancelled
+
+
+def _descendants(root: int) -> List[int]:
+  parents = {}
+  for entry in os.listdir('/proc'):
+    if entry.isdigit():
       try:
-        proc.wait(30)
-      except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-  return proc.returncode
+        with open(f'/proc/{entry}/stat', encoding='ascii', errors='replace') as f:
+          parents[int(entry)] = int(f.read().rsplit(')', 1)[1].split()[1])
+      except OSError:
+        pass
+  found, todo = [], [root]
+  while todo:
+    pid = todo.pop()
+    children = [p for p, ppid in parents.items() if ppid == pid]
+    found += children
+    todo += children
+  return found
+
+
+def _stop_job(proc: subprocess.Popen, job_endpoint: Optional[str], job_name: str) -> int:
+  """Cancels the job through the job service (the launcher then sees it
+  cancelled, reconciles and exits); falls back to SIGINT, then SIGTERM. SDK
+  worker processes left behind by the launcher are ended too."""
+  workers = _descendants(proc.pid)
+  if proc.poll() is None and job_endpoint:
+    try:
+      cancel_job(job_endpoint, job_name)
+      proc.wait(90)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'bench stream: cancelling through {job_endpoint} failed: {e}', file=sys.stderr)
+  for stop in (lambda: proc.send_signal(signal.SIGINT), proc.terminate, proc.kill):
+    if proc.poll() is not None:
+      break
+    stop()
+    try:
+      proc.wait(30)
+    except subprocess.TimeoutExpired:
+      pass
+  for pid in workers:
+    try:
+      os.kill(pid, signal.SIGTERM)
+    except OSError:
+      pass
+  return proc.wait()
 
 
 def _leaked_consumers(flink_pid: Optional[int], kafka_port: int, before: int) -> int:
@@ -357,11 +411,14 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
   from pipeline.config import RunConfig
   from pipeline.run import reconcile
 
-  if _option(extra, '--runner') is None:
+  if option_value(extra, '--runner') is None:
     extra = flink_args() + list(extra)
   problem = _require_services(args.bootstrap_servers, extra)
   if problem:
     raise SystemExit(problem)
+  py_spy = os.path.join(os.path.dirname(sys.executable), 'py-spy')
+  if args.py_spy and not os.access(py_spy, os.X_OK):
+    raise SystemExit(f'bench stream: --py-spy needs {py_spy}: pip install -e ".[bench]"')
 
   run_id = uuid.uuid4().hex[:8]
   prefix = f'tidemark-bench-{run_id}-'
@@ -374,8 +431,10 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
 
   out = os.path.join(args.workdir, f'stream-{run_id}')
   source = f'kafka:{args.bootstrap_servers}/' + ','.join(f'{s}={t}' for s, t in topics.items())
+  job_name = f'tidemark-bench-{run_id}'
   run_args = ['--source', source, '--window-size', str(args.window_size),
-              '--allowed-lateness', str(args.allowed_lateness), '--output-dir', out, *extra]
+              '--allowed-lateness', str(args.allowed_lateness), '--output-dir', out,
+              f'--job_name={job_name}', *extra]
   config = RunConfig.from_options(PipelineOptions(run_args))
 
   # Traffic for every step is generated before anything is timed.
@@ -385,8 +444,12 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
   log_path = os.path.join(args.workdir, f'stream-{run_id}.log')
   log = open(log_path, 'w', encoding='utf-8')
   started = time.monotonic()
+  # This interpreter first on PATH: Beam starts process workers as plain
+  # ``python`` (--experiments=use_loopback_process_worker).
+  env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep +
+             os.environ.get('PATH', ''))
   proc = subprocess.Popen([sys.executable, '-m', 'pipeline', 'run', *run_args],
-                          stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT)
+                          stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT, env=env)
   watcher = _Watcher(config.accounting_path, config.aggregates_path)
   watcher.start()
   kafka_port = int(args.bootstrap_servers.split(',')[0].rsplit(':', 1)[1])
@@ -397,7 +460,7 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
   published = 0
   profiler = None
   steps: List[dict] = []
-  result: dict = {'bench': 'stream', 'runner': _option(extra, '--runner')}
+  result: dict = {'bench': 'stream', 'runner': option_value(extra, '--runner')}
   try:
     # Warm-up: the first rate until the job has started and caught up.
     rate, lines = plan[0]
@@ -411,7 +474,7 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
     result['startup_s'] = round(time.monotonic() - started, 1)
     if args.py_spy:
       profiler = subprocess.Popen(
-          [os.path.join(os.path.dirname(sys.executable), 'py-spy'), 'record', '--pid', str(proc.pid), '--subprocesses', '--format', 'raw',
+          [py_spy, 'record', '--pid', str(proc.pid), '--subprocesses', '--format', 'raw',
            '--rate', '47', '--output', args.py_spy],
           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -457,7 +520,7 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
   finally:
     # Each clean-up step runs whatever happened before it.
     try:
-      code = _stop_job(proc)
+      code = _stop_job(proc, option_value(extra, '--job_endpoint'), job_name)
     finally:
       try:
         if profiler is not None and profiler.poll() is None:
@@ -484,6 +547,10 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
     accounting = json.load(f)
   parts = sum(accounting[c] for c in (INVALID, TOO_LATE, DUPLICATE, AGGREGATED))
   in_panes = sum(p['count'] for p in final_panes(config.aggregates_path).values())
+  with open(os.path.join(out, 'on_time_panes_seen.jsonl'), 'w', encoding='utf-8') as f:
+    for (customer, key, start), (end, seen) in sorted(watcher.on_time_seen.items()):
+      f.write(json.dumps({'customer_id': customer, 'key': key, 'window_start': start,
+                          'window_end': end, 'seen_ms': seen}) + '\n')
   for step in steps:
     step['on_time_latency'] = latency_summary(watcher.latencies(*step.pop('_window')))
   best = max_sustained(steps)

@@ -61,9 +61,10 @@ def test_percentiles_are_nearest_rank():
   assert percentile(values, 50) == 10 and percentile(values, 95) == 19
   assert percentile(values, 100) == 20 and percentile([3.0], 95) == 3.0
   assert percentile([], 50) is None
-  assert latency_summary([2.04, 1.0, 9.96]) == {
-      'windows': 3, 'p50_s': 2.0, 'p95_s': 10.0, 'max_s': 10.0}
-  assert latency_summary([]) == {'windows': 0, 'p50_s': None, 'p95_s': None, 'max_s': None}
+  assert latency_summary([(60000, 2.04), (60000, 1.0), (120000, 9.96)]) == {
+      'windows': 3, 'window_ends': 2, 'p50_s': 2.0, 'p95_s': 10.0, 'max_s': 10.0}
+  assert latency_summary([]) == {
+      'windows': 0, 'window_ends': 0, 'p50_s': None, 'p95_s': None, 'max_s': None}
 
 
 def test_rates_must_be_positive_and_increasing():
@@ -96,7 +97,8 @@ def test_the_watcher_reads_the_accounting_and_dates_on_time_panes(tmp_path):
   assert set(watcher.on_time_seen) == {('c', 'k', 0), ('c', 'k', 60000)}
   ends = sorted(end for end, _ in watcher.on_time_seen.values())
   assert ends == [60000, 120000]
-  assert len(watcher.latencies(0, 100000)) == 1  # windows that ended in [0, 100 s)
+  [(end, seconds)] = watcher.latencies(0, 100000)  # windows that ended in [0, 100 s)
+  assert end == 60000 and seconds > 0
 
 
 def test_cpu_time_of_a_process_tree_is_read_from_proc():
@@ -135,3 +137,33 @@ def test_connections_to_a_port_are_counted_per_process():
   finally:
     for s in (client, accepted, server):
       s.close()
+
+
+def test_the_runner_is_found_in_either_spelling():
+  assert bench._runner(['--runner', 'PortableRunner']) == 'PortableRunner'
+  assert bench._runner(['--job_endpoint=x:1', '--runner=PortableRunner']) == 'PortableRunner'
+  assert bench._runner(['--streaming']) == 'DirectRunner'
+
+
+def test_steady_slope_is_the_growth_per_sample_after_the_warm_up():
+  assert bench.steady_slope([500, 100, 102, 104, 106], 1) == pytest.approx(2.0)
+  assert bench.steady_slope([100, 300, 100, None, 100], 0) == pytest.approx(-150 / 8.75)
+  assert bench.steady_slope([7, 7, 7], 0) == 0
+  assert bench.steady_slope([1, 2], 1) is None
+  assert bench.steady_spread([100, None, 110], 0) == pytest.approx(10 / 105)
+
+
+def test_the_live_heap_of_a_running_jvm_is_read_with_jcmd(tmp_path):
+  source = tmp_path / 'Idle.java'
+  source.write_text('public class Idle { public static void main(String[] a) throws Exception {'
+                    ' byte[] kept = new byte[8 << 20]; System.out.println("up");'
+                    ' Thread.sleep(120000); System.out.println(kept.length); } }\n')
+  jvm = subprocess.Popen(['java', '-Xmx256m', str(source)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert jvm.stdout.readline().strip() == 'up'
+    live = bench.jvm_live_heap_mib(jvm.pid)
+    assert live is not None and 8 < live < 256  # the 8 MiB array is live
+  finally:
+    jvm.kill()
+    jvm.wait()
+  assert bench.jvm_live_heap_mib(os.getpid()) is None  # not a JVM
