@@ -151,10 +151,9 @@ def parse_rates(text: str) -> List[float]:
 
 # --- Observing the run --------------------------------------------------------
 
-def tree_cpu_seconds(root: int, descendants: bool = True) -> float:
-  """CPU seconds (user + system) used so far by ``root`` and (by default) its
-  descendants."""
-  stats: Dict[int, Tuple[int, float]] = {}
+def _processes() -> Dict[int, Tuple[int, float]]:
+  """``{pid: (parent pid, CPU seconds used so far)}`` of every process, from /proc."""
+  table: Dict[int, Tuple[int, float]] = {}
   for entry in os.listdir('/proc'):
     if not entry.isdigit():
       continue
@@ -163,15 +162,28 @@ def tree_cpu_seconds(root: int, descendants: bool = True) -> float:
         fields = f.read().rsplit(')', 1)[1].split()
     except OSError:
       continue
-    stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
-  total, todo = 0.0, [root]
+    table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+  return table
+
+
+def descendants(root: int, table: Optional[Dict[int, Tuple[int, float]]] = None) -> List[int]:
+  """The pids of ``root``'s children, their children, and so on."""
+  table = _processes() if table is None else table
+  found, todo = [], [root]
   while todo:
     pid = todo.pop()
-    if pid in stats:
-      total += stats[pid][1]
-      if descendants:
-        todo.extend(p for p, (ppid, _) in stats.items() if ppid == pid)
-  return total
+    children = [p for p, (ppid, _) in table.items() if ppid == pid]
+    found += children
+    todo += children
+  return found
+
+
+def tree_cpu_seconds(root: int, with_descendants: bool = True) -> float:
+  """CPU seconds (user + system) used so far by ``root`` and (by default) its
+  descendants."""
+  table = _processes()
+  pids = [root] + (descendants(root, table) if with_descendants else [])
+  return sum(table[p][1] for p in pids if p in table)
 
 
 class _Watcher(threading.Thread):
@@ -346,29 +358,11 @@ def cancel_job(job_endpoint: str, job_name: str) -> int:
   return cancelled
 
 
-def _descendants(root: int) -> List[int]:
-  parents = {}
-  for entry in os.listdir('/proc'):
-    if entry.isdigit():
-      try:
-        with open(f'/proc/{entry}/stat', encoding='ascii', errors='replace') as f:
-          parents[int(entry)] = int(f.read().rsplit(')', 1)[1].split()[1])
-      except OSError:
-        pass
-  found, todo = [], [root]
-  while todo:
-    pid = todo.pop()
-    children = [p for p, ppid in parents.items() if ppid == pid]
-    found += children
-    todo += children
-  return found
-
-
 def _stop_job(proc: subprocess.Popen, job_endpoint: Optional[str], job_name: str) -> int:
   """Cancels the job through the job service (the launcher then sees it
   cancelled, reconciles and exits); falls back to SIGINT, then SIGTERM. SDK
   worker processes left behind by the launcher are ended too."""
-  workers = _descendants(proc.pid)
+  workers = descendants(proc.pid)
   if proc.poll() is None and job_endpoint:
     try:
       cancel_job(job_endpoint, job_name)

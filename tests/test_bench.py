@@ -101,9 +101,18 @@ def test_the_watcher_reads_the_accounting_and_dates_on_time_panes(tmp_path):
   assert end == 60000 and seconds > 0
 
 
-def test_cpu_time_of_a_process_tree_is_read_from_proc():
-  assert bench_stream.tree_cpu_seconds(os.getpid()) > 0
-  assert bench_stream.tree_cpu_seconds(os.getpid(), descendants=False) > 0
+def test_cpu_time_and_descendants_of_a_process_tree_are_read_from_proc():
+  child = subprocess.Popen(
+      [sys.executable, '-c', 'import time; sum(range(10**7)); print("up", flush=True); '
+       'time.sleep(60)'], stdout=subprocess.PIPE, text=True)
+  try:
+    assert child.stdout.readline().strip() == 'up'  # after some CPU work
+    assert child.pid in bench_stream.descendants(os.getpid())
+    assert bench_stream.tree_cpu_seconds(os.getpid(), with_descendants=False) > 0
+    assert bench_stream.tree_cpu_seconds(child.pid) > 0
+  finally:
+    child.kill()
+    child.wait()
 
 
 def test_steady_spread_ignores_the_warm_up():
