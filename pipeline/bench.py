@@ -11,8 +11,8 @@
            on Flink the job server JVM's RSS and live heap (after a forced full
            GC, jcmd GC.class_histogram: Flink's heap state backend keeps all
            keyed state and timers there) are sampled as each of those samples
-           appears; prints the
-           samples and whether they stay flat (within +-10 %) after the warm-up.
+           appears; prints the samples and whether they stay flat (within
+           +-10 %) after the warm-up.
   stream   Kafka -> the pipeline on Flink at increasing rates: the highest rate
            sustained (backlog not growing) and the window-end-to-ON_TIME-pane
            latency (see pipeline/bench_stream.py).
