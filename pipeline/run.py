@@ -121,7 +121,7 @@ def print_metrics(result, out=sys.stdout) -> None:
     return  # some runners do not report metrics
   counters = {}
   for counter in metrics['counters']:
-    if counter.key.step.startswith(ROLLUP_PREFIX):
+    if (counter.key.step or '').startswith(ROLLUP_PREFIX):
       continue  # the table above is the primary window size's
     if counter.key.metric.namespace == 'tidemark':
       name = counter.key.metric.name
