@@ -12,8 +12,9 @@ clock and a window's end is a wall-clock instant.
 
 Per step it compares what was published with what the pipeline has accounted
 for (accounting.json, rewritten every 2 s): the step is *sustained* when the
-backlog (published - received, and published - received-and-routed) did not
-grow by more than ``--slack-seconds`` of traffic over the step. The ramp stops
+backlog (published - received, and published - received-and-routed; their
+least-squares trend through observations every 0.2 s) did not grow by more than
+``--slack-seconds`` of traffic over the step. The ramp stops
 at the first step that is not sustained. Latency is the wall time from a
 window's end to its ON_TIME pane appearing in aggregates.jsonl (the final pane
 unless late data follows), p50/p95/max over the windows that ended in a step.
@@ -75,36 +76,58 @@ def flink_args() -> List[str]:
 
 # --- Pure logic: verdicts and summaries (unit tested) -------------------------
 
-def step_verdict(rate: float, seconds: float, published: Tuple[int, int],
-                 received: Tuple[int, int], accounted: Tuple[int, int],
-                 slack_s: float) -> dict:
-  """Whether one step of the ramp was sustained.
+def slope(points: Sequence[Tuple[float, float]]) -> float:
+  """Least-squares slope of ``(x, y)`` points (0 for fewer than two distinct x)."""
+  if len(points) < 2:
+    return 0.0
+  mean_x = sum(x for x, _ in points) / len(points)
+  mean_y = sum(y for _, y in points) / len(points)
+  sxx = sum((x - mean_x) ** 2 for x, _ in points)
+  if not sxx:
+    return 0.0
+  return sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
 
-  ``published``, ``received`` and ``accounted`` are (at step start, at step
-  end) totals. The backlog is published minus received (read by the pipeline)
-  and published minus accounted (routed to an outcome); the step is sustained
-  when neither grew by more than ``slack_s`` seconds of traffic at ``rate``
-  (the accounting record is rewritten every 2 s, so it always trails a little).
+
+#: One observation during a step: (monotonic s, published, received, accounted),
+#: accounted = invalid + too_late + duplicate + aggregated.
+Sample = Tuple[float, int, int, int]
+
+
+def step_verdict(rate: float, samples: Sequence[Sample], slack_s: float) -> dict:
+  """Whether one step of the ramp was sustained, from observations taken
+  through it (the first at its start, the last at its end).
+
+  Two backlogs: published minus received (read by the pipeline) and published
+  minus accounted (routed to an outcome). Their growth over the step is the
+  least-squares trend through every observation times the step's length, not
+  the difference of two snapshots: accounting.json is rewritten every 2 s and
+  events wait in the router for timer rounds, so a single snapshot is noisy.
+  The step is sustained when neither grew by more than ``slack_s`` seconds of
+  traffic at ``rate``.
   """
-  if rate <= 0 or seconds <= 0 or slack_s < 0:
-    raise ValueError('rate and seconds must be positive, slack_s non-negative')
-  sent = published[1] - published[0]
-  backlog = [published[i] - received[i] for i in (0, 1)]
-  unrouted = [published[i] - accounted[i] for i in (0, 1)]
+  if rate <= 0 or slack_s < 0 or len(samples) < 2:
+    raise ValueError('rate must be positive, slack_s non-negative, and a step needs '
+                     'at least two samples')
+  (t0, p0, r0, a0), (t1, p1, r1, a1) = samples[0], samples[-1]
+  seconds = t1 - t0
+  if seconds <= 0:
+    raise ValueError('samples must span some time')
+  backlog = slope([(t, p - r) for t, p, r, _ in samples]) * seconds
+  unrouted = slope([(t, p - a) for t, p, _, a in samples]) * seconds
   allowed = slack_s * rate
   return {
       'rate': rate,
       'seconds': round(seconds, 1),
-      'published': sent,
-      'publish_rate': round(sent / seconds, 1),
-      'receive_rate': round((received[1] - received[0]) / seconds, 1),
-      'account_rate': round((accounted[1] - accounted[0]) / seconds, 1),
-      'backlog_start': backlog[0],
-      'backlog_end': backlog[1],
-      'unrouted_end': unrouted[1],
-      'backlog_growth': backlog[1] - backlog[0],
-      'sustained': (backlog[1] - backlog[0] <= allowed and
-                    unrouted[1] - unrouted[0] <= allowed),
+      'published': p1 - p0,
+      'publish_rate': round((p1 - p0) / seconds, 1),
+      'receive_rate': round((r1 - r0) / seconds, 1),
+      'account_rate': round((a1 - a0) / seconds, 1),
+      'backlog_end': p1 - r1,
+      'unrouted_end': p1 - a1,
+      'backlog_growth': round(backlog),
+      'unrouted_growth': round(unrouted),
+      'samples': len(samples),
+      'sustained': backlog <= allowed and unrouted <= allowed,
   }
 
 
@@ -201,6 +224,8 @@ class _Watcher(threading.Thread):
     self.lock = threading.Lock()
     self.accounting: Dict[str, int] = {}
     self.on_time_seen: Dict[tuple, Tuple[int, int]] = {}  # window -> (end ms, seen ms)
+    self.published = 0  # messages sent so far (counted by the publisher)
+    self._samples: Optional[List[Sample]] = None
 
   def run(self) -> None:
     while not self._halt.is_set():
@@ -226,6 +251,7 @@ class _Watcher(threading.Thread):
         chunk = f.read()
     except OSError:
       return
+    self._sample()
     self._offset += len(chunk)
     lines = (self._partial + chunk).split(b'\n')
     self._partial = lines.pop()
@@ -235,6 +261,25 @@ class _Watcher(threading.Thread):
         if pane['timing'] == 'ON_TIME':
           window = (pane['customer_id'], pane['key'], pane['window_start'])
           self.on_time_seen.setdefault(window, (pane['window_end'], now))
+
+  def start_step(self) -> None:
+    """Starts recording a Sample at every poll (and one now)."""
+    with self.lock:
+      self._samples = []
+    self._sample()
+
+  def end_step(self) -> List[Sample]:
+    """Stops recording; returns the step's Samples, the last taken now."""
+    self._sample()
+    with self.lock:
+      samples, self._samples = self._samples, None
+    return samples
+
+  def _sample(self) -> None:
+    received, accounted = self.counts()
+    with self.lock:
+      if self._samples is not None:
+        self._samples.append((time.monotonic(), self.published, received, accounted))
 
   def counts(self) -> Tuple[int, int]:
     """(received, accounted) where accounted = invalid + too_late + duplicate + aggregated."""
@@ -457,8 +502,12 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
   result: dict = {'bench': 'stream', 'runner': option_value(extra, '--runner')}
   try:
     # Warm-up: the first rate until the job has started and caught up.
+    def count(_message) -> None:
+      watcher.published += 1
+
     rate, lines = plan[0]
-    published += simulate.simulate(lines, target, rate, int(time.time() * 1000) - _BASE_MS).messages
+    simulate.simulate(lines, target, rate, int(time.time() * 1000) - _BASE_MS, count)
+    published = watcher.published
     if not _wait(lambda: watcher.counts()[1] >= published or proc.poll() is not None,
                  args.startup_timeout):
       raise SystemExit(f'bench stream: the job did not catch up with {published} warm-up '
@@ -474,16 +523,14 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
 
     for rate, lines in plan[1:]:
       cpu0 = {n: tree_cpu_seconds(p, n != 'bench') for n, p in pids.items() if p}
-      received0, accounted0 = watcher.counts()
-      published0 = published
+      watcher.start_step()
       step_start = time.time()
-      report = simulate.simulate(lines, target, rate, int(step_start * 1000) - _BASE_MS)
-      published += report.messages
+      simulate.simulate(lines, target, rate, int(step_start * 1000) - _BASE_MS, count)
       step_end = time.time()
-      received1, accounted1 = watcher.counts()
+      samples = watcher.end_step()
+      published = watcher.published
       wall = step_end - step_start
-      step = step_verdict(rate, wall, (published0, published), (received0, received1),
-                          (accounted0, accounted1), args.slack_seconds)
+      step = step_verdict(rate, samples, args.slack_seconds)
       step['cpu_pct'] = {n: round(100 * (tree_cpu_seconds(pids[n], n != 'bench') - c) / wall)
                          for n, c in cpu0.items()}
       step['load_avg_1m'] = round(os.getloadavg()[0], 2)

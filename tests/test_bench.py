@@ -16,36 +16,56 @@ from pipeline.bench_stream import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _samples(rate, seconds, read_share, routed_share, lag=0, noise=0):
+  """Observations every second: the pipeline reads and routes shares of the rate."""
+  return [(float(t), int(rate * t), max(0, int(rate * read_share * t) - lag),
+           max(0, int(rate * routed_share * t) - lag - (noise if t % 2 else 0)))
+          for t in range(seconds + 1)]
+
+
 def test_a_step_whose_backlog_stays_put_is_sustained():
-  step = step_verdict(1000, 60, published=(5000, 65000), received=(4000, 63500),
-                      accounted=(3000, 62000), slack_s=5)
+  step = step_verdict(1000, _samples(1000, 60, 1.0, 1.0, lag=1500), slack_s=5)
   assert step['sustained'] is True
   assert step['published'] == 60000 and step['publish_rate'] == 1000.0
-  assert step['backlog_start'] == 1000 and step['backlog_end'] == 1500
-  assert step['backlog_growth'] == 500 and step['unrouted_end'] == 3000
-  assert step['receive_rate'] == pytest.approx(59500 / 60, abs=0.1)
+  assert step['backlog_end'] == 1500 and step['unrouted_end'] == 1500
+  assert abs(step['backlog_growth']) < 1500 and step['samples'] == 61
 
 
 def test_a_growing_backlog_beyond_the_slack_is_not_sustained():
   # 80 % of the rate read: the backlog grows by 12 s of traffic over 60 s.
-  step = step_verdict(1000, 60, published=(0, 60000), received=(0, 48000),
-                      accounted=(0, 48000), slack_s=5)
+  step = step_verdict(1000, _samples(1000, 60, 0.8, 0.8), slack_s=5)
   assert step['sustained'] is False and step['backlog_growth'] == 12000
-  # within the slack it is
-  assert step_verdict(1000, 60, (0, 60000), (0, 56000), (0, 56000), 5)['sustained']
+  assert step['receive_rate'] == 800.0
+  # 95 %: 3 s of traffic, within the slack
+  assert step_verdict(1000, _samples(1000, 60, 0.95, 0.95), 5)['sustained']
+
+
+def test_one_noisy_snapshot_does_not_decide_a_step():
+  # every other observation trails by 3,000 routed events (accounting rewritten
+  # every 2 s), the last one among them: the trend is flat, the snapshots are not
+  samples = _samples(500, 61, 1.0, 1.0, noise=3000)
+  assert samples[-1][1] - samples[-1][3] == 3000 and samples[0][1] - samples[0][3] == 0
+  step = step_verdict(500, samples, slack_s=5)
+  assert step['sustained'] is True and abs(step['unrouted_growth']) < 2500
 
 
 def test_reading_is_not_enough_events_must_also_be_routed():
-  step = step_verdict(500, 60, published=(0, 30000), received=(0, 30000),
-                      accounted=(0, 10000), slack_s=5)
+  step = step_verdict(500, _samples(500, 60, 1.0, 0.3), slack_s=5)
   assert step['backlog_growth'] == 0 and step['sustained'] is False
 
 
 def test_a_step_verdict_refuses_nonsense():
   with pytest.raises(ValueError):
-    step_verdict(0, 60, (0, 0), (0, 0), (0, 0), 5)
+    step_verdict(0, _samples(10, 5, 1, 1), 5)
   with pytest.raises(ValueError):
-    step_verdict(10, 60, (0, 0), (0, 0), (0, 0), -1)
+    step_verdict(10, _samples(10, 5, 1, 1), -1)
+  with pytest.raises(ValueError):
+    step_verdict(10, _samples(10, 5, 1, 1)[:1], 5)
+
+
+def test_slope_is_least_squares():
+  assert bench_stream.slope([(0, 1), (1, 3), (2, 5)]) == pytest.approx(2)
+  assert bench_stream.slope([(0, 7)]) == 0 and bench_stream.slope([(1, 2), (1, 5)]) == 0
 
 
 def test_the_highest_sustained_rate_stops_at_the_first_failure():
