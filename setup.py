@@ -24,6 +24,8 @@ setuptools.setup(
     ],
     extras_require={
         'test': ['pytest>=8', 'hypothesis>=6.100', 'confluent-kafka>=2.3,<3'],
+        # `python -m pipeline bench stream --py-spy PATH` profiles the SDK worker.
+        'bench': ['py-spy>=0.3.14'],
     },
     entry_points={'console_scripts': ['tidemark=pipeline.__main__:main']},
 )

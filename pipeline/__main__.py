@@ -10,6 +10,8 @@ Commands:
             python -m pipeline generate --out PATH [--messages N] [--seed S]
   bench     benchmarks printing one JSON line per run
             python -m pipeline bench replay --messages N [Beam options for the run]
+            python -m pipeline bench soak --hours 24 --rate 1 --tick 60 [Beam options]
+            python -m pipeline bench stream [--rates 250,500,...] [--step-seconds S] [Beam options]
   deploy    launch one customer's pipeline (templates/customers/NAME.yaml)
             python -m pipeline deploy --customer NAME --target dataflow|flink [--dry-run]
   simulate  publish incident-like traffic to Pub/Sub or Kafka, or write a replay

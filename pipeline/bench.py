@@ -8,8 +8,14 @@
            hour: --messages 2850000 --rate 791.
   soak     HOURS of event time at a steady rate (1-minute windows with lateness);
            the worker's RSS is sampled inside the pipeline each event-time hour;
-           prints the samples and whether they stay flat (within +-10 %) after
-           the warm-up.
+           on Flink the job server JVM's RSS and live heap (after a forced full
+           GC, jcmd GC.class_histogram: Flink's heap state backend keeps all
+           keyed state and timers there) are sampled as each of those samples
+           appears; prints the samples and whether they stay flat (within
+           +-10 %) after the warm-up.
+  stream   Kafka -> the pipeline on Flink at increasing rates: the highest rate
+           sustained (backlog not growing) and the window-end-to-ON_TIME-pane
+           latency (see pipeline/bench_stream.py).
 """
 
 from __future__ import annotations
@@ -17,16 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
-from pipeline import reference, traffic
+from pipeline import bench_stream, reference, traffic
 from pipeline.run import final_panes
+from transforms.diagnostics import resident_mib
 
 
 def _flag(extra: List[str], name: str, default: str) -> str:
@@ -52,19 +60,29 @@ def _replay_for(args: argparse.Namespace, messages: int, rate: float, tick_s: in
   return replay
 
 
-def _run_pipeline(args: argparse.Namespace, replay: str, extra: List[str]) -> Tuple[str, float]:
-  """Runs ``python -m pipeline run`` on the replay; returns (output dir, wall s)."""
+def _run_pipeline(args: argparse.Namespace, replay: str, extra: List[str],
+                  on_poll: Optional[Callable[[str], None]] = None) -> Tuple[str, float]:
+  """Runs ``python -m pipeline run`` on the replay; returns (output dir, wall s).
+  ``on_poll(output dir)`` is called about twice a second while it runs."""
   out = os.path.join(args.workdir, 'out')
   command = [
       sys.executable, '-m', 'pipeline', 'run', '--source', f'replay:{replay}',
       '--window-size', str(args.window_size), '--allowed-lateness',
       str(args.allowed_lateness), '--output-dir', out, *extra
   ]
+  log_path = os.path.join(args.workdir, 'run.log')
   started = time.monotonic()
-  proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  with open(log_path, 'w', encoding='utf-8') as log:
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    while proc.poll() is None:
+      if on_poll is not None:
+        on_poll(out)
+      time.sleep(0.5)
   wall = time.monotonic() - started
   if proc.returncode != 0:
-    raise SystemExit(f'pipeline failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+    with open(log_path, encoding='utf-8', errors='replace') as f:
+      tail = f.read()[-4000:]
+    raise SystemExit(f'pipeline failed ({proc.returncode}), log {log_path}:\n{tail}')
   return out, wall
 
 
@@ -98,18 +116,85 @@ def _bench_replay(args: argparse.Namespace, extra: List[str]) -> dict:
   }
 
 
+def steady_spread(series: List[Optional[float]], warmup: int) -> Optional[float]:
+  """(max - min) / median of ``series`` after the first ``warmup`` values
+  (missing values skipped)."""
+  steady = [v for v in series[warmup:] if v is not None]
+  return (max(steady) - min(steady)) / statistics.median(steady) if steady else None
+
+
+def steady_slope(series: List[Optional[float]], warmup: int) -> Optional[float]:
+  """Least-squares slope (units per sample, i.e. per event-time hour) of
+  ``series`` after the first ``warmup`` values: growth, robust to one noisy sample."""
+  points = [(i, v) for i, v in enumerate(series) if i >= warmup and v is not None]
+  if len(points) < 2:
+    return None
+  mean_x = statistics.fmean(x for x, _ in points)
+  mean_y = statistics.fmean(y for _, y in points)
+  return (sum((x - mean_x) * (y - mean_y) for x, y in points) /
+          sum((x - mean_x) ** 2 for x, _ in points))
+
+
+def jvm_live_heap_mib(pid: int) -> Optional[float]:
+  """The bytes of live objects on the JVM's heap, in MiB: ``jcmd PID
+  GC.class_histogram`` runs a full GC and counts what survives, in one step.
+  None if ``pid`` is not a JVM (jcmd would send it SIGQUIT), jcmd is missing or
+  answers otherwise."""
+  try:
+    if os.path.basename(os.readlink(f'/proc/{pid}/exe')) != 'java':
+      return None
+    histogram = subprocess.run(['jcmd', str(pid), 'GC.class_histogram'], capture_output=True,
+                               text=True, timeout=120, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+  match = re.search(r'^Total\s+\d+\s+(\d+)\s*$', histogram, re.MULTILINE)
+  return round(int(match.group(1)) / 2**20, 1) if match else None
+
+
+class _JvmSampler:
+  """Samples the job server JVM each time a new worker memory sample appears
+  in memory.jsonl (one per event-time hour), keyed by its event time."""
+
+  def __init__(self, pid: int, live_heap: bool):
+    self.pid = pid
+    self._live_heap = live_heap
+    self.samples = {}
+
+  def __call__(self, out: str) -> None:
+    try:
+      with open(os.path.join(out, 'memory.jsonl'), encoding='utf-8') as f:
+        times = [json.loads(line)['event_time'] for line in f if line.endswith('\n')]
+    except OSError:
+      return
+    for event_time in times:
+      if event_time not in self.samples:
+        sample = {'rss_mib': round(resident_mib(self.pid), 1)}
+        if self._live_heap:
+          sample['live_heap_mib'] = jvm_live_heap_mib(self.pid)
+        self.samples[event_time] = sample
+
+
 def _bench_soak(args: argparse.Namespace, extra: List[str]) -> dict:
   messages = int(args.hours * 3600 * args.rate)
   replay = _replay_for(args, messages, args.rate, args.tick)
-  out, wall = _run_pipeline(args, replay, ['--sample-memory-every', '3600', *extra])
+  runner = _runner(extra)
+  jvm = None
+  if runner in ('PortableRunner', 'FlinkRunner'):
+    pid = args.jvm_pid or bench_stream.service_pid('flink')
+    if pid is None:
+      raise SystemExit('bench soak: no Flink job server pid (scripts/flink.sh start, or --jvm-pid)')
+    jvm = _JvmSampler(pid, args.jvm_live_heap)
+  # Samples that only appear as the job ends (the last hour's, flushed when the
+  # watermark jumps to the end) have no JVM figure: the job is being torn down.
+  out, wall = _run_pipeline(args, replay, ['--sample-memory-every', '3600', *extra], jvm)
   with open(os.path.join(out, 'memory.jsonl'), encoding='utf-8') as f:
     samples = sorted((json.loads(line) for line in f), key=lambda s: s['event_time'])
   rss = [s['rss_mib'] for s in samples]
-  steady = rss[args.warmup_hours:]
-  spread = (max(steady) - min(steady)) / statistics.median(steady) if steady else None
-  return {
+  spread = steady_spread(rss, args.warmup_hours)
+  slope = steady_slope(rss, args.warmup_hours)
+  figures = {
       'bench': 'soak',
-      'runner': _runner(extra),
+      'runner': runner,
       'event_time_hours': args.hours,
       'messages': messages,
       'wall_s': round(wall, 1),
@@ -117,13 +202,31 @@ def _bench_soak(args: argparse.Namespace, extra: List[str]) -> dict:
       'rss_mib_per_event_hour': rss,
       'warmup_hours': args.warmup_hours,
       'steady_spread_pct': None if spread is None else round(100 * spread, 1),
+      'steady_slope_mib_per_hour': None if slope is None else round(slope, 2),
       'flat_within_10pct': spread is not None and spread <= 0.10,
   }
+  if jvm is not None:
+    # The last hour's sample appears only when the watermark jumps to the end
+    # of time, as Flink finishes the job and frees it: not a steady figure.
+    per_hour = [jvm.samples.get(s['event_time'], {}) for s in samples[:-1]] + [{}]
+    jvm_rss = [h.get('rss_mib') for h in per_hour]
+    live = [h.get('live_heap_mib') for h in per_hour]
+    figures['job_server_rss_mib_per_event_hour'] = jvm_rss
+    if args.jvm_live_heap:
+      figures['job_server_live_heap_mib_per_event_hour'] = live
+    for name, series in (('job_server_rss', jvm_rss), ('job_server_live_heap', live)):
+      s = steady_spread(series, args.warmup_hours)
+      k = steady_slope(series, args.warmup_hours)
+      figures[f'{name}_steady_spread_pct'] = None if s is None else round(100 * s, 1)
+      figures[f'{name}_steady_slope_mib_per_hour'] = None if k is None else round(k, 2)
+  return figures
 
 
 def main(argv: List[str]) -> int:
-  parser = argparse.ArgumentParser(prog='python -m pipeline bench', description=__doc__)
-  parser.add_argument('kind', choices=['replay', 'soak'])
+  parser = argparse.ArgumentParser(
+      prog='python -m pipeline bench', description=__doc__, allow_abbrev=False,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('kind', choices=['replay', 'soak', 'stream'])
   parser.add_argument('--messages', type=int, default=10000)
   parser.add_argument('--seed', type=int, default=7)
   parser.add_argument('--rate', type=float, default=traffic.Profile.rate_per_s)
@@ -134,11 +237,19 @@ def main(argv: List[str]) -> int:
   parser.add_argument('--hours', type=float, default=24.0, help='soak: event-time hours')
   parser.add_argument('--warmup-hours', type=int, default=3, help='soak: samples to ignore')
   parser.add_argument('--workdir', help='keep the replay and outputs here')
+  parser.add_argument('--jvm-pid', type=int,
+                      help='soak on Flink: the job server pid (default: scripts/flink.sh\'s)')
+  parser.add_argument('--no-jvm-live-heap', dest='jvm_live_heap', action='store_false',
+                      help='soak on Flink: sample the JVM\'s RSS only, no forced GC')
+  bench_stream.add_arguments(parser)
   args, extra = parser.parse_known_args(argv)
   if args.messages <= 0 or args.hours <= 0 or args.rate <= 0:
     parser.error('--messages, --hours and --rate must be positive')
   args.workdir = args.workdir or tempfile.mkdtemp(prefix='tidemark-bench-')
   os.makedirs(args.workdir, exist_ok=True)
-  bench = _bench_replay if args.kind == 'replay' else _bench_soak
+  if args.partitions < 1 or args.step_seconds <= 0 or args.slack_seconds < 0:
+    parser.error('--partitions and --step-seconds must be positive, --slack-seconds >= 0')
+  bench = {'replay': _bench_replay, 'soak': _bench_soak,
+           'stream': bench_stream.bench_stream}[args.kind]
   print(json.dumps(bench(args, extra)), flush=True)
   return 0

@@ -121,7 +121,7 @@ def print_metrics(result, out=sys.stdout) -> None:
     return  # some runners do not report metrics
   counters = {}
   for counter in metrics['counters']:
-    if counter.key.step.startswith(ROLLUP_PREFIX):
+    if (counter.key.step or '').startswith(ROLLUP_PREFIX):
       continue  # the table above is the primary window size's
     if counter.key.metric.namespace == 'tidemark':
       name = counter.key.metric.name
@@ -177,6 +177,17 @@ def print_rollups(config: RunConfig, rollups: RollupAccounting, out=sys.stdout) 
     print(f'reconciliation: {config.reconciliation_path}', file=out)
 
 
+def _wait_until_finished(result) -> None:
+  """Waits for the job; raises if it failed. A job cancelled from outside (the
+  runner's UI or job service, a benchmark) stopped like an interrupted one."""
+  try:
+    result.wait_until_finish()
+  except RuntimeError:
+    if result.state != beam.runners.runner.PipelineState.CANCELLED:
+      raise
+    print('tidemark: the job was cancelled; stopping', file=sys.stderr)
+
+
 def run_unbounded(options: PipelineOptions, config: RunConfig, source):
   """Runs until ``config.run_seconds`` have passed (then cancels) or until
   interrupted; the outputs hold what the windows emitted by then. Returns the
@@ -187,12 +198,12 @@ def run_unbounded(options: PipelineOptions, config: RunConfig, source):
   deadline = None if config.run_seconds is None else time.monotonic() + config.run_seconds
   try:
     if deadline is None:
-      result.wait_until_finish()
+      _wait_until_finished(result)
       return result
     while time.monotonic() < deadline:
       state = result.state
       if beam.runners.runner.PipelineState.is_terminal(state):
-        result.wait_until_finish()  # raises if it failed
+        _wait_until_finished(result)  # raises if it failed
         return result
       time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
   except KeyboardInterrupt:

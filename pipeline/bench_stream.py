@@ -1,0 +1,637 @@
+"""``python -m pipeline bench stream``: the highest rate the pipeline sustains
+reading Kafka on Flink, and the event-to-final-pane latency.
+
+Needs a running Kafka broker and Flink job server (``scripts/kafka.sh start``,
+``scripts/flink.sh start``); the bench does not start or stop them, so JVM
+start-up is never part of a figure. It creates fresh topics (one per traffic
+source), launches ``python -m pipeline run`` reading them (by default on the
+Flink job server, LOOPBACK worker), and publishes the simulator's incident
+traffic (pipeline.traffic) at increasing rates, one step per rate. Event times
+are shifted to the moment each step starts, so event time follows the wall
+clock and a window's end is a wall-clock instant.
+
+Per step it compares what was published with what the pipeline has accounted
+for (accounting.json, rewritten every 2 s): the step is *sustained* when the
+backlog (published - received, and published - received-and-routed; their
+least-squares trend through observations every 0.2 s) did not grow by more than
+``--slack-seconds`` of traffic over the step. The ramp stops
+at the first step that is not sustained. Latency is the wall time from a
+window's end to its ON_TIME pane appearing in aggregates.jsonl (the final pane
+unless late data follows), p50/p95/max over the windows that ended in a step.
+
+At the end it waits for the backlog to drain and every window to close, checks
+the accounting (received = invalid + too_late + duplicate + aggregated, and
+aggregated = the sum of the final panes' counts), stops the job (SIGINT: the
+launcher cancels it) and deletes the topics. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from pipeline import simulate, traffic
+from pipeline.run import Reconciliation, final_panes
+from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
+
+#: Issue 4's throughput target, events per second.
+TARGET_EVENTS_PER_S = 25000
+#: Event times of the generated traffic start here and are shifted to "now".
+_BASE_MS = traffic.INCIDENT_START_MS
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CLK_TCK = os.sysconf('SC_CLK_TCK')
+
+
+def stage_dir() -> str:
+  """Where scripts/ keep pid files and logs (``TIDEMARK_STAGE`` or ``.stage``)."""
+  return os.environ.get('TIDEMARK_STAGE', os.path.join(_ROOT, '.stage'))
+
+
+def service_pid(name: str) -> Optional[int]:
+  """The pid of a live service started by scripts/ (``flink``, ``kafka``), or None."""
+  try:
+    with open(os.path.join(stage_dir(), 'run', f'{name}.pid'), encoding='ascii') as f:
+      pid = int(f.read().strip())
+    os.kill(pid, 0)
+    return pid
+  except (OSError, ValueError):
+    return None
+
+
+def flink_args() -> List[str]:
+  """Runner options for the job server that scripts/flink.sh starts."""
+  port = os.environ.get('FLINK_JOB_PORT', '18099')
+  return ['--runner=PortableRunner', f'--job_endpoint=localhost:{port}',
+          '--environment_type=LOOPBACK']
+
+
+# --- Pure logic: verdicts and summaries (unit tested) -------------------------
+
+def slope(points: Sequence[Tuple[float, float]]) -> float:
+  """Least-squares slope of ``(x, y)`` points (0 for fewer than two distinct x)."""
+  if len(points) < 2:
+    return 0.0
+  mean_x = sum(x for x, _ in points) / len(points)
+  mean_y = sum(y for _, y in points) / len(points)
+  sxx = sum((x - mean_x) ** 2 for x, _ in points)
+  if not sxx:
+    return 0.0
+  return sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
+
+
+#: One observation during a step: (monotonic s, published, received, accounted),
+#: accounted = invalid + too_late + duplicate + aggregated.
+Sample = Tuple[float, int, int, int]
+
+
+def step_verdict(rate: float, samples: Sequence[Sample], slack_s: float) -> dict:
+  """Whether one step of the ramp was sustained, from observations taken
+  through it (the first at its start, the last at its end).
+
+  Two backlogs: published minus received (read by the pipeline) and published
+  minus accounted (routed to an outcome). Their growth over the step is the
+  least-squares trend through every observation times the step's length, not
+  the difference of two snapshots: accounting.json is rewritten every 2 s and
+  events wait in the router for timer rounds, so a single snapshot is noisy.
+  The step is sustained when neither grew by more than ``slack_s`` seconds of
+  traffic at ``rate``.
+  """
+  if rate <= 0 or slack_s < 0 or len(samples) < 2:
+    raise ValueError('rate must be positive, slack_s non-negative, and a step needs '
+                     'at least two samples')
+  (t0, p0, r0, a0), (t1, p1, r1, a1) = samples[0], samples[-1]
+  seconds = t1 - t0
+  if seconds <= 0:
+    raise ValueError('samples must span some time')
+  backlog = slope([(t, p - r) for t, p, r, _ in samples]) * seconds
+  unrouted = slope([(t, p - a) for t, p, _, a in samples]) * seconds
+  allowed = slack_s * rate
+  return {
+      'rate': rate,
+      'seconds': round(seconds, 1),
+      'published': p1 - p0,
+      'publish_rate': round((p1 - p0) / seconds, 1),
+      'receive_rate': round((r1 - r0) / seconds, 1),
+      'account_rate': round((a1 - a0) / seconds, 1),
+      'backlog_end': p1 - r1,
+      'unrouted_end': p1 - a1,
+      'backlog_growth': round(backlog),
+      'unrouted_growth': round(unrouted),
+      'samples': len(samples),
+      'sustained': backlog <= allowed and unrouted <= allowed,
+  }
+
+
+def percentile(values: Sequence[float], q: float) -> Optional[float]:
+  """Nearest-rank percentile (``q`` in 0..100) of ``values``; None when empty."""
+  if not values:
+    return None
+  ordered = sorted(values)
+  rank = max(1, -(-len(ordered) * q // 100))  # ceil
+  return ordered[int(rank) - 1]
+
+
+def latency_summary(latencies: Sequence[Tuple[int, float]]) -> dict:
+  """p50, p95 and max (s, one decimal) of ``(window end ms, latency s)`` pairs
+  (one per key and window), how many there were and how many window ends (every
+  key's window ends together, so the panes of one end are not independent)."""
+  def r(x):
+    return None if x is None else round(x, 1)
+  seconds = [s for _, s in latencies]
+  return {'windows': len(seconds), 'window_ends': len({e for e, _ in latencies}),
+          'p50_s': r(percentile(seconds, 50)), 'p95_s': r(percentile(seconds, 95)),
+          'max_s': r(max(seconds) if seconds else None)}
+
+
+def max_sustained(steps: Iterable[dict]) -> Optional[float]:
+  """The highest rate of the unbroken run of sustained steps from the start."""
+  best = None
+  for step in steps:
+    if not step['sustained']:
+      break
+    best = step['rate']
+  return best
+
+
+def parse_rates(text: str) -> List[float]:
+  try:
+    rates = [float(r) for r in text.split(',') if r.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected RATE[,RATE...]') from None
+  if not rates or any(r <= 0 for r in rates) or rates != sorted(rates):
+    raise argparse.ArgumentTypeError(f'{text!r}: rates must be positive and increasing')
+  return rates
+
+
+# --- Observing the run --------------------------------------------------------
+
+def _processes() -> Dict[int, Tuple[int, float]]:
+  """``{pid: (parent pid, CPU seconds used so far)}`` of every process, from /proc."""
+  table: Dict[int, Tuple[int, float]] = {}
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat', encoding='ascii', errors='replace') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:
+      continue
+    table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+  return table
+
+
+def descendants(root: int, table: Optional[Dict[int, Tuple[int, float]]] = None) -> List[int]:
+  """The pids of ``root``'s children, their children, and so on."""
+  table = _processes() if table is None else table
+  found, todo = [], [root]
+  while todo:
+    pid = todo.pop()
+    children = [p for p, (ppid, _) in table.items() if ppid == pid]
+    found += children
+    todo += children
+  return found
+
+
+def tree_cpu_seconds(root: int, with_descendants: bool = True) -> float:
+  """CPU seconds (user + system) used so far by ``root`` and (by default) its
+  descendants."""
+  table = _processes()
+  pids = [root] + (descendants(root, table) if with_descendants else [])
+  return sum(table[p][1] for p in pids if p in table)
+
+
+class _Watcher(threading.Thread):
+  """Polls the run's outputs: the latest accounting record, and the wall time
+  (ms) at which each window's ON_TIME pane first appeared."""
+
+  def __init__(self, accounting_path: str, aggregates_path: str, every_s: float = 0.2):
+    super().__init__(daemon=True)
+    self._accounting_path = accounting_path
+    self._aggregates_path = aggregates_path
+    self._every = every_s
+    self._halt = threading.Event()
+    self._offset = 0
+    self._partial = b''
+    self.lock = threading.Lock()
+    self.accounting: Dict[str, int] = {}
+    self.on_time_seen: Dict[tuple, Tuple[int, int]] = {}  # window -> (end ms, seen ms)
+    self.published = 0  # messages sent so far (counted by the publisher)
+    self._samples: Optional[List[Sample]] = None
+
+  def run(self) -> None:
+    while not self._halt.is_set():
+      self.poll()
+      self._halt.wait(self._every)
+
+  def stop(self) -> None:
+    self._halt.set()
+    self.join(5)
+
+  def poll(self) -> None:
+    now = int(time.time() * 1000)
+    try:
+      with open(self._accounting_path, encoding='utf-8') as f:
+        accounting = json.load(f)
+      with self.lock:
+        self.accounting = accounting
+    except (OSError, ValueError):
+      pass
+    try:
+      with open(self._aggregates_path, 'rb') as f:
+        f.seek(self._offset)
+        chunk = f.read()
+    except OSError:
+      return
+    self._sample()
+    self._offset += len(chunk)
+    lines = (self._partial + chunk).split(b'\n')
+    self._partial = lines.pop()
+    with self.lock:
+      for line in lines:
+        pane = json.loads(line)
+        if pane['timing'] == 'ON_TIME':
+          window = (pane['customer_id'], pane['key'], pane['window_start'])
+          self.on_time_seen.setdefault(window, (pane['window_end'], now))
+
+  def start_step(self) -> None:
+    """Starts recording a Sample at every poll (and one now)."""
+    with self.lock:
+      self._samples = []
+    self._sample()
+
+  def end_step(self) -> List[Sample]:
+    """Stops recording; returns the step's Samples, the last taken now."""
+    self._sample()
+    with self.lock:
+      samples, self._samples = self._samples, None
+    return samples
+
+  def _sample(self) -> None:
+    received, accounted = self.counts()
+    with self.lock:
+      if self._samples is not None:
+        self._samples.append((time.monotonic(), self.published, received, accounted))
+
+  def counts(self) -> Tuple[int, int]:
+    """(received, accounted) where accounted = invalid + too_late + duplicate + aggregated."""
+    with self.lock:
+      a = dict(self.accounting)
+    return a.get(RECEIVED, 0), sum(a.get(c, 0) for c in (INVALID, TOO_LATE, DUPLICATE, AGGREGATED))
+
+  def latencies(self, start_ms: int, end_ms: int) -> List[Tuple[int, float]]:
+    """``(window end ms, seconds from it to the ON_TIME pane)`` of the windows
+    ending in [start, end)."""
+    with self.lock:
+      return [(end, (seen - end) / 1000) for end, seen in self.on_time_seen.values()
+              if start_ms <= end < end_ms]
+
+
+def tcp_connections(pid: int, remote_port: int) -> int:
+  """Established TCP connections from process ``pid`` to ``remote_port``."""
+  inodes = set()
+  try:
+    for fd in os.listdir(f'/proc/{pid}/fd'):
+      try:
+        link = os.readlink(f'/proc/{pid}/fd/{fd}')
+      except OSError:
+        continue
+      if link.startswith('socket:['):
+        inodes.add(link[8:-1])
+  except OSError:
+    return 0
+  count = 0
+  for table in ('tcp', 'tcp6'):
+    try:
+      with open(f'/proc/{pid}/net/{table}', encoding='ascii') as f:
+        next(f)
+        for line in f:
+          fields = line.split()
+          if (fields[3] == '01' and int(fields[2].rsplit(':', 1)[1], 16) == remote_port
+              and fields[9] in inodes):
+            count += 1
+    except OSError:
+      pass
+  return count
+
+
+def _port_open(address: str) -> bool:
+  host, _, port = address.rpartition(':')
+  try:
+    with socket.create_connection((host or 'localhost', int(port)), timeout=2):
+      return True
+  except OSError:
+    return False
+
+
+def option_value(extra: Sequence[str], name: str) -> Optional[str]:
+  """The value of option ``name`` in pass-through arguments (``NAME V`` or ``NAME=V``)."""
+  for i, arg in enumerate(extra):
+    if arg == name and i + 1 < len(extra):
+      return extra[i + 1]
+    if arg.startswith(name + '='):
+      return arg.split('=', 1)[1]
+  return None
+
+
+def _require_services(bootstrap: str, extra: Sequence[str]) -> Optional[str]:
+  """None when Kafka, the job server and the expansion service answer; else
+  what to start."""
+  missing = []
+  if not _port_open(bootstrap.split(',')[0]):
+    missing.append(f'Kafka at {bootstrap} (scripts/kafka.sh start)')
+  job = option_value(extra, '--job_endpoint')
+  if job and not _port_open(job):
+    missing.append(f'the Flink job server at {job} (scripts/flink.sh start)')
+  expansion = option_value(extra, '--kafka-expansion-service') or option_value(
+      extra, '--kafka_expansion_service') or 'localhost:' + os.environ.get(
+          'KAFKA_EXPANSION_PORT', '18096')
+  if not _port_open(expansion):
+    missing.append(f'the Kafka expansion service at {expansion} (scripts/flink.sh start)')
+  if missing:
+    return 'bench stream: not running: ' + '; '.join(missing)
+  return None
+
+
+def _step_lines(args: argparse.Namespace, step: int, rate: float,
+                seconds: float) -> List[traffic.Line]:
+  """The simulator's traffic for one step, event ids made unique across steps."""
+  profile = traffic.Profile(
+      messages=max(1, int(rate * seconds)), seed=args.seed + step, rate_per_s=rate,
+      window_size_s=args.window_size, allowed_lateness_s=args.allowed_lateness,
+      start_ms=_BASE_MS)
+  tag = f'"event_id": "s{step}-'
+  return [traffic.Data(line.source, line.payload.replace('"event_id": "', tag, 1),
+                       line.event_time)
+          if isinstance(line, traffic.Data) else line
+          for line in traffic.generate(profile)]
+
+
+def _wait(predicate, timeout_s: float, every_s: float = 0.5) -> bool:
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if predicate():
+      return True
+    time.sleep(every_s)
+  return bool(predicate())
+
+
+def cancel_job(job_endpoint: str, job_name: str) -> int:
+  """Cancels the running jobs whose ``--job_name`` is ``job_name`` through the
+  Beam job service; returns how many."""
+  import grpc
+  from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
+  states = beam_job_api_pb2.JobState
+  done = (states.STOPPED, states.DONE, states.FAILED, states.CANCELLED, states.UPDATED,
+          states.DRAINED, states.CANCELLING)
+  cancelled = 0
+  with grpc.insecure_channel(job_endpoint) as channel:
+    stub = beam_job_api_pb2_grpc.JobServiceStub(channel)
+    for info in stub.GetJobs(beam_job_api_pb2.GetJobsRequest(), timeout=30).job_info:
+      name = info.pipeline_options.fields.get('beam:option:job_name:v1')
+      if name is not None and name.string_value == job_name and info.state not in done:
+        stub.Cancel(beam_job_api_pb2.CancelJobRequest(job_id=info.job_id), timeout=60)
+        cancelled += 1
+  return cancelled
+
+
+def _stop_job(proc: subprocess.Popen, job_endpoint: Optional[str], job_name: str) -> int:
+  """Cancels the job through the job service (the launcher then sees it
+  cancelled, reconciles and exits); falls back to SIGINT, then SIGTERM. SDK
+  worker processes left behind by the launcher are ended too."""
+  workers = descendants(proc.pid)
+  if proc.poll() is None and job_endpoint:
+    try:
+      cancel_job(job_endpoint, job_name)
+      proc.wait(90)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'bench stream: cancelling through {job_endpoint} failed: {e}', file=sys.stderr)
+  for stop in (lambda: proc.send_signal(signal.SIGINT), proc.terminate, proc.kill):
+    if proc.poll() is not None:
+      break
+    stop()
+    try:
+      proc.wait(30)
+    except subprocess.TimeoutExpired:
+      pass
+  for pid in workers:
+    try:
+      os.kill(pid, signal.SIGTERM)
+    except OSError:
+      pass
+  return proc.wait()
+
+
+def _leaked_consumers(flink_pid: Optional[int], kafka_port: int, before: int) -> int:
+  """Kafka connections the job server opened for the job and still holds a
+  few seconds after it stopped."""
+  if not flink_pid:
+    return 0
+  leaked = 0
+  for _ in range(10):
+    leaked = max(0, tcp_connections(flink_pid, kafka_port) - before)
+    if not leaked:
+      break
+    time.sleep(1)
+  return leaked
+
+
+def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
+  from confluent_kafka.admin import AdminClient, NewTopic
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from pipeline.config import RunConfig
+  from pipeline.run import reconcile
+
+  if option_value(extra, '--runner') is None:
+    extra = flink_args() + list(extra)
+  problem = _require_services(args.bootstrap_servers, extra)
+  if problem:
+    raise SystemExit(problem)
+  py_spy = os.path.join(os.path.dirname(sys.executable), 'py-spy')
+  if args.py_spy and not os.access(py_spy, os.X_OK):
+    raise SystemExit(f'bench stream: --py-spy needs {py_spy}: pip install -e ".[bench]"')
+
+  run_id = uuid.uuid4().hex[:8]
+  prefix = f'tidemark-bench-{run_id}-'
+  sources = [s[0] for s in traffic.Profile().sources]
+  topics = {s: prefix + s for s in sources}
+  admin = AdminClient({'bootstrap.servers': args.bootstrap_servers})
+  for future in admin.create_topics(
+      [NewTopic(t, args.partitions, 1) for t in topics.values()]).values():
+    future.result(30)
+
+  out = os.path.join(args.workdir, f'stream-{run_id}')
+  source = f'kafka:{args.bootstrap_servers}/' + ','.join(f'{s}={t}' for s, t in topics.items())
+  job_name = f'tidemark-bench-{run_id}'
+  run_args = ['--source', source, '--window-size', str(args.window_size),
+              '--allowed-lateness', str(args.allowed_lateness), '--output-dir', out,
+              f'--job_name={job_name}', *extra]
+  config = RunConfig.from_options(PipelineOptions(run_args))
+
+  # Traffic for every step is generated before anything is timed.
+  plan = [(rate, _step_lines(args, k, rate, args.step_seconds))
+          for k, rate in enumerate([args.rates[0]] + list(args.rates))]
+  target = simulate.KafkaTarget(args.bootstrap_servers, prefix)
+  log_path = os.path.join(args.workdir, f'stream-{run_id}.log')
+  log = open(log_path, 'w', encoding='utf-8')
+  started = time.monotonic()
+  # This interpreter first on PATH: Beam starts process workers as plain
+  # ``python`` (--experiments=use_loopback_process_worker).
+  env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep +
+             os.environ.get('PATH', ''))
+  proc = subprocess.Popen([sys.executable, '-m', 'pipeline', 'run', *run_args],
+                          stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT, env=env)
+  watcher = _Watcher(config.accounting_path, config.aggregates_path)
+  watcher.start()
+  kafka_port = int(args.bootstrap_servers.split(',')[0].rsplit(':', 1)[1])
+  flink_pid = service_pid('flink')
+  connections_before = tcp_connections(flink_pid, kafka_port) if flink_pid else 0
+  pids = {'pipeline': proc.pid, 'flink': flink_pid,
+          'kafka': service_pid('kafka'), 'bench': os.getpid()}
+  published = 0
+  profiler = None
+  steps: List[dict] = []
+  result: dict = {'bench': 'stream', 'runner': option_value(extra, '--runner')}
+  try:
+    # Warm-up: the first rate until the job has started and caught up.
+    def count(_message) -> None:
+      watcher.published += 1
+
+    rate, lines = plan[0]
+    simulate.simulate(lines, target, rate, int(time.time() * 1000) - _BASE_MS, count)
+    published = watcher.published
+    if not _wait(lambda: watcher.counts()[1] >= published or proc.poll() is not None,
+                 args.startup_timeout):
+      raise SystemExit(f'bench stream: the job did not catch up with {published} warm-up '
+                       f'messages within {args.startup_timeout} s; see {log_path}')
+    if proc.poll() is not None:
+      raise SystemExit(f'bench stream: the pipeline exited ({proc.returncode}); see {log_path}')
+    result['startup_s'] = round(time.monotonic() - started, 1)
+    if args.py_spy:
+      profiler = subprocess.Popen(
+          [py_spy, 'record', '--pid', str(proc.pid), '--subprocesses', '--format', 'raw',
+           '--rate', '47', '--output', args.py_spy],
+          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    for rate, lines in plan[1:]:
+      cpu0 = {n: tree_cpu_seconds(p, n != 'bench') for n, p in pids.items() if p}
+      watcher.start_step()
+      step_start = time.time()
+      simulate.simulate(lines, target, rate, int(step_start * 1000) - _BASE_MS, count)
+      step_end = time.time()
+      samples = watcher.end_step()
+      published = watcher.published
+      wall = step_end - step_start
+      step = step_verdict(rate, samples, args.slack_seconds)
+      step['cpu_pct'] = {n: round(100 * (tree_cpu_seconds(pids[n], n != 'bench') - c) / wall)
+                         for n, c in cpu0.items()}
+      step['load_avg_1m'] = round(os.getloadavg()[0], 2)
+      step['_window'] = (int(step_start * 1000), int(step_end * 1000))
+      steps.append(step)
+      print(f'bench stream: {json.dumps({k: v for k, v in step.items() if k[0] != "_"})}',
+            file=sys.stderr, flush=True)
+      if not step['sustained'] or proc.poll() is not None:
+        break
+    if profiler is not None:
+      profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+      profiler.wait(60)
+      result['py_spy_profile'] = args.py_spy if os.path.exists(args.py_spy) else None
+
+    # Drain, let every window close, then check the accounting.
+    drained_at = time.monotonic()
+    drained = _wait(lambda: watcher.counts()[1] >= published, args.drain_timeout)
+    result['drain_s'] = round(time.monotonic() - drained_at, 1)
+
+    def reconciled():
+      try:
+        reconcile(config)
+        return True
+      except (Reconciliation, OSError, ValueError, KeyError):
+        return False
+    settle = args.window_size + args.allowed_lateness + 60
+    consistent = drained and _wait(reconciled, settle, every_s=2)
+  finally:
+    # Each clean-up step runs whatever happened before it.
+    try:
+      code = _stop_job(proc, option_value(extra, '--job_endpoint'), job_name)
+    finally:
+      try:
+        if profiler is not None and profiler.poll() is None:
+          profiler.send_signal(signal.SIGINT)
+          profiler.wait(60)
+      finally:
+        watcher.stop()
+        log.close()
+        leaked = _leaked_consumers(flink_pid, kafka_port, connections_before)
+        # Consumers left behind poll their topics for ever: deleting the topics
+        # would turn that into a busy loop of errors (and a fast-growing log).
+        if not leaked:
+          admin.delete_topics(list(topics.values()))
+  watcher.poll()
+  if leaked:
+    print(f'bench stream: WARNING: the Flink job server still holds {leaked} Kafka '
+          'connection(s) the stopped job opened (Beam\'s KafkaIO does not close its '
+          'consumers when a job is cancelled on Flink); they keep polling, using CPU. '
+          f'Topics {prefix}* are kept (deleting them makes the consumers spin). Restart '
+          'the job server before the next measurement: scripts/flink.sh stop; '
+          'scripts/flink.sh start', file=sys.stderr, flush=True)
+
+  with open(config.accounting_path, encoding='utf-8') as f:
+    accounting = json.load(f)
+  parts = sum(accounting[c] for c in (INVALID, TOO_LATE, DUPLICATE, AGGREGATED))
+  in_panes = sum(p['count'] for p in final_panes(config.aggregates_path).values())
+  with open(os.path.join(out, 'on_time_panes_seen.jsonl'), 'w', encoding='utf-8') as f:
+    for (customer, key, start), (end, seen) in sorted(watcher.on_time_seen.items()):
+      f.write(json.dumps({'customer_id': customer, 'key': key, 'window_start': start,
+                          'window_end': end, 'seen_ms': seen}) + '\n')
+  for step in steps:
+    step['on_time_latency'] = latency_summary(watcher.latencies(*step.pop('_window')))
+  best = max_sustained(steps)
+  at_best = next((s for s in steps if s['rate'] == best), None)
+  result.update({
+      'max_sustained_rate': best,
+      'target_events_per_s': TARGET_EVENTS_PER_S,
+      'on_time_latency_at_max': at_best and at_best['on_time_latency'],
+      'step_seconds': args.step_seconds,
+      'slack_seconds': args.slack_seconds,
+      'partitions_per_topic': args.partitions,
+      'steps': steps,
+      'published': published,
+      'accounting': accounting,
+      'received_equals_published': accounting[RECEIVED] == published,
+      'accounting_consistent': accounting[RECEIVED] == parts,
+      'aggregated_equals_final_panes': accounting[AGGREGATED] == in_panes,
+      'reconciled_before_stop': consistent,
+      'pipeline_exit_code': code,
+      'job_server_kafka_connections_left': leaked,
+      'topics_deleted': not leaked,
+      'pipeline_options': [a for a in extra],
+      'output_dir': out,
+  })
+  return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--rates', type=parse_rates, default=parse_rates('250,500,1000,2000,4000'),
+                      help='stream: messages/s per step, increasing')
+  parser.add_argument('--step-seconds', type=float, default=60.0, help='stream: wall s per step')
+  parser.add_argument('--slack-seconds', type=float, default=5.0,
+                      help='stream: backlog growth tolerated per step, in seconds of traffic')
+  parser.add_argument('--partitions', type=int, default=1, help='stream: partitions per topic')
+  parser.add_argument('--bootstrap-servers', default=simulate.DEFAULT_KAFKA_SERVERS,
+                      help='stream: Kafka')
+  parser.add_argument('--startup-timeout', type=float, default=300.0,
+                      help='stream: s to wait for the job to start and read the warm-up')
+  parser.add_argument('--py-spy', metavar='PATH',
+                      help='stream: record a py-spy profile (collapsed stacks) of the pipeline '
+                      'process and its SDK workers over the ramp steps into PATH')
+  parser.add_argument('--drain-timeout', type=float, default=300.0,
+                      help='stream: s to wait for the backlog to drain after the ramp')
