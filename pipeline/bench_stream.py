@@ -14,15 +14,18 @@ Per step it compares what was published with what the pipeline has accounted
 for (accounting.json, rewritten every 2 s): the step is *sustained* when the
 backlog (published - received, and published - received-and-routed; their
 least-squares trend through observations every 0.2 s) did not grow by more than
-``--slack-seconds`` of traffic over the step. The ramp stops
-at the first step that is not sustained. Latency is the wall time from a
+``--slack-seconds`` of traffic over the step. The ramp stops at the first step
+that is not sustained. Latency is the wall time from a
 window's end to its ON_TIME pane appearing in aggregates.jsonl (the final pane
 unless late data follows), p50/p95/max over the windows that ended in a step.
 
 At the end it waits for the backlog to drain and every window to close, checks
 the accounting (received = invalid + too_late + duplicate + aggregated, and
-aggregated = the sum of the final panes' counts), stops the job (SIGINT: the
-launcher cancels it) and deletes the topics. Prints one JSON line.
+aggregated = the sum of the final panes' counts), cancels the job through the
+job service (the launcher then stops cleanly) and deletes the topics, unless the
+job server kept Kafka consumers of the job alive (Beam's KafkaIO on Flink does
+not close them on cancel): then the topics stay, and it says so. Prints one
+JSON line.
 """
 
 from __future__ import annotations
