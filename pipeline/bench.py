@@ -38,12 +38,8 @@ from transforms.diagnostics import resident_mib
 
 
 def _flag(extra: List[str], name: str, default: str) -> str:
-  for i, arg in enumerate(extra):
-    if arg == name and i + 1 < len(extra):
-      return extra[i + 1]
-    if arg.startswith(name + '='):
-      return arg.split('=', 1)[1]
-  return default
+  value = bench_stream.option_value(extra, name)
+  return default if value is None else value
 
 
 def _runner(extra: List[str]) -> str:
