@@ -34,16 +34,14 @@ from apache_beam import pvalue
 from apache_beam.coders import coder_impl
 
 from transforms.aggregate import Stats
-from transforms.lateness import dead_letter_too_late
+from transforms.dedup import DUPLICATE_TAG
+from transforms.lateness import TOO_LATE_TAG, dead_letter_too_late
 from transforms.model import (
     AGGREGATED, CATEGORIES, INVALID, DeadLetter, Event, WindowAggregate, check_early_firing,
     window_spec)
-from transforms.parse import InvalidPayload, parse_payload
+from transforms.parse import INVALID_TAG, InvalidPayload, parse_payload
 from transforms.replay import ReplayIndex, read_chunk
 
-INVALID_TAG = 'invalid'
-TOO_LATE_TAG = 'too_late'
-DUPLICATE_TAG = 'duplicate'
 
 #: A message in a chunk: (arrival index, step, pipeline watermark ms at arrival
 #: or None, processing time s at arrival, source, payload).

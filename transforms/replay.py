@@ -308,7 +308,6 @@ class ReplayIndex(NamedTuple):
   watermark_steps: List[Tuple[int, Optional[int]]]
   #: ``(step, processing time s)`` of every processing-time step
   processing_time_steps: List[Tuple[int, float]]
-  max_watermark_lag_ms: Dict[str, int]
 
 
 def index_replay(path: str, chunk_messages: int = 20000) -> ReplayIndex:
@@ -370,8 +369,7 @@ def index_replay(path: str, chunk_messages: int = 20000) -> ReplayIndex:
   timeline.finish()
   watermark_steps.append((timeline.step, None))
   return ReplayIndex(
-      path, tuple(sources), messages, chunks, watermark_steps, processing_time_steps,
-      timeline.max_lag)
+      path, tuple(sources), messages, chunks, watermark_steps, processing_time_steps)
 
 
 def read_chunk(path: str, chunk: ChunkStart) -> Iterator[Tuple[int, int, Optional[int], float, str, str]]:
