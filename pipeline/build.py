@@ -9,8 +9,7 @@ import apache_beam as beam
 from pipeline.config import RunConfig, parse_aggregates_topic
 from transforms.accounting import CountOutcomes, ReportProgress
 from transforms.bulk import (
-    AggregateWindowsInBulk, CountChunkOutcomes, ParseChunks, ReadReplayInChunks,
-    RouteChunksTooLate)
+    AdmitChunks, AggregateWindowsInBulk, CountChunkOutcomes, ParseChunks, ReadReplayInChunks)
 from transforms.diagnostics import SampleMemory
 from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.parse import ParseEvents
@@ -111,17 +110,14 @@ class WriteWindowOutputs(beam.PTransform):
 
 def aggregate_window_size(
     config: RunConfig, label: str, messages: beam.PCollection,
-    parsed: beam.pvalue.DoOutputsTuple, arrival_watermarks: bool, with_invalid: bool,
-    with_duplicates: bool) -> Built:
+    parsed: beam.pvalue.DoOutputsTuple, with_invalid: bool, with_duplicates: bool) -> Built:
   """route late → dedup → window & aggregate → write, for the window size and
   lateness of ``config``. Every window size counts every message, so each
   accounting adds up on its own; ``with_invalid`` puts the invalid payloads in
-  its dead letters (the primary's: they are no window size's). With
-  ``arrival_watermarks`` the events carry the watermark they arrived under
-  (replays)."""
+  its dead letters (the primary's: they are no window size's)."""
   windows = parsed.events | label >> Rollup(
       config.window_size_s, config.allowed_lateness_s, config.shards,
-      arrival_watermarks, config.early_firing_s)
+      config.early_firing_s)
   dead_letters = ((parsed.invalid, windows.too_late) if with_invalid else (windows.too_late,)
                   ) | f'{label}DeadLetters' >> beam.Flatten()
   accounting = {
@@ -150,13 +146,12 @@ def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built
   # Rollups are reconciled against the primary windows event by event, which
   # needs every copy each size dropped as a duplicate too (duplicates.jsonl).
   reconciled = bool(config.rollups)
-  known = source.arrival_watermarks
   primary = aggregate_window_size(
-      config, 'Primary', messages, parsed, known, with_invalid=True,
+      config, 'Primary', messages, parsed, with_invalid=True,
       with_duplicates=reconciled)
   rollups = tuple(
       aggregate_window_size(
-          rollup, f'{ROLLUP_PREFIX}{rollup.window_size_s}s', messages, parsed, known,
+          rollup, f'{ROLLUP_PREFIX}{rollup.window_size_s}s', messages, parsed,
           with_invalid=False, with_duplicates=True)
       for rollup in config.rollup_configs)
 
@@ -179,27 +174,27 @@ def build_bulk(p: beam.Pipeline, config: RunConfig, source: ReadReplayInChunks) 
 
   chunks = p | 'Read' >> source
   parsed = chunks | 'Parse' >> ParseChunks()
-  routed = parsed.events | 'RouteTooLate' >> RouteChunksTooLate(size, lateness)
-  windows = routed.on_time | 'DedupAndAggregate' >> AggregateWindowsInBulk(
+  admitted = parsed.events | 'RouteLateAndDedup' >> AdmitChunks(size, lateness)
+  panes = admitted.admitted | 'Aggregate' >> AggregateWindowsInBulk(
       size, lateness, config.early_firing_s, source.index)
   dead_letters = (
-      (parsed.invalid, routed.too_late)
+      (parsed.invalid, admitted.too_late)
       | 'DeadLetters' >> beam.Flatten()
       | 'OnePerMessage' >> beam.FlatMap(lambda letters: letters))
   accounting = {
       RECEIVED: chunks,
       INVALID: parsed.invalid,
-      TOO_LATE: routed.too_late,
-      DUPLICATE: windows.duplicate,
-      AGGREGATED: windows.aggregated,
+      TOO_LATE: admitted.too_late,
+      DUPLICATE: admitted.duplicate,
+      AGGREGATED: admitted.aggregated,
   } | 'Accounting' >> CountChunkOutcomes()
 
   _ = {
-      'aggregates': windows.panes,
+      'aggregates': panes,
       'dead_letters': dead_letters,
       'accounting': accounting,
   } | 'Write' >> WriteWindowOutputs(config, duplicates=False)
   publish = topic_sink(config)
   if publish is not None:
-    windows.panes | 'PublishAggregates' >> publish
-  return Built(windows.panes, dead_letters, accounting)
+    panes | 'PublishAggregates' >> publish
+  return Built(panes, dead_letters, accounting)

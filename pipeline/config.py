@@ -19,6 +19,9 @@ BUNDLED_REPLAY = os.path.join(os.path.dirname(__file__), 'data', 'incident-repla
 DEFAULT_WINDOW_SIZE_S = 60
 DEFAULT_ALLOWED_LATENESS_S = 30
 DEFAULT_EARLY_FIRING_S = 10
+#: Keys of the too-late and dedup gate (each holds its own ids; a handful keeps
+#: the per-bundle work per key small and still spreads over a few workers).
+DEFAULT_SHARDS = 4
 DEFAULT_OUTPUT_DIR = 'tidemark-output'
 SOURCE_KINDS = ('replay', 'pubsub', 'kafka')
 ACCOUNTING_UPDATE_S = 2
@@ -335,7 +338,7 @@ class RunConfig:
     early = DEFAULT_EARLY_FIRING_S if opts.early_firing is None else opts.early_firing
     if early < 0:
       raise ConfigError('--early-firing', f'must be zero or positive, got {early}')
-    shards = 1 if opts.shards is None else opts.shards
+    shards = DEFAULT_SHARDS if opts.shards is None else opts.shards
     if shards < 1:
       raise ConfigError('--shards', f'must be at least 1, got {shards}')
 

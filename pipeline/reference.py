@@ -114,7 +114,8 @@ def compute(path: str, window_size_s: int, allowed_lateness_s: int) -> Outcome:
           marks.setdefault(line['source'], None)
   counts = dict(received=0, invalid=0, too_late=0, duplicate=0, aggregated=0)
   values: Dict[Tuple[str, str, int, int], List[float]] = {}
-  accepted = set()
+  #: event_id -> end + lateness of the window of its first accepted copy
+  accepted: Dict[str, int] = {}
   aggregated: List[Accepted] = []
   too_late: List[Tuple[str, str]] = []
   invalid: List[Tuple[str, str]] = []
@@ -139,10 +140,13 @@ def compute(path: str, window_size_s: int, allowed_lateness_s: int) -> Outcome:
       counts['too_late'] += 1
       too_late.append((line['source'], line['data']))
       continue
-    if eid in accepted:
+    # A copy is a duplicate while its id's first accepted copy's window is open
+    # (whatever window this copy falls in); after that it is judged afresh.
+    first_closes = accepted.get(eid)
+    if first_closes is not None and (watermark is None or watermark <= first_closes):
       counts['duplicate'] += 1
       continue
-    accepted.add(eid)
+    accepted[eid] = start + size + lateness
     aggregated.append((eid, cust, key, t, value))
     counts['aggregated'] += 1
     values.setdefault((cust, key, start, start + size), []).append(value)

@@ -10,21 +10,46 @@ import sys
 import threading
 import time
 import uuid
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.transforms import trigger
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.model import CATEGORIES
 
 
-class _CountCategories(beam.CombineFn):
+class _CountInBundleFn(beam.DoFn):
+  """Counts a bundle's elements and emits ``(category, count)`` once, at the
+  end of the bundle: one element per bundle crosses to the combine, not one
+  per message."""
+
+  def __init__(self, category: str):
+    self._category = category
+
+  def start_bundle(self):
+    self._count = 0
+
+  def process(self, element) -> Iterable:
+    self._count += 1
+    return ()
+
+  def finish_bundle(self) -> Iterable:
+    if self._count:
+      yield WindowedValue(
+          (self._category, self._count), MIN_TIMESTAMP, (GlobalWindow(),))
+
+
+class _SumCategories(beam.CombineFn):
 
   def create_accumulator(self) -> Dict[str, int]:
     return dict.fromkeys(CATEGORIES, 0)
 
-  def add_input(self, acc, category: str):
-    acc[category] += 1
+  def add_input(self, acc, counted: Tuple[str, int]):
+    category, n = counted
+    acc[category] += n
     return acc
 
   def merge_accumulators(self, accumulators):
@@ -44,7 +69,8 @@ class CountOutcomes(beam.PTransform):
   Categories are the contract's (``received``, ``invalid``, ``too_late``,
   ``duplicate``, ``aggregated``). One record is emitted when the input ends
   (watermark at infinity); with ``update_every_s`` an accumulating record is also
-  emitted that often in processing time, for unbounded runs.
+  emitted that often in processing time, for unbounded runs. Elements are
+  counted where they are, per bundle; only the counts travel.
   """
 
   def __init__(self, update_every_s: Optional[int] = None):
@@ -57,19 +83,19 @@ class CountOutcomes(beam.PTransform):
     unknown = set(outcomes) - set(CATEGORIES)
     if unknown:
       raise ValueError(f'unknown accounting categories: {sorted(unknown)}')
-    tagged = [
-        pcoll | f'Tag_{category}' >> beam.Map(lambda _, c=category: c)
+    counted = [
+        pcoll | f'Count_{category}' >> beam.ParDo(_CountInBundleFn(category))
         for category, pcoll in sorted(outcomes.items())
     ]
     early = trigger.AfterProcessingTime(self._every) if self._every else None
     return (
-        tagged
+        counted
         | 'AllOutcomes' >> beam.Flatten()
         | 'WholeRun' >> beam.WindowInto(
             beam.window.GlobalWindows(),
             trigger=trigger.AfterWatermark(early=early),
             accumulation_mode=trigger.AccumulationMode.ACCUMULATING)
-        | 'Count' >> beam.CombineGlobally(_CountCategories()).without_defaults())
+        | 'Sum' >> beam.CombineGlobally(_SumCategories()).without_defaults())
 
 
 class _Progress:

@@ -11,7 +11,6 @@ from apache_beam.utils.timestamp import Duration
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from transforms.model import Event, WindowAggregate, check_early_firing, window_spec
-from transforms.parse import millis_to_timestamp
 
 
 class Stats(beam.CombineFn):
@@ -78,6 +77,8 @@ class _ToAggregateFn(beam.DoFn):
 class AggregateWindows(beam.PTransform):
   """Per ``(customer_id, key)`` and fixed window: count, sum, min, max.
 
+  Takes Events stamped with their event time (as ParseEvents emits them).
+
   Windows are half-open ``[start, start + size)``. The trigger is accumulating
   ``AfterWatermark(early=AfterProcessingTime(early_firing_s), late=AfterCount(1))``:
   optional early panes, one on-time pane when the watermark passes the window
@@ -107,8 +108,6 @@ class AggregateWindows(beam.PTransform):
     early = trigger.AfterProcessingTime(self._early) if self._early else None
     return (
         events
-        | 'StampEventTime' >> beam.Map(
-            lambda e: beam.window.TimestampedValue(e, millis_to_timestamp(e.event_time)))
         | 'FixedWindows' >> beam.WindowInto(
             beam.window.FixedWindows(self._size),
             trigger=trigger.AfterWatermark(early=early, late=trigger.AfterCount(1)),

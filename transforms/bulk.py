@@ -10,14 +10,15 @@ limits a Python runner), and emit the same outputs:
 * ``ReadReplayInChunks``: the indexed file (``transforms.replay.index_replay``)
   read chunk by chunk, in parallel;
 * ``ParseChunks``: contract section 1, by ``transforms.parse.parse_payload``;
-* ``RouteChunksTooLate``: an event is too late when the watermark it arrived
-  under had reached its window's ``WindowSpec.closing``, as in RouteTooLate;
-* ``AggregateWindowsInBulk``: per window, the first accepted copy of each
-  ``event_id`` in arrival order, then the panes the streaming trigger
+* ``AdmitChunks``: too late, duplicate or admitted, by
+  ``transforms.admission.AdmissionRules`` with the watermark each message
+  arrived under, every copy of an ``event_id`` walked in arrival order in its
+  shard;
+* ``AggregateWindowsInBulk``: per window, the panes the streaming trigger
   (``AfterWatermark(early=AfterProcessingTime, late=AfterCount(1))``,
   accumulating) fires along the replay's timeline.
 
-Elements are lists (one per chunk, or per window); only the outputs are single
+Elements are lists (one per chunk, shard or window); only the outputs are single
 records.
 """
 
@@ -27,18 +28,17 @@ import bisect
 import math
 import pickle
 from collections import defaultdict
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.coders import coder_impl
 
+from transforms.admission import DUPLICATE_TAG, TOO_LATE_TAG, AdmissionRules
 from transforms.aggregate import Stats
-from transforms.dedup import DUPLICATE_TAG
-from transforms.lateness import TOO_LATE_TAG, dead_letter_too_late
 from transforms.model import (
     AGGREGATED, CATEGORIES, INVALID, DeadLetter, Event, WindowAggregate, check_early_firing,
-    window_spec)
+    stable_shard, window_spec)
 from transforms.parse import INVALID_TAG, InvalidPayload, parse_payload
 from transforms.replay import ReplayIndex, read_chunk
 
@@ -47,16 +47,18 @@ from transforms.replay import ReplayIndex, read_chunk
 #: or None, processing time s at arrival, source, payload).
 Message = Tuple[int, int, Optional[int], float, str, str]
 #: An event in a chunk, a plain tuple (cheap to encode): arrival index, step,
-#: processing time s at arrival, then the fields of Event in order. Once routed,
-#: only the first ``WINDOWED_FIELDS`` travel on (aggregation needs no payload).
+#: processing time s at arrival, the event's fields, the watermark it arrived
+#: under, then where it came from. Past the too-late check only the first
+#: ``ADMITTED_FIELDS`` travel on (dedup and aggregation need no payload).
 Row = tuple
 SEQ, STEP, ARRIVED_AT = 0, 1, 2
-EVENT_ID, CUSTOMER_ID, KEY, VALUE, EVENT_TIME, SOURCE, DATA, ARRIVAL_WATERMARK = range(3, 11)
-WINDOWED_FIELDS = VALUE + 1
+EVENT_ID, CUSTOMER_ID, KEY, VALUE, EVENT_TIME, ARRIVAL_WATERMARK, SOURCE, DATA = range(3, 11)
+ADMITTED_FIELDS = ARRIVAL_WATERMARK + 1
 
 
 def row_event(row: Row) -> Event:
-  return Event(*row[EVENT_ID:])
+  return Event(row[EVENT_ID], row[CUSTOMER_ID], row[KEY], row[VALUE], row[EVENT_TIME],
+               row[SOURCE], row[DATA], row[ARRIVAL_WATERMARK])
 
 
 class Chunk(list):
@@ -118,7 +120,7 @@ class _ParseChunkFn(beam.DoFn):
       except InvalidPayload as e:
         invalid.append(DeadLetter(INVALID, source, data, str(e)))
         continue
-      rows.append((seq, step, processing_time, *fields, source, data, watermark))
+      rows.append((seq, step, processing_time, *fields, watermark, source, data))
     yield rows
     if invalid:
       yield pvalue.TaggedOutput(INVALID_TAG, invalid)
@@ -136,45 +138,96 @@ class ParseChunks(beam.PTransform):
         Chunk).with_outputs(INVALID_TAG, main='events')
 
 
-class _RouteChunkFn(beam.DoFn):
+class _TooLateOrShardFn(beam.DoFn):
+  """Rule 2 needs nothing but the row, so it is decided before the shuffle,
+  where the payload is still at hand; the rest go to their id's shard."""
 
-  def __init__(self, window_size_s: int, allowed_lateness_s: int):
-    self._spec = window_spec(window_size_s, allowed_lateness_s)
+  def __init__(self, rules: AdmissionRules, shards: int):
+    self._rules = rules
+    self._shards = shards
 
   def process(self, rows: List[Row]) -> Iterable:
-    spec = self._spec
-    by_window: Dict[int, List[Row]] = defaultdict(Chunk)
+    rules, shards = self._rules, self._shards
+    by_shard: Dict[int, List[Row]] = defaultdict(Chunk)
     too_late: List[DeadLetter] = Chunk()
     for row in rows:
-      start = spec.start(row[EVENT_TIME])
-      watermark = row[ARRIVAL_WATERMARK]
-      if watermark is not None and watermark >= spec.closing(start):
-        too_late.append(dead_letter_too_late(spec, row_event(row)))
+      if rules.too_late(row[EVENT_TIME], row[ARRIVAL_WATERMARK]):
+        too_late.append(rules.too_late_letter(row_event(row)))
       else:
-        by_window[start].append(row[:WINDOWED_FIELDS])
-    yield from by_window.items()
+        by_shard[stable_shard(row[EVENT_ID], shards)].append(row[:ADMITTED_FIELDS])
+    yield from by_shard.items()
     if too_late:
       yield pvalue.TaggedOutput(TOO_LATE_TAG, too_late)
 
 
-class RouteChunksTooLate(beam.PTransform):
-  """Splits each chunk into events of open windows, keyed by window start, and
-  those too late.
+class _AdmitShardFn(beam.DoFn):
+  """Every copy of the shard's ids in arrival order, decided by the rules."""
 
-  Returns a DoOutputsTuple: ``on_time`` of ``(window start, rows)`` and
-  ``too_late`` (lists of DeadLetter).
-  """
+  #: How often (rows) the ids of closed windows are forgotten.
+  PRUNE_EVERY = 50000
 
-  def __init__(self, window_size_s: int, allowed_lateness_s: int):
+  def __init__(self, rules: AdmissionRules):
+    self._rules = rules
+
+  def process(self, element: Tuple[int, Iterable[List[Row]]]) -> Iterable:
+    rules = self._rules
+    spec = rules.spec
+    _, chunks = element
+    rows = sorted((row for chunk in chunks for row in chunk), key=lambda r: r[SEQ])
+    first: Dict[str, int] = {}  # event_id -> closing of its first admitted copy
+    by_window: Dict[int, List[Row]] = defaultdict(Chunk)
+    duplicates = 0
+    for n, row in enumerate(rows, 1):
+      known = row[ARRIVAL_WATERMARK]
+      event_id = row[EVENT_ID]
+      outcome = rules.decide(row[EVENT_TIME], known, first.get(event_id))
+      if outcome == AGGREGATED:
+        first[event_id] = spec.closing(row[EVENT_TIME])
+        by_window[spec.start(row[EVENT_TIME])].append(row)
+      else:  # too late was decided before the shuffle
+        duplicates += 1
+      if n % self.PRUNE_EVERY == 0 and known is not None:
+        first = {i: c for i, c in first.items() if c > known}
+    yield from by_window.items()
+    yield pvalue.TaggedOutput(AGGREGATED, len(rows) - duplicates)
+    yield pvalue.TaggedOutput(DUPLICATE_TAG, duplicates)
+
+
+class AdmittedChunks(NamedTuple):
+  """What ``AdmitChunks`` makes of the rows."""
+  #: ``(window start, rows)`` of admitted events
+  admitted: beam.PCollection
+  #: lists of DeadLetter with reason ``too_late``
+  too_late: beam.PCollection
+  #: per shard, how many copies were duplicates
+  duplicate: beam.PCollection
+  #: per shard, how many events were admitted
+  aggregated: beam.PCollection
+
+
+class AdmitChunks(beam.PTransform):
+  """Too late, duplicate or admitted, for every row of every chunk; returns
+  ``AdmittedChunks``."""
+
+  def __init__(self, window_size_s: int, allowed_lateness_s: int, shards: int = 8):
     super().__init__()
-    window_spec(window_size_s, allowed_lateness_s)  # validates
-    self._size = window_size_s
-    self._lateness = allowed_lateness_s
+    self._rules = AdmissionRules(window_spec(window_size_s, allowed_lateness_s))
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+      raise ValueError(f'shards must be a positive integer, got {shards!r}')
+    self._shards = shards
 
-  def expand(self, rows: beam.PCollection[List[Row]]):
-    return rows | 'Route' >> beam.ParDo(
-        _RouteChunkFn(self._size, self._lateness)).with_output_types(
-            Tuple[int, Chunk]).with_outputs(TOO_LATE_TAG, main='on_time')
+  def expand(self, rows: beam.PCollection[List[Row]]) -> AdmittedChunks:
+    routed = rows | 'TooLateOrShard' >> beam.ParDo(
+        _TooLateOrShardFn(self._rules, self._shards)).with_output_types(
+            Tuple[int, Chunk]).with_outputs(TOO_LATE_TAG, main='by_shard')
+    admitted = (
+        routed.by_shard
+        | 'GroupByShard' >> beam.GroupByKey()
+        | 'FirstCopies' >> beam.ParDo(_AdmitShardFn(self._rules)).with_output_types(
+            Tuple[int, Chunk]).with_outputs(DUPLICATE_TAG, AGGREGATED, main='admitted'))
+    return AdmittedChunks(
+        admitted.admitted, routed[TOO_LATE_TAG], admitted[DUPLICATE_TAG],
+        admitted[AGGREGATED])
 
 
 def fire_panes(
@@ -240,18 +293,11 @@ class _AggregateWindowFn(beam.DoFn):
     self._watermark_steps = watermark_steps
     self._processing_time_steps = processing_time_steps
 
-  def process(self, element: Tuple[int, Iterable[List[Row]]]) -> Iterable:
+  def process(self, element: Tuple[int, Iterable[List[Row]]]) -> Iterable[WindowAggregate]:
     start, chunks = element
     rows = sorted((row for chunk in chunks for row in chunk), key=lambda r: r[SEQ])
-    seen = set()
     by_key: Dict[Tuple[str, str], List[Row]] = defaultdict(list)
-    duplicates = 0
     for row in rows:
-      event_id = row[EVENT_ID]
-      if event_id in seen:
-        duplicates += 1
-        continue
-      seen.add(event_id)
       by_key[(row[CUSTOMER_ID], row[KEY])].append(row)
     end = start + self._size_ms
     for (customer_id, key), key_rows in by_key.items():
@@ -260,16 +306,13 @@ class _AggregateWindowFn(beam.DoFn):
       for index, (timing, (count, total, low, high)) in enumerate(panes):
         yield WindowAggregate(
             customer_id, key, start, end, count, total, low, high, index, timing)
-    yield pvalue.TaggedOutput(AGGREGATED, len(seen))
-    yield pvalue.TaggedOutput(DUPLICATE_TAG, duplicates)
 
 
 class AggregateWindowsInBulk(beam.PTransform):
-  """Dedup and the window aggregates of a whole replay, pane by pane.
+  """The window aggregates of a whole replay, pane by pane.
 
-  Takes ``(window start, rows)`` from RouteChunksTooLate. Returns a
-  DoOutputsTuple: ``panes`` (WindowAggregate), and per window the number of
-  ``duplicate`` and ``aggregated`` events.
+  Takes ``(window start, rows)`` of admitted events (AdmitChunks). Returns
+  WindowAggregate, every pane.
   """
 
   def __init__(self, window_size_s: int, allowed_lateness_s: int,
@@ -286,10 +329,9 @@ class AggregateWindowsInBulk(beam.PTransform):
     return (
         keyed_rows
         | 'GroupByWindow' >> beam.GroupByKey()
-        | 'DedupAndFire' >> beam.ParDo(_AggregateWindowFn(
+        | 'FirePanes' >> beam.ParDo(_AggregateWindowFn(
             self._size, self._early, self._watermark_steps,
-            self._processing_time_steps)).with_outputs(
-                DUPLICATE_TAG, AGGREGATED, main='panes'))
+            self._processing_time_steps)).with_output_types(WindowAggregate))
 
 
 class CountChunkOutcomes(beam.PTransform):

@@ -6,8 +6,13 @@ Everything here is plain data: no Beam, no I/O. Times are epoch milliseconds
 
 from __future__ import annotations
 
+import datetime
 import zlib
 from typing import NamedTuple, Optional
+
+#: Event times must lie in [2000-01-01T00:00:00Z, 2100-01-01T00:00:00Z) (ms).
+MIN_EVENT_TIME = 946684800000
+MAX_EVENT_TIME = 4102444800000
 
 #: The contract's dead-letter reasons.
 INVALID = 'invalid'
@@ -125,6 +130,14 @@ def check_early_firing(early_firing_s) -> None:
       isinstance(early_firing_s, bool) or not isinstance(early_firing_s, int) or
       early_firing_s <= 0):
     raise ValueError(f'early_firing_s must be a positive integer, got {early_firing_s!r}')
+
+
+_EPOCH = datetime.datetime(1970, 1, 1)
+
+
+def iso_millis(millis: int) -> str:
+  """An instant (epoch ms) in RFC 3339, UTC (as Beam's ``Timestamp.to_rfc3339``)."""
+  return (_EPOCH + datetime.timedelta(milliseconds=millis)).isoformat() + 'Z'
 
 
 def stable_shard(event_id: str, shards: int) -> int:

@@ -13,11 +13,10 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.model import INVALID, DeadLetter, Event, RawMessage
+from transforms.model import (
+    INVALID, MAX_EVENT_TIME, MIN_EVENT_TIME, DeadLetter, Event, RawMessage)
 
 MAX_PAYLOAD_BYTES = 64 * 1024
-MIN_EVENT_TIME = 946684800000  # 2000-01-01T00:00:00Z
-MAX_EVENT_TIME = 4102444800000  # 2100-01-01T00:00:00Z, exclusive
 
 INVALID_TAG = 'invalid'
 

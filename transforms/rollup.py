@@ -1,4 +1,4 @@
-"""One window size, end to end: route too late → deduplicate → aggregate.
+"""One window size, end to end: route too late and deduplicate → aggregate.
 
 A run computes its primary window size and any number of rollups (larger
 window sizes) from the same parsed events; each is one ``Rollup`` with its own
@@ -12,11 +12,9 @@ from typing import NamedTuple, Optional
 
 import apache_beam as beam
 
+from transforms.admission import RouteAndDeduplicate
 from transforms.aggregate import AggregateWindows
-from transforms.dedup import DeduplicateEvents
-from transforms.lateness import RouteTooLate
-from transforms.model import DUPLICATE, DeadLetter, Event, window_spec
-from transforms.parse import millis_to_timestamp
+from transforms.model import Event
 
 
 class RollupOutputs(NamedTuple):
@@ -25,23 +23,10 @@ class RollupOutputs(NamedTuple):
   aggregates: beam.PCollection
   #: DeadLetter with reason ``too_late`` (this window size's lateness)
   too_late: beam.PCollection
-  #: DeadLetter with reason ``duplicate``: later copies of an accepted event_id
+  #: DeadLetter with reason ``duplicate``: later copies of an admitted event_id
   duplicates: beam.PCollection
   #: Event, the copies counted into the aggregates
   aggregated: beam.PCollection
-
-
-def _duplicate_record(spec):
-
-  def record(event: Event) -> DeadLetter:
-    start = spec.start(event.event_time)
-    detail = (
-        f'event_id {event.event_id!r} was already aggregated in window '
-        f'[{millis_to_timestamp(start).to_rfc3339()}, '
-        f'{millis_to_timestamp(start + spec.size_ms).to_rfc3339()})')
-    return DeadLetter(DUPLICATE, event.source, event.data, detail)
-
-  return record
 
 
 class Rollup(beam.PTransform):
@@ -55,19 +40,14 @@ class Rollup(beam.PTransform):
       self,
       window_size_s: int,
       allowed_lateness_s: int,
-      shards: int = 1,
-      arrival_watermarks: bool = False,
+      shards: int = 4,
       early_firing_s: Optional[int] = None):
     super().__init__()
-    self._spec = window_spec(window_size_s, allowed_lateness_s)  # validates
-    self._route = RouteTooLate(window_size_s, allowed_lateness_s, shards, arrival_watermarks)
-    self._dedup = DeduplicateEvents(window_size_s, allowed_lateness_s)
+    self._admit = RouteAndDeduplicate(window_size_s, allowed_lateness_s, shards)
     self._aggregate = AggregateWindows(window_size_s, allowed_lateness_s, early_firing_s)
 
   def expand(self, events: beam.PCollection[Event]) -> RollupOutputs:
-    routed = events | 'RouteTooLate' >> self._route
-    unique = routed.on_time | 'Deduplicate' >> self._dedup
-    aggregates = unique.unique | 'Aggregate' >> self._aggregate
-    duplicates = unique.duplicate | 'DuplicateRecords' >> beam.Map(
-        _duplicate_record(self._spec)).with_output_types(DeadLetter)
-    return RollupOutputs(aggregates, routed.too_late, duplicates, unique.unique)
+    admitted = events | 'RouteLateAndDedup' >> self._admit
+    aggregates = admitted.admitted | 'Aggregate' >> self._aggregate
+    return RollupOutputs(
+        aggregates, admitted.too_late, admitted.duplicates, admitted.admitted)
