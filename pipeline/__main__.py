@@ -29,11 +29,13 @@ from typing import List, Optional
 #: command -> module with ``main(argv) -> int``
 COMMANDS = {
     'run': 'pipeline.run',
-    'generate': 'pipeline.traffic',
-    'bench': 'pipeline.bench',
+    'generate': 'tools.traffic',
+    'bench': 'tools.bench',
     'deploy': 'pipeline.deploy',
-    'simulate': 'pipeline.simulate',
+    'simulate': 'tools.simulate',
 }
+#: Commands served by the development tools (a checkout's tools/ package).
+TOOL_COMMANDS = ('generate', 'bench', 'simulate')
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -48,7 +50,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(__doc__.strip(), file=sys.stderr)
     print(f'\nunknown command {command!r}; commands: {", ".join(COMMANDS)}', file=sys.stderr)
     return 2
-  return importlib.import_module(COMMANDS[command]).main(rest)
+  try:
+    module = importlib.import_module(COMMANDS[command])
+  except ModuleNotFoundError as e:
+    if command not in TOOL_COMMANDS or not (e.name or '').startswith('tools'):
+      raise
+    print(f'tidemark: {command!r} is a development tool: run it from a Tidemark checkout '
+          '(the tools/ package does not ship with the pipeline)', file=sys.stderr)
+    return 2
+  return module.main(rest)
 
 
 if __name__ == '__main__':

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from pipeline import bench, bench_stream
-from pipeline.bench_stream import (
+from tools import bench
+from tools.bench import stream as bench_stream
+from tools.bench.stream import (
     latency_summary, max_sustained, parse_rates, percentile, step_verdict)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

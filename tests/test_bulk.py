@@ -14,7 +14,7 @@ import os
 import pytest
 
 from conftest import MINUTE, SECOND, T0, data, mark, payload, run_replay, write_replay
-from pipeline import reference, traffic
+from tools import reference, traffic
 from pipeline.run import final_panes
 from test_replay_and_cli import cli
 from transforms.bulk import fire_panes

@@ -176,7 +176,7 @@ def test_the_end_of_the_replay_closes_every_window(run):
 
 
 def test_garbage_of_every_kind_goes_to_the_dead_letter_and_nothing_crashes(run):
-  from pipeline.traffic import _garbage
+  from tools.traffic import _garbage
   garbage = [_garbage(None, n, W0 + n) for n in range(20)]
   lines = [data('A', g) for g in garbage] + [data('B', payload('ok', W0 + 1))]
   out = run(lines)

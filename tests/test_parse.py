@@ -6,7 +6,7 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pipeline import reference
+from tools import reference
 from transforms.parse import InvalidPayload, parse_payload
 
 GOOD = {'event_id': 'e-1', 'customer_id': 'fin.serve_1-x', 'key': 'AAPL', 'value': 12.5,

@@ -14,7 +14,7 @@ import pytest
 from psycopg import sql
 
 from conftest import REPO
-from pipeline import traffic
+from tools import traffic
 
 pytestmark = pytest.mark.integration
 

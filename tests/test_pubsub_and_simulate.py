@@ -12,7 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.timestamp import Timestamp
 
 from conftest import T0, payload
-from pipeline import reference, simulate, traffic
+from tools import reference, simulate, traffic
 from pipeline.config import ConfigError, RunConfig, watermark_risks
 from transforms.sources import (
     ReadPubSubEvents, check_subscription_path, decode_payload, timestamp_from_attribute)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import MINUTE, SECOND, T0, data, mark, payload, tick, write_replay
-from pipeline import reference, traffic
+from tools import reference, traffic
 from pipeline.run import final_panes
 from transforms.replay import Messages, ProcessingTime, ReplayError, Watermark, compile_replay
 

@@ -7,7 +7,7 @@ late for the 10 minutes (lateness 0), redeliveries that are too late for one
 size and duplicates for the other (they must cancel, not count as
 differences), and events too late for every size. The run is the real CLI on
 the streaming DirectRunner; every output is checked against the independent
-oracle (pipeline/reference.py) and the hour's finals against the minutes'.
+oracle (tools/reference.py) and the hour's finals against the minutes'.
 """
 
 import json
@@ -20,7 +20,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from conftest import MINUTE, SECOND, T0, data, mark, payload, read_jsonl, write_replay
-from pipeline import reference, traffic
+from tools import reference, traffic
 from pipeline.config import BUNDLED_REPLAY, ConfigError, RunConfig, parse_rollups
 from pipeline.reconciliation import final_panes, reconcile_rollups
 from pipeline.run import Reconciliation, reconcile_run

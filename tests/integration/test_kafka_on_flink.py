@@ -5,7 +5,7 @@ so no event can be late whatever order the partitions are read in; once it is
 read and the idle partitions let the watermark follow the wall clock, phase 2
 publishes a late event within the allowed lateness (a LATE pane), stragglers far
 beyond it (too late), a redelivery and garbage. The expected outcome is
-pipeline/reference.py's reading of the same traffic written down as a replay.
+tools/reference.py's reading of the same traffic written down as a replay.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from integration.conftest import KAFKA_EXPANSION_SERVICE, flink_args
-from pipeline import reference
+from tools import reference
 from pipeline.build import build, read_source
 from pipeline.config import RunConfig
 from pipeline.run import final_panes, prepare_output

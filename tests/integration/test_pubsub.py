@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from conftest import read_jsonl
-from pipeline import reference
+from tools import reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROJECT = 'tidemark-it'

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pipeline import reference, traffic
+from tools import reference, traffic
 from pipeline.run import final_panes
 from tests.integration.conftest import flink_args
 

@@ -6,7 +6,7 @@ Needs a running Kafka broker and Flink job server (``scripts/kafka.sh start``,
 start-up is never part of a figure. It creates fresh topics (one per traffic
 source), launches ``python -m pipeline run`` reading them (by default on the
 Flink job server, LOOPBACK worker), and publishes the simulator's incident
-traffic (pipeline.traffic) at increasing rates, one step per rate. Event times
+traffic (tools.traffic) at increasing rates, one step per rate. Event times
 are shifted to the moment each step starts, so event time follows the wall
 clock and a window's end is a wall-clock instant.
 
@@ -42,12 +42,12 @@ import time
 import uuid
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from pipeline import simulate, traffic
+from tools import simulate, traffic
 from pipeline.run import Reconciliation, final_panes
 from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 
-#: Issue 4's throughput target, events per second.
-TARGET_EVENTS_PER_S = 25000
+#: The live throughput target on Kafka -> Flink, events per second.
+TARGET_EVENTS_PER_S = 5000
 #: Event times of the generated traffic start here and are shifted to "now".
 _BASE_MS = traffic.INCIDENT_START_MS
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

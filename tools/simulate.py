@@ -1,7 +1,7 @@
 """``python -m pipeline simulate``: publish incident-like traffic to a real
 broker (Pub/Sub, Kafka) or write it as a replay, at a chosen rate.
 
-The traffic is ``pipeline.traffic.generate(profile)`` (three sources with skew,
+The traffic is ``tools.traffic.generate(profile)`` (three sources with skew,
 a lagging source, boundary events, stragglers, redeliveries, garbage), in
 arrival order. Per the contract (section 1):
 
@@ -30,8 +30,8 @@ import sys
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from pipeline import traffic
-from pipeline.traffic import Data, Line, Profile, SourceWatermark
+from tools import traffic
+from tools.traffic import Data, Line, Profile, SourceWatermark
 
 TARGETS = ('pubsub', 'kafka', 'replay')
 DEFAULT_PROJECT = 'tidemark-local'

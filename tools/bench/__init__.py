@@ -15,7 +15,10 @@
            +-10 %) after the warm-up.
   stream   Kafka -> the pipeline on Flink at increasing rates: the highest rate
            sustained (backlog not growing) and the window-end-to-ON_TIME-pane
-           latency (see pipeline/bench_stream.py).
+           latency (see tools/bench/stream.py).
+  drain    a pre-filled Kafka backlog read through Flink by the pipeline and by
+           the stateless ceiling (read -> parse -> window -> combine), in the
+           same command: both drain rates and their ratio (tools/bench/drain.py).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ import tempfile
 import time
 from typing import Callable, List, Optional, Tuple
 
-from pipeline import bench_stream, reference, traffic
+from tools import reference, traffic
+from tools.bench import drain as bench_drain
+from tools.bench import stream as bench_stream
 from pipeline.run import final_panes
 from transforms.diagnostics import resident_mib
 
@@ -222,7 +227,7 @@ def main(argv: List[str]) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m pipeline bench', description=__doc__, allow_abbrev=False,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('kind', choices=['replay', 'soak', 'stream'])
+  parser.add_argument('kind', choices=['replay', 'soak', 'stream', 'drain'])
   parser.add_argument('--messages', type=int, default=10000)
   parser.add_argument('--seed', type=int, default=7)
   parser.add_argument('--rate', type=float, default=traffic.Profile.rate_per_s)
@@ -238,6 +243,7 @@ def main(argv: List[str]) -> int:
   parser.add_argument('--no-jvm-live-heap', dest='jvm_live_heap', action='store_false',
                       help='soak on Flink: sample the JVM\'s RSS only, no forced GC')
   bench_stream.add_arguments(parser)
+  bench_drain.add_arguments(parser)
   args, extra = parser.parse_known_args(argv)
   if args.messages <= 0 or args.hours <= 0 or args.rate <= 0:
     parser.error('--messages, --hours and --rate must be positive')
@@ -246,6 +252,6 @@ def main(argv: List[str]) -> int:
   if args.partitions < 1 or args.step_seconds <= 0 or args.slack_seconds < 0:
     parser.error('--partitions and --step-seconds must be positive, --slack-seconds >= 0')
   bench = {'replay': _bench_replay, 'soak': _bench_soak,
-           'stream': bench_stream.bench_stream}[args.kind]
+           'stream': bench_stream.bench_stream, 'drain': bench_drain.bench_drain}[args.kind]
   print(json.dumps(bench(args, extra)), flush=True)
   return 0

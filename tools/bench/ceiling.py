@@ -1,0 +1,54 @@
+"""The stateless ceiling: read → parse → window → combine → write, nothing else.
+
+The same sources, parsing, windowing and aggregation as the pipeline, without
+too-late routing, dedup, dead letters or accounting: what the stack does with
+one keyed exchange. ``bench drain`` runs it beside the pipeline on the same
+backlog and runner, to price the exactness machinery.
+
+  python -m tools.bench.ceiling --source kafka:BOOTSTRAP/TOPIC,... --kafka-max-records N
+      --output-dir DIR [--window-size W --allowed-lateness L] [Beam options]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pipeline.config import RunConfig
+from transforms.aggregate import AggregateWindows
+from transforms.parse import ParseEvents
+from transforms.sinks import WriteJsonLines
+from transforms.sources import ReadKafkaEvents
+
+
+def build_ceiling(p: beam.Pipeline, config: RunConfig) -> None:
+  bootstrap, sources = config.kafka
+  (p
+   | 'Read' >> ReadKafkaEvents(
+       bootstrap, sources, config.kafka_expansion_service,
+       max_num_records=config.kafka_max_records)
+   | 'Parse' >> ParseEvents()).events | 'Aggregate' >> AggregateWindows(
+       config.window_size_s, config.allowed_lateness_s,
+       config.early_firing_s) | 'Write' >> WriteJsonLines(config.aggregates_path)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  options = PipelineOptions(sys.argv[1:] if argv is None else argv)
+  options.view_as(StandardOptions).streaming = True
+  config = RunConfig.from_options(options)
+  if config.source_kind != 'kafka':
+    print('ceiling: --source must be kafka:...', file=sys.stderr)
+    return 2
+  os.makedirs(config.output_dir, exist_ok=True)
+  p = beam.Pipeline(options=options)
+  build_ceiling(p, config)
+  p.run().wait_until_finish()
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

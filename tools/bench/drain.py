@@ -1,0 +1,154 @@
+"""``python -m pipeline bench drain``: how fast a Kafka backlog drains through
+Flink, the pipeline beside the stateless ceiling, in the same command.
+
+Needs a running Kafka broker and Flink job server (``scripts/kafka.sh start``,
+``scripts/flink.sh start``). It creates fresh topics (one per traffic source),
+fills them with the simulator's incident traffic (skewed sources, stragglers,
+redeliveries, garbage), the same number of messages in every topic and event
+times ending at the moment the fill ends, then reads that backlog with bounded
+reads (``--kafka-max-records``) through
+
+* ``ceiling``: read → parse → window → combine → write (tools/bench/ceiling.py),
+* ``tidemark``: ``python -m pipeline run``, the whole product,
+
+each twice per round: the first ``--small`` messages of every topic, then the
+whole backlog. Start-up (expansion, submission, job start) costs the same in
+both reads, so the drain rate is the difference in messages over the
+difference in wall time. Rounds alternate the two pipelines; the figures are
+the medians. It checks the pipeline's accounting of the whole backlog
+(received = published, and the run reconciled: exit code 0) and prints one
+JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from typing import Dict, List, Sequence, Tuple
+
+from tools import simulate, traffic
+from tools.bench.stream import _require_services, flink_args, option_value
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def fill_backlog(bootstrap: str, per_topic: int, partitions: int, seed: int,
+                 window_size_s: int, allowed_lateness_s: int) -> Tuple[Dict[str, str], int]:
+  """Creates one topic per source and fills each with ``per_topic`` messages
+  of incident traffic whose event times end now; returns ``({source: topic},
+  seconds the fill took)``."""
+  from confluent_kafka.admin import AdminClient, NewTopic
+  profile = traffic.Profile(
+      messages=per_topic * 8, seed=seed, rate_per_s=800.0, window_size_s=window_size_s,
+      allowed_lateness_s=allowed_lateness_s)
+  per_source: Dict[str, List[traffic.Data]] = {}
+  for line in traffic.generate(profile):
+    if isinstance(line, traffic.Data):
+      kept = per_source.setdefault(line.source, [])
+      if len(kept) < per_topic:
+        kept.append(line)
+  short = {s: len(v) for s, v in per_source.items() if len(v) < per_topic}
+  if short:
+    raise SystemExit(f'bench drain: the traffic has too few messages for {short}')
+  lines = sorted((l for v in per_source.values() for l in v), key=lambda l: l.event_time)
+  prefix = f'tidemark-drain-{uuid.uuid4().hex[:8]}-'
+  topics = {s: prefix + s for s in per_source}
+  admin = AdminClient({'bootstrap.servers': bootstrap})
+  for future in admin.create_topics(
+      [NewTopic(t, partitions, 1) for t in topics.values()]).values():
+    future.result(30)
+  started = time.monotonic()
+  # Event times end a few seconds before the fill does, as a backlog of now.
+  estimate_s = len(lines) / 15000
+  offset = int((time.time() + estimate_s) * 1000) - lines[-1].event_time
+  simulate.simulate(lines, simulate.KafkaTarget(bootstrap, prefix), 0, offset)
+  return topics, round(time.monotonic() - started, 1)
+
+
+def _timed(command: Sequence[str], log_path: str) -> Tuple[int, float]:
+  started = time.monotonic()
+  with open(log_path, 'w', encoding='utf-8') as log:
+    code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT).returncode
+  return code, time.monotonic() - started
+
+
+def bench_drain(args: argparse.Namespace, extra: List[str]) -> dict:
+  if option_value(extra, '--runner') is None:
+    extra = flink_args() + list(extra)
+  problem = _require_services(args.bootstrap_servers, extra)
+  if problem:
+    raise SystemExit(problem.replace('bench stream', 'bench drain'))
+  per_topic = args.messages // 3
+  small = args.small // 3
+  if not 0 < small < per_topic:
+    raise SystemExit('bench drain: --small must be positive and smaller than --messages')
+  topics, fill_s = fill_backlog(args.bootstrap_servers, per_topic, args.partitions, args.seed,
+                                args.window_size, args.allowed_lateness)
+  source = f'kafka:{args.bootstrap_servers}/' + ','.join(f'{s}={t}' for s, t in topics.items())
+  common = ['--source', source, '--window-size', str(args.window_size),
+            '--allowed-lateness', str(args.allowed_lateness), *extra]
+  commands = {
+      'ceiling': [sys.executable, '-m', 'tools.bench.ceiling'],
+      'tidemark': [sys.executable, '-m', 'pipeline', 'run'],
+  }
+  rounds: List[dict] = []
+  problems: List[str] = []
+  accounting = None
+  for k in range(args.rounds):
+    order = list(commands) if k % 2 == 0 else list(commands)[::-1]
+    measured = {}
+    for name in order:
+      walls = {}
+      for n in (small, per_topic):
+        out = os.path.join(args.workdir, f'{name}-{k}-{n}')
+        code, wall = _timed(
+            commands[name] + common + ['--kafka-max-records', str(n), '--output-dir', out],
+            out + '.log')
+        if code != 0:
+          problems.append(f'{name} reading {n} per topic exited {code}; see {out}.log')
+        walls[n] = wall
+        if name == 'tidemark' and n == per_topic:
+          with open(os.path.join(out, 'accounting.json'), encoding='utf-8') as f:
+            accounting = json.load(f)
+          if accounting['received'] != 3 * per_topic:
+            problems.append(f'received {accounting["received"]} of {3 * per_topic}')
+      rate = 3 * (per_topic - small) / (walls[per_topic] - walls[small])
+      measured[name] = {'wall_small_s': round(walls[small], 1),
+                        'wall_all_s': round(walls[per_topic], 1),
+                        'events_per_s': round(rate)}
+      print(f'bench drain: round {k}: {name} {json.dumps(measured[name])}',
+            file=sys.stderr, flush=True)
+    measured['ratio'] = round(
+        measured['tidemark']['events_per_s'] / measured['ceiling']['events_per_s'], 2)
+    measured['load_avg_1m'] = round(os.getloadavg()[0], 2)
+    rounds.append(measured)
+  ceiling = statistics.median(r['ceiling']['events_per_s'] for r in rounds)
+  tidemark = statistics.median(r['tidemark']['events_per_s'] for r in rounds)
+  return {
+      'bench': 'drain',
+      'messages': 3 * per_topic,
+      'small': 3 * small,
+      'partitions_per_topic': args.partitions,
+      'fill_s': fill_s,
+      'ceiling_events_per_s': round(ceiling),
+      'tidemark_events_per_s': round(tidemark),
+      'ratio': round(statistics.median(r['ratio'] for r in rounds), 2),
+      'rounds': rounds,
+      'accounting': accounting,
+      'problems': problems,
+      'pipeline_options': list(extra),
+      'workdir': args.workdir,
+  }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--small', type=int, default=30000,
+                      help='drain: messages of the short read that prices start-up')
+  parser.add_argument('--rounds', type=int, default=2,
+                      help='drain: rounds, each reading with both pipelines')
