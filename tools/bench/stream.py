@@ -50,7 +50,7 @@ from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 TARGET_EVENTS_PER_S = 5000
 #: Event times of the generated traffic start here and are shifted to "now".
 _BASE_MS = traffic.INCIDENT_START_MS
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CLK_TCK = os.sysconf('SC_CLK_TCK')
 
 
