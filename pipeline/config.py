@@ -28,7 +28,9 @@ ACCOUNTING_UPDATE_S = 2
 #: The attribute publishers set to the event id, for runners that deduplicate
 #: Pub/Sub redeliveries themselves (Dataflow); the DirectRunner refuses it.
 DEFAULT_PUBSUB_ID_LABEL = 'event_id'
-RUNNERS_WITHOUT_PUBSUB_ID_LABEL = ('DirectRunner', 'BundleBasedDirectRunner', 'SwitchingDirectRunner')
+#: The Python SDK's own runners (everything runs in this process or its workers).
+DIRECT_RUNNERS = ('DirectRunner', 'BundleBasedDirectRunner', 'SwitchingDirectRunner')
+RUNNERS_WITHOUT_PUBSUB_ID_LABEL = DIRECT_RUNNERS
 #: The expansion service for Kafka IO started by scripts/flink.sh (EMBEDDED Java env).
 DEFAULT_KAFKA_EXPANSION_SERVICE = 'localhost:' + os.environ.get('KAFKA_EXPANSION_PORT', '18096')
 #: How often an unbounded run (Kafka) rewrites accounting.json, in seconds.
@@ -37,7 +39,7 @@ DEFAULT_KAFKA_EXPANSION_SERVICE = 'localhost:' + os.environ.get('KAFKA_EXPANSION
 REPLAY_MODES = ('stream', 'bulk')
 #: Runners on which a replay runs in bulk unless told otherwise: the
 #: DirectRunner's streaming mode manages a few hundred events per second.
-BULK_REPLAY_RUNNERS = ('DirectRunner', 'BundleBasedDirectRunner', 'SwitchingDirectRunner')
+BULK_REPLAY_RUNNERS = DIRECT_RUNNERS
 #: Runners that cannot advance processing time in a TestStream (Flink refuses
 #: with "Advancing Processing time is not supported by the Flink Runner").
 NO_PROCESSING_TIME_TEST_STREAM_RUNNERS = ('FlinkRunner', 'PortableRunner')

@@ -13,10 +13,11 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from pipeline.build import ROLLUP_PREFIX, build, build_bulk, read_source
-from pipeline.config import BULK_REPLAY_RUNNERS, ConfigError, RunConfig, watermark_risks
+from pipeline.config import BULK_REPLAY_RUNNERS, DIRECT_RUNNERS, ConfigError, RunConfig, watermark_risks
 from pipeline.reconciliation import final_panes, reconcile_rollups
 from transforms.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.replay import ReplayError
+from transforms.sources import kafka_partitions_without_records
 
 
 class Reconciliation(Exception):
@@ -85,6 +86,47 @@ def reconcile_run(config: RunConfig) -> Tuple[Dict[str, int], RollupAccounting]:
   return accounting, rollups
 
 
+#: Where Beam Java's GroupByKey (Flink, Dataflow) counts the elements it drops
+#: as expired. The gate admits nothing a window could drop, so it must stay 0.
+RUNNER_LATE_DROPS = ('org.apache.beam.runners.core.LateDataDroppingDoFnRunner',
+                     'droppedDueToLateness')
+
+
+def runner_late_drops(result) -> Optional[int]:
+  """What the runner's GroupByKeys dropped as expired, summed over steps, for
+  a runner whose grouping is Beam Java's (Flink, Dataflow; the counter exists
+  once something is dropped). None when the job reported no metrics: a
+  portable job reports them once it has finished, not when it was cancelled."""
+  try:
+    metrics = result.metrics().query()
+  except Exception:  # pylint: disable=broad-except
+    return None  # runners without metrics
+  if not any(metrics.values()):
+    return None
+  namespace, name = RUNNER_LATE_DROPS
+  return sum((c.committed if c.committed is not None else c.attempted) or 0
+             for c in metrics['counters']
+             if (c.key.metric.namespace, c.key.metric.name) == (namespace, name))
+
+
+def source_warnings(config: RunConfig) -> List[str]:
+  """What in the source itself will hold the watermark back (Kafka partitions
+  without a record); nothing when it cannot be asked."""
+  if config.source_kind != 'kafka':
+    return []
+  bootstrap, sources = config.kafka
+  try:
+    empty = kafka_partitions_without_records(bootstrap, sources.values())
+  except Exception:  # pylint: disable=broad-except
+    return []  # the read itself reports an unreachable broker
+  if not empty:
+    return []
+  return [f'{len(empty)} Kafka partition(s) hold no record yet ({", ".join(empty[:6])}'
+          f'{", ..." if len(empty) > 6 else ""}). Until each has its first record it '
+          'holds the watermark at the beginning of time: no window closes and no '
+          'ON_TIME pane fires. Publish to every partition, or leave empty ones out.']
+
+
 def write_json(path: str, record) -> None:
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(record, f, indent=2)
@@ -112,9 +154,10 @@ def print_accounting(accounting: Dict[str, int], seconds: float, out=sys.stdout)
   Console(file=out).print(table)
 
 
-def print_metrics(result, out=sys.stdout) -> None:
+def print_metrics(result, groups_in_java: bool, out=sys.stdout) -> None:
   """Beam's own metrics, beside the exact accounting. (User counters are
-  best-effort on the streaming DirectRunner, which undercounts them.)"""
+  best-effort on the streaming DirectRunner, which undercounts them.) With
+  ``groups_in_java``, also what the runner's GroupByKeys dropped as expired."""
   try:
     metrics = result.metrics().query()
   except Exception:  # pylint: disable=broad-except
@@ -130,6 +173,13 @@ def print_metrics(result, out=sys.stdout) -> None:
     shown = ', '.join(f'{c}={counters[c]:,}' for c in CATEGORIES if c in counters)
     print(f'beam counters (best effort; the streaming DirectRunner loses most user-counter '
           f'updates, the table above is exact): {shown}', file=out)
+  dropped = runner_late_drops(result) if groups_in_java else None
+  if dropped is not None:
+    print(f'dropped by the runner as expired: {dropped:,} '
+          f'({RUNNER_LATE_DROPS[0]}.{RUNNER_LATE_DROPS[1]})', file=out)
+  elif groups_in_java:
+    print('dropped by the runner as expired: not reported (a job that did not finish '
+          'reports no metrics)', file=out)
   for dist in metrics['distributions']:
     name = dist.key.metric.name
     if dist.key.metric.namespace == 'tidemark' and name.startswith('watermark_lag_ms/'):
@@ -255,6 +305,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   except ConfigError as e:
     print(f'tidemark: error: {e}', file=sys.stderr)
     return 2
+  warnings += source_warnings(config)
   for warning in warnings:
     print(f'\n*** tidemark: WARNING: {warning}\n', file=sys.stderr, flush=True)
 
@@ -268,11 +319,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = p.run()
     result.wait_until_finish()
   seconds = time.monotonic() - started
+  # Beam Java's GroupByKey counts what it drops as expired; the Python runners' do not.
+  groups_in_java = standard.runner not in DIRECT_RUNNERS
   rollups: RollupAccounting = []
   try:
     accounting, rollups = reconcile_run(config)
+    dropped = runner_late_drops(result) if groups_in_java else None
+    if dropped:
+      raise Reconciliation(
+          f'the runner dropped {dropped:,} admitted events as expired '
+          f'({RUNNER_LATE_DROPS[0]}.{RUNNER_LATE_DROPS[1]})')
   except Reconciliation as e:
-    if not config.unbounded:
+    if result.state == beam.runners.runner.PipelineState.DONE:
       print(f'tidemark: error: outputs do not reconcile: {e}', file=sys.stderr)
       return 3
     # A stream stopped mid-way: the accounting is its last snapshot (rewritten
@@ -283,6 +341,6 @@ def main(argv: Optional[List[str]] = None) -> int:
           f'not yet closed are not final: {e}', file=sys.stderr)
   print_accounting(accounting, seconds)
   print_rollups(config, rollups)
-  print_metrics(result)
+  print_metrics(result, groups_in_java)
   print(f'outputs in {os.path.abspath(config.output_dir)}')
   return 0

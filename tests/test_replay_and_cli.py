@@ -160,3 +160,30 @@ def test_an_empty_replay_accounts_for_nothing(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / 'out' / 'accounting.json') as f:
     assert json.load(f) == dict(received=0, invalid=0, too_late=0, duplicate=0, aggregated=0)
+
+
+def test_the_runners_late_drops_are_read_from_the_jobs_metrics():
+  from apache_beam.metrics.execution import MetricKey, MetricResult
+  from apache_beam.metrics.metricbase import MetricName
+
+  from pipeline.run import RUNNER_LATE_DROPS, runner_late_drops
+
+  class Finished:
+    def __init__(self, counters):
+      self._counters = counters
+
+    def metrics(self):
+      return self
+
+    def query(self, _filter=None):
+      return {'counters': self._counters, 'distributions': [], 'gauges': []}
+
+  def counter(step, namespace, name, value):
+    return MetricResult(MetricKey(step, MetricName(namespace, name)), value, value)
+
+  received = counter('Parse', 'tidemark', 'received', 10)
+  assert runner_late_drops(Finished([])) is None  # nothing reported: not known
+  assert runner_late_drops(Finished([received])) == 0  # reported, nothing dropped
+  assert runner_late_drops(Finished([
+      received, counter('Aggregate/GroupByKey', *RUNNER_LATE_DROPS, 2),
+      counter('Rollup/GroupByKey', *RUNNER_LATE_DROPS, 1)])) == 3

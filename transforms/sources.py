@@ -4,7 +4,7 @@ event-time watermarks from the source, never from processing time."""
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, Optional, Tuple, Union
+from typing import Iterable, List, Mapping, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.coders import coders
@@ -245,6 +245,28 @@ class ReadPubSubEvents(beam.PTransform):
 
 
 # --- Kafka --------------------------------------------------------------------
+
+def kafka_partitions_without_records(
+    bootstrap_servers: str, topics: Iterable[str], timeout_s: float = 10.0) -> List[str]:
+  """``topic/partition`` of every partition that holds no record: under the
+  ``CreateTime`` policy each holds the pipeline watermark at the beginning of
+  time until its first record arrives, so no window closes before then."""
+  from confluent_kafka import Consumer, TopicPartition
+  consumer = Consumer({'bootstrap.servers': bootstrap_servers, 'group.id': 'tidemark-check',
+                       'enable.auto.commit': False})
+  try:
+    empty = []
+    for topic in topics:
+      metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
+      for partition in sorted(metadata.partitions):
+        low, high = consumer.get_watermark_offsets(
+            TopicPartition(topic, partition), timeout=timeout_s)
+        if low == high:
+          empty.append(f'{topic}/{partition}')
+    return empty
+  finally:
+    consumer.close()
+
 
 class ReadKafkaEvents(beam.PTransform):
   """Reads one Kafka topic per source name (Beam's cross-language ReadFromKafka).

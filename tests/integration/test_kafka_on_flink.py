@@ -1,10 +1,14 @@
 """Kafka topics (two partitions each) → the pipeline on Flink → the contract.
 
 Phase 1 publishes in-order traffic (every partition's record times only grow),
-so no event can be late whatever order the partitions are read in; once it is
-read and the idle partitions let the watermark follow the wall clock, phase 2
-publishes a late event within the allowed lateness (a LATE pane), stragglers far
-beyond it (too late), a redelivery and garbage. The expected outcome is
+so no event can be late whatever order the partitions are read in, from two
+sources and a third that lags them by a minute (within the allowed lateness);
+a fourth source delivers one record per partition and then stays idle, and
+must not hold the watermark back.
+Once phase 1 is read and the idle partitions let the watermark follow the wall
+clock, phase 2 publishes a late event within the allowed lateness (a LATE
+pane), stragglers far beyond it (too late), redeliveries (one in another
+window than its first copy) and garbage. The expected outcome is
 tools/reference.py's reading of the same traffic written down as a replay.
 """
 
@@ -91,7 +95,8 @@ def _accounting(path: str):
 
 def test_kafka_traffic_on_flink_meets_the_contract(kafka_broker, flink_job_server, tmp_path):
   run_id = uuid.uuid4().hex[:8]
-  topics = {'A': f'tidemark-it-{run_id}-a', 'B': f'tidemark-it-{run_id}-b'}
+  topics = {'A': f'tidemark-it-{run_id}-a', 'B': f'tidemark-it-{run_id}-b',
+            'C': f'tidemark-it-{run_id}-c', 'I': f'tidemark-it-{run_id}-idle'}
   admin = AdminClient({'bootstrap.servers': kafka_broker})
   for future in admin.create_topics(
       [NewTopic(t, PARTITIONS, 1) for t in topics.values()]).values():
@@ -118,13 +123,18 @@ def test_kafka_traffic_on_flink_meets_the_contract(kafka_broker, flink_job_serve
       traffic.event(source, partition, f'{source}-{i}', customer, f'k{i % 2}',
                     round(i * 1.25 - 100, 2), t)
     slot += 1
+  for partition in range(PARTITIONS):  # source I: one record each, then idle
+    traffic.event('I', partition, f'I-{partition}', CUSTOMERS[1], 'k3', 1.0, first_window)
+  for i in range(60):  # source C lags a minute behind A and B
+    traffic.event('C', i % PARTITIONS, f'C-{i}', CUSTOMERS[i % 3], 'k2', float(i),
+                  first_window - 60 * 1000 + (3 * size * i) // 60)
   traffic.flush()
   phase1 = len(traffic.lines)
 
   out = str(tmp_path / 'out')
   options = PipelineOptions(flink_args(flink_job_server) + [
       '--streaming',
-      f'--source=kafka:{kafka_broker}/A={topics["A"]},B={topics["B"]}',
+      f'--source=kafka:{kafka_broker}/' + ','.join(f'{s}={t}' for s, t in topics.items()),
       f'--kafka-expansion-service={KAFKA_EXPANSION_SERVICE}',
       f'--window-size={WINDOW_S}', f'--allowed-lateness={LATENESS_S}',
       '--early-firing=0', f'--output-dir={out}', '--sqlite=none'])
@@ -153,6 +163,8 @@ def test_kafka_traffic_on_flink_meets_the_contract(kafka_broker, flink_job_serve
       traffic.event('B', j % PARTITIONS, f'far-too-late-{j}', CUSTOMERS[1], 'k1', 7.0,
                     first_window - 20 * 60 * 1000 + j)
     traffic.event('A', 1, 'A-0', CUSTOMERS[0], 'k0', -100.0, first_window)  # redelivery
+    # A redelivery whose event_time moved a window on: still the first copy's id.
+    traffic.event('B', 0, 'A-2', CUSTOMERS[2], 'k0', 9.5, first_window + size + 5)
     traffic.send('B', 1, b'{"event_id": 5}', phase2_mark)
     traffic.flush()
     total = len([line for line in traffic.lines if 'data' in line])
@@ -173,7 +185,11 @@ def test_kafka_traffic_on_flink_meets_the_contract(kafka_broker, flink_job_serve
                                    PipelineState.DONE), 60, 'the Flink job to stop')
 
   kinds = expected.accounting
-  assert kinds['too_late'] == 4 and kinds['duplicate'] > 1 and kinds['invalid'] > 1
+  assert kinds['too_late'] == 4 and kinds['duplicate'] > 2 and kinds['invalid'] > 1
+  assert [a for a in expected.accepted if a[0] == 'A-2'] == [
+      ('A-2', CUSTOMERS[2], 'k0', first_window + (3 * size * 2) // n, -97.5)]
+  assert {a[0] for a in expected.accepted if a[0].startswith('C-')} == {
+      f'C-{i}' for i in range(60)}, 'the lagging source is aggregated, none of it too late'
   assert _accounting(config.accounting_path) == expected.accounting
   panes = [json.loads(line) for line in open(config.aggregates_path, encoding='utf-8')]
   late = [p for p in panes if (p['customer_id'], p['key'], p['window_start']) == (
