@@ -6,6 +6,7 @@ Commands:
                 [--window-size W] [--expected-skew S] [--run-seconds N]
                 [--allowed-lateness L] [--rollup SIZE:LATENESS ...] [--output-dir DIR]
                 [Beam options...]
+            python -m pipeline run --help    (every option; an unknown one stops the run)
   generate  write an incident-like replay file
             python -m pipeline generate --out PATH [--messages N] [--seed S]
   bench     benchmarks printing one JSON line per run
@@ -13,7 +14,8 @@ Commands:
             python -m pipeline bench soak --hours 24 --rate 1 --tick 60 [Beam options]
             python -m pipeline bench stream [--rates 250,500,...] [--step-seconds S] [Beam options]
   deploy    launch one customer's pipeline (templates/customers/NAME.yaml)
-            python -m pipeline deploy --customer NAME --target dataflow|flink [--dry-run]
+            python -m pipeline deploy (--customer NAME | --customer-file PATH)
+                --target dataflow|flink [--dry-run]
   simulate  publish incident-like traffic to Pub/Sub or Kafka, or write a replay
             python -m pipeline simulate --to pubsub|kafka|replay [--rate R]
                 [--messages N] [--shift-to-now] [--out PATH] ...

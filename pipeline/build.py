@@ -57,7 +57,8 @@ def database_sinks(
   """``(aggregates writer, dead-letter writer)`` of ``--sink`` (None, None for files)."""
   if config.sink == 'postgres':
     return (UpsertPostgres(config.postgres_dsn, config.postgres_table, config.customer_id),
-            WriteDeadLettersToPostgres(config.postgres_dsn, config.postgres_dead_letter_table))
+            WriteDeadLettersToPostgres(config.postgres_dsn, config.postgres_dead_letter_table,
+                                       config.customer_id))
   if config.sink == 'bigquery':
     return (WriteAggregatesToBigQuery(
         config.bigquery_table, config.bigquery_dead_letter_table, config.customer_id,
@@ -103,8 +104,10 @@ class WriteWindowOutputs(beam.PTransform):
       outputs['duplicates'] | 'WriteDuplicates' >> WriteJsonLines(config.duplicates_path)
     if self._upsert is not None:
       refused = aggregates | f'Upsert{config.sink.title()}' >> self._upsert
+      letters = dead_letters | f'DeadLetters{config.sink.title()}' >> self._append
+      if config.sink == 'postgres':  # and other customers' dead letters, refused
+        refused = (refused, letters) | 'AllRefused' >> beam.Flatten()
       refused | 'WriteRefused' >> WriteJsonLines(config.refused_path)
-      dead_letters | f'DeadLetters{config.sink.title()}' >> self._append
     return beam.pvalue.PDone(aggregates.pipeline)
 
 

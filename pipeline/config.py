@@ -1,6 +1,7 @@
 """The one place where a run's settings are read and checked.
 
-A bad setting stops the run before it starts, with the field named.
+A bad setting stops the run before it starts, with the field named. Sources,
+topics, sinks and local paths are parsed and checked in pipeline/targets.py.
 """
 
 from __future__ import annotations
@@ -8,11 +9,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import unicodedata
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.options import TidemarkOptions
+from pipeline.options import ConfigError, TidemarkOptions, option_dests
+from pipeline.targets import (  # re-exported: the settings' public names live here
+    SINKS, SOURCE_KINDS, TOPIC_KINDS, check_host_port, check_outputs, check_replay_file,
+    parse_aggregates_topic, parse_kafka_target, parse_pubsub_target, sink_settings)
+from transforms.model import MAX_EVENT_TIME, MIN_EVENT_TIME
 
 #: The embedded default: a bundled incident-like replay.
 BUNDLED_REPLAY = os.path.join(os.path.dirname(__file__), 'data', 'incident-replay.jsonl')
@@ -23,7 +29,7 @@ DEFAULT_EARLY_FIRING_S = 10
 #: the per-bundle work per key small and still spreads over a few workers).
 DEFAULT_SHARDS = 4
 DEFAULT_OUTPUT_DIR = 'tidemark-output'
-SOURCE_KINDS = ('replay', 'pubsub', 'kafka')
+#: How often an unbounded run (Kafka) rewrites accounting.json, in seconds.
 ACCOUNTING_UPDATE_S = 2
 #: The attribute publishers set to the event id, for runners that deduplicate
 #: Pub/Sub redeliveries themselves (Dataflow); the DirectRunner refuses it.
@@ -33,7 +39,6 @@ DIRECT_RUNNERS = ('DirectRunner', 'BundleBasedDirectRunner', 'SwitchingDirectRun
 RUNNERS_WITHOUT_PUBSUB_ID_LABEL = DIRECT_RUNNERS
 #: The expansion service for Kafka IO started by scripts/flink.sh (EMBEDDED Java env).
 DEFAULT_KAFKA_EXPANSION_SERVICE = 'localhost:' + os.environ.get('KAFKA_EXPANSION_PORT', '18096')
-#: How often an unbounded run (Kafka) rewrites accounting.json, in seconds.
 
 #: How a replay runs: as a stream (TestStream) or in bulk (batch, chunked).
 REPLAY_MODES = ('stream', 'bulk')
@@ -44,74 +49,45 @@ BULK_REPLAY_RUNNERS = DIRECT_RUNNERS
 #: with "Advancing Processing time is not supported by the Flink Runner").
 NO_PROCESSING_TIME_TEST_STREAM_RUNNERS = ('FlinkRunner', 'PortableRunner')
 
-_HOST_PORT = re.compile(r'[A-Za-z0-9.\-]+:(\d{1,5})\Z')
-_ROLLUP = re.compile(r'\s*([+-]?\d+)\s*:\s*([+-]?\d+)\s*\Z')
+#: The most seconds a duration setting may give (window and rollup sizes,
+#: lateness, early firing, skew, run time, memory samples): 100 years, the span
+#: of valid event times (2000-01-01 to 2100-01-01, contract section 1).
+MAX_SECONDS = (MAX_EVENT_TIME - MIN_EVENT_TIME) // 1000
+_TOO_LONG = 'at most {max} seconds (100 years, the span of valid event times), got {value}'
+#: Keys of the gate: at most this many (a customer file allows as many).
+MAX_SHARDS = 1024
+#: A count of records as Kafka (a Java long) can take it.
+MAX_RECORDS = 2**63 - 1
+_ROLLUP = re.compile(r' *([+-]?[0-9]+) *: *([+-]?[0-9]+) *\Z')
 #: The folder of a rollup's outputs inside --output-dir.
 ROLLUP_DIR = 'rollup-{size}s'
-_TOPIC = re.compile(r'[A-Za-z0-9._\-]{1,249}\Z')
-_SOURCE_NAME = re.compile(r'[A-Za-z0-9._\-]{1,64}\Z')
+#: Unicode categories refused in any text setting: control characters (a
+#: newline would split a launch command), invisible format characters, line
+#: and paragraph separators.
+_HIDDEN_CATEGORIES = ('Cc', 'Cf', 'Zl', 'Zp')
 
 
-class ConfigError(ValueError):
-  """A setting is wrong; ``field`` names it."""
-
-  def __init__(self, field: str, reason: str):
-    super().__init__(f'{field}: {reason}')
-    self.field = field
-    self.reason = reason
-
-
-def parse_kafka_target(target: str, field: str = '--source') -> Tuple[str, Dict[str, str]]:
-  """``BOOTSTRAP/TOPIC[,TOPIC...]`` to ``(bootstrap servers, {source: topic})``.
-
-  BOOTSTRAP is ``host:port[,host:port...]``; a TOPIC may be written
-  ``NAME=TOPIC`` to name its source, else the source is named as the topic.
-  """
-  bootstrap, sep, topics = target.partition('/')
-  if not sep or not bootstrap or not topics:
-    raise ConfigError(field, f'kafka:{target!r} is not of the form kafka:BOOTSTRAP/TOPIC[,TOPIC...]')
-  for server in bootstrap.split(','):
-    match = _HOST_PORT.fullmatch(server)
-    if not match or not 0 < int(match.group(1)) < 65536:
-      raise ConfigError(field, f'Kafka bootstrap server {server!r} is not HOST:PORT')
-  sources: Dict[str, str] = {}
-  for item in topics.split(','):
-    name, eq, topic = item.rpartition('=')
-    if not eq:
-      name = topic
-    if not _TOPIC.fullmatch(topic):
+def check_text(field: str, value: str) -> str:
+  """A text setting without control or invisible characters."""
+  for i, char in enumerate(value):
+    if unicodedata.category(char) in _HIDDEN_CATEGORIES:
       raise ConfigError(
-          field, f'Kafka topic {topic!r} is not 1-249 characters of A-Z a-z 0-9 . _ -')
-    if not _SOURCE_NAME.fullmatch(name):
-      raise ConfigError(field, f'source name {name!r} is not 1-64 characters of A-Z a-z 0-9 . _ -')
-    if name in sources:
-      raise ConfigError(field, f'source name {name!r} is given twice')
-    sources[name] = topic
-  return bootstrap, sources
+          field, f'contains a control character (U+{ord(char):04X}) at position {i + 1}; '
+          'settings are one line of visible text')
+  return value
 
 
-TOPIC_KINDS = ('kafka', 'pubsub')
-
-
-def parse_aggregates_topic(spec: str, field: str = '--aggregates-topic') -> Tuple[str, str, str]:
-  """``kafka:BOOTSTRAP/TOPIC`` or ``pubsub:projects/P/topics/T`` to
-  ``(kind, bootstrap or '', topic)``; ConfigError naming ``field`` otherwise."""
-  from transforms.sinks import check_kafka_topic, check_pubsub_topic
-  kind, sep, target = spec.partition(':')
-  if not sep or not target or kind not in TOPIC_KINDS:
-    raise ConfigError(
-        field, f'{spec!r} is not kafka:BOOTSTRAP/TOPIC or pubsub:projects/P/topics/T')
-  try:
-    if kind == 'pubsub':
-      return kind, '', check_pubsub_topic(target)
-    bootstrap, topics = parse_kafka_target(target, field)
-    if len(topics) != 1 or '=' in target:
-      raise ConfigError(field, f'kafka:{target!r} must name exactly one topic')
-    return kind, bootstrap, check_kafka_topic(next(iter(topics.values())))
-  except ValueError as e:
-    if isinstance(e, ConfigError):
-      raise
-    raise ConfigError(field, str(e)) from None
+def check_seconds(field: str, value: int, positive: bool = False) -> int:
+  """A whole number of seconds, at least 0 (or 1 if ``positive``) and at most
+  MAX_SECONDS."""
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ConfigError(field, f'must be a whole number of seconds, got {value!r}')
+  if value < int(positive):
+    what = 'a positive number' if positive else 'zero or a positive number'
+    raise ConfigError(field, f'must be {what} of seconds, got {value}')
+  if value > MAX_SECONDS:
+    raise ConfigError(field, 'must be ' + _TOO_LONG.format(max=MAX_SECONDS, value=value))
+  return value
 
 
 class RollupError(ValueError):
@@ -134,12 +110,16 @@ def check_rollups(
   are aligned to the epoch, so a rollup window is then exactly a run of whole
   primary windows, and the primary figures inside it can be summed and
   reconciled against it. Lateness is any whole number of seconds >= 0 (each
-  rollup decides its own too-late events). Sizes may not repeat.
+  rollup decides its own too-late events). Sizes may not repeat; sizes and
+  lateness are at most MAX_SECONDS.
   """
   seen: Dict[int, int] = {}
   for index, (size, lateness) in enumerate(rollups):
     if size <= 0:
       raise RollupError(index, 'size_s', f'size must be a positive number of seconds, got {size}')
+    if size > MAX_SECONDS:
+      raise RollupError(
+          index, 'size_s', 'size must be ' + _TOO_LONG.format(max=MAX_SECONDS, value=size))
     if size <= window_size_s or size % window_size_s:
       raise RollupError(
           index, 'size_s', f'size {size} s must be a multiple of the window size '
@@ -149,6 +129,9 @@ def check_rollups(
       raise RollupError(
           index, 'allowed_lateness_s',
           f'allowed lateness must be zero or a positive number of seconds, got {lateness}')
+    if lateness > MAX_SECONDS:
+      raise RollupError(index, 'allowed_lateness_s', 'allowed lateness must be ' +
+                        _TOO_LONG.format(max=MAX_SECONDS, value=lateness))
     if size in seen:
       raise RollupError(
           index, 'size_s', f'size {size} s is given twice (rollups {seen[size] + 1} and '
@@ -301,9 +284,23 @@ class RunConfig:
   def rollup_configs(self) -> Tuple['RunConfig', ...]:
     return tuple(self.rollup(size, lateness) for size, lateness in self.rollups)
 
+  @property
+  def output_paths(self) -> Tuple[str, ...]:
+    """Every file the run writes in its output folder (not its rollups')."""
+    return (self.aggregates_path, self.dead_letter_path, self.accounting_path,
+            self.memory_path, self.refused_path, self.duplicates_path,
+            self.reconciliation_path)
+
   @classmethod
   def from_options(cls, options: PipelineOptions) -> 'RunConfig':
+    """The checked settings of a run; ConfigError names the first bad one.
+    Nothing is written: local outputs are only checked (check_outputs)."""
     opts = options.view_as(TidemarkOptions)
+    for dest, flag in option_dests().items():
+      value = getattr(opts, dest)
+      for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+          check_text(flag, text)
     source = opts.source or f'replay:{BUNDLED_REPLAY}'
     kind, sep, target = source.partition(':')
     if not sep or not target:
@@ -311,8 +308,8 @@ class RunConfig:
     if kind not in SOURCE_KINDS:
       raise ConfigError(
           '--source', f'unknown source kind {kind!r}; known: {", ".join(SOURCE_KINDS)}')
-    if kind == 'replay' and not os.path.isfile(target):
-      raise ConfigError('--source', f'replay file {target!r} does not exist')
+    if kind == 'replay':
+      check_replay_file(target)
     if kind == 'pubsub':
       try:
         parse_pubsub_target(target)
@@ -320,37 +317,30 @@ class RunConfig:
         raise ConfigError('--source', str(e)) from None
     if kind == 'kafka':
       parse_kafka_target(target)
-    expansion = opts.kafka_expansion_service or DEFAULT_KAFKA_EXPANSION_SERVICE
-    if not _HOST_PORT.fullmatch(expansion):
-      raise ConfigError('--kafka-expansion-service', f'{expansion!r} is not HOST:PORT')
+    expansion = check_host_port(
+        '--kafka-expansion-service', opts.kafka_expansion_service or DEFAULT_KAFKA_EXPANSION_SERVICE)
     max_records = opts.kafka_max_records
-    if max_records is not None and max_records <= 0:
-      raise ConfigError('--kafka-max-records', f'must be positive, got {max_records}')
+    if max_records is not None and not 0 < max_records <= MAX_RECORDS:
+      raise ConfigError('--kafka-max-records', f'must be 1 to {MAX_RECORDS}, got {max_records}')
     runner = runner_name(options)
 
-    window = DEFAULT_WINDOW_SIZE_S if opts.window_size is None else opts.window_size
-    if window <= 0:
-      raise ConfigError('--window-size', f'must be a positive number of seconds, got {window}')
-    lateness = (
-        DEFAULT_ALLOWED_LATENESS_S
-        if opts.allowed_lateness is None else opts.allowed_lateness)
-    if lateness < 0:
-      raise ConfigError(
-          '--allowed-lateness', f'must be zero or a positive number of seconds, got {lateness}')
-    early = DEFAULT_EARLY_FIRING_S if opts.early_firing is None else opts.early_firing
-    if early < 0:
-      raise ConfigError('--early-firing', f'must be zero or positive, got {early}')
+    window = check_seconds(
+        '--window-size', DEFAULT_WINDOW_SIZE_S if opts.window_size is None else opts.window_size,
+        positive=True)
+    lateness = check_seconds(
+        '--allowed-lateness',
+        DEFAULT_ALLOWED_LATENESS_S if opts.allowed_lateness is None else opts.allowed_lateness)
+    early = check_seconds(
+        '--early-firing', DEFAULT_EARLY_FIRING_S if opts.early_firing is None else opts.early_firing)
     shards = DEFAULT_SHARDS if opts.shards is None else opts.shards
-    if shards < 1:
-      raise ConfigError('--shards', f'must be at least 1, got {shards}')
+    if not 1 <= shards <= MAX_SHARDS:
+      raise ConfigError('--shards', f'must be 1 to {MAX_SHARDS}, got {shards}')
 
     sample_memory = opts.sample_memory_every
-    if sample_memory is not None and sample_memory <= 0:
-      raise ConfigError('--sample-memory-every', f'must be positive, got {sample_memory}')
+    if sample_memory is not None:
+      check_seconds('--sample-memory-every', sample_memory, positive=True)
 
     output_dir = opts.output_dir or DEFAULT_OUTPUT_DIR
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-      raise ConfigError('--output-dir', f'{output_dir!r} exists and is not a folder')
     sqlite = opts.sqlite
     if sqlite is None:
       sqlite = os.path.join(output_dir, 'aggregates.sqlite')
@@ -367,11 +357,11 @@ class RunConfig:
           '--pubsub-id-label', f'the {runner} does not support Pub/Sub id labels; '
           'leave it unset (Tidemark deduplicates by event_id itself)')
     skew = opts.expected_skew
-    if skew is not None and skew < 0:
-      raise ConfigError('--expected-skew', f'must be zero or positive, got {skew}')
+    if skew is not None:
+      check_seconds('--expected-skew', skew)
     run_seconds = opts.run_seconds
-    if run_seconds is not None and run_seconds <= 0:
-      raise ConfigError('--run-seconds', f'must be a positive number of seconds, got {run_seconds}')
+    if run_seconds is not None:
+      check_seconds('--run-seconds', run_seconds, positive=True)
     if run_seconds is not None and kind == 'replay':
       raise ConfigError('--run-seconds', 'only for unbounded sources (a replay ends by itself)')
     topic = opts.aggregates_topic
@@ -390,7 +380,7 @@ class RunConfig:
           '--replay-mode stream')
     if replay_mode == 'bulk' and rollups:
       raise ConfigError('--rollup', 'rollups are computed by --replay-mode stream only')
-    return cls(
+    config = cls(
         replay_mode=replay_mode,
         source=source,
         aggregates_topic=topic,
@@ -409,93 +399,8 @@ class RunConfig:
         kafka_expansion_service=expansion,
         kafka_max_records=max_records,
         **sink_settings(opts))
-
-
-SINKS = ('files', 'postgres', 'bigquery')
-_SINK_OPTIONS = {
-    'postgres': ('postgres_dsn', 'postgres_table', 'postgres_dead_letter_table'),
-    'bigquery': ('bigquery_table', 'bigquery_dead_letter_table', 'bigquery_expansion_service'),
-}
-
-
-def _flag(dest: str) -> str:
-  return '--' + dest.replace('_', '-')
-
-
-def sink_settings(opts: TidemarkOptions) -> Dict[str, object]:
-  """The sink fields of RunConfig from the options, checked."""
-  from transforms import sinks  # the sinks' own checks, one rule in one place
-  sink = opts.sink or 'files'
-  if sink not in SINKS:
-    raise ConfigError('--sink', f'unknown sink {sink!r}; known: {", ".join(SINKS)}')
-  settings: Dict[str, object] = {'sink': sink}
-  for kind, dests in _SINK_OPTIONS.items():
-    for dest in dests:
-      value = getattr(opts, dest)
-      if value is not None and kind != sink:
-        raise ConfigError(_flag(dest), f'only applies to --sink {kind}')
-      if value is not None:
-        settings[dest] = value
-  if opts.customer_id is not None:
-    if sink == 'files':
-      raise ConfigError('--customer-id', 'scopes a database sink: needs --sink postgres or bigquery')
-    try:
-      settings['customer_id'] = sinks.check_customer_id(opts.customer_id)
-    except ValueError as e:
-      raise ConfigError('--customer-id', str(e)) from None
-  checks = {
-      'postgres_table': sinks.check_identifier,
-      'postgres_dead_letter_table': sinks.check_identifier,
-      'bigquery_table': sinks.check_bigquery_table,
-      'bigquery_dead_letter_table': sinks.check_bigquery_table,
-  }
-  for dest, check in checks.items():
-    if dest in settings:
-      try:
-        check(settings[dest])
-      except ValueError as e:
-        raise ConfigError(_flag(dest), str(e)) from None
-  if sink == 'postgres' and not settings.get('postgres_dsn'):
-    raise ConfigError('--postgres-dsn', 'is required with --sink postgres')
-  if sink == 'postgres' and settings.get(
-      'postgres_table', 'aggregates') == settings.get('postgres_dead_letter_table',
-                                                      'dead_letters'):
-    raise ConfigError('--postgres-dead-letter-table', 'must differ from --postgres-table')
-  if sink == 'bigquery':
-    for dest in ('bigquery_table', 'bigquery_dead_letter_table'):
-      if not settings.get(dest):
-        raise ConfigError(_flag(dest), 'is required with --sink bigquery')
-    if settings['bigquery_table'] == settings['bigquery_dead_letter_table']:
-      raise ConfigError('--bigquery-dead-letter-table', 'must differ from --bigquery-table')
-  return settings
-
-
-def parse_pubsub_target(target: str) -> Tuple[Tuple[str, str], ...]:
-  """``[NAME=]projects/P/subscriptions/S[,...]`` to ``((name, path), ...)``.
-
-  The source name defaults to the subscription id S. Raises ValueError.
-  """
-  # Imported here: the Pub/Sub client libraries are only needed for pubsub.
-  from transforms.sources import check_subscription_path
-  pairs = []
-  for item in target.split(','):
-    item = item.strip()
-    name, sep, path = item.partition('=')
-    if not sep:
-      name, path = item.rsplit('/', 1)[-1], item
-    if not name or not path:
-      raise ValueError(
-          f'{item!r}: expected [NAME=]projects/PROJECT/subscriptions/NAME')
-    check_subscription_path(path)
-    pairs.append((name, path))
-  names = [n for n, _ in pairs]
-  paths = [p for _, p in pairs]
-  if len(set(names)) != len(names):
-    raise ValueError(f'source names repeat: {names}')
-  if len(set(paths)) != len(paths):
-    raise ValueError(f'a subscription is named twice: {paths}')
-  return tuple(pairs)
-
+    check_outputs(config)
+    return config
 
 
 def watermark_risks(config: RunConfig, runner: Optional[str]) -> List[str]:

@@ -1,10 +1,15 @@
 """Per-customer deployment files (``templates/customers/NAME.yaml|json``).
 
-A file is checked in two steps, and a bad one is refused naming the field as a
-JSON pointer (``/sink/table``):
+A customer is found by name in the customers folder only (a file elsewhere is
+read by its path, explicitly: ``load_file``). A file is checked in three steps,
+and a bad one is refused naming the field as a JSON pointer (``/sink/table``),
+never quoting the file:
 
-1. its shape, against ``pipeline/customer.schema.json`` (JSON Schema 2020-12);
-2. ownership: a customer's file may only name that customer's resources. Every
+1. every value but the description is one line of visible text (no control
+   characters: values end up in a launch command), the rule of
+   ``pipeline.config.check_text``;
+2. its shape, against ``pipeline/customer.schema.json`` (JSON Schema 2020-12);
+3. ownership: a customer's file may only name that customer's resources. Every
    Pub/Sub subscription id, Kafka topic and PostgreSQL table, and the dataset of
    every BigQuery table, must start with the customer id or its *token* (the id
    lower-cased, every character outside ``a-z0-9`` made ``_``, as SQL and
@@ -31,10 +36,12 @@ EXTENSIONS = ('.yaml', '.yml', '.json')
 
 
 class CustomerFileError(ValueError):
-  """A customer file is wrong; ``pointer`` is the JSON pointer of the field."""
+  """A customer file is wrong; ``pointer`` is the JSON pointer of the field
+  (None when no file was found to read)."""
 
-  def __init__(self, path: str, pointer: str, reason: str):
-    super().__init__(f'{path}: {pointer or "/"}: {reason}')
+  def __init__(self, path: str, pointer: Optional[str], reason: str):
+    where = '' if pointer is None else f' {pointer or "/"}:'
+    super().__init__(f'{path}:{where} {reason}')
     self.path = path
     self.pointer = pointer
     self.reason = reason
@@ -66,20 +73,59 @@ def owns(customer_id: str, name: str) -> bool:
   return False
 
 
+#: A customer's name: its customer id (contract section 1), also its file's name.
+_NAME = re.compile(r'[A-Za-z0-9_.-]{1,64}\Z')
+
+
 def find(name: str, directory: str = CUSTOMERS_DIR) -> str:
-  """The file of customer ``name``, or ``name`` itself if it is a path."""
-  if os.sep in name or name.endswith(EXTENSIONS):
-    return name
+  """The file of customer ``name`` in ``directory`` (NAME.yaml, .yml or .json).
+
+  A name is never a path: nothing outside ``directory`` is read (load_file
+  reads a file by its path).
+  """
+  if not _NAME.fullmatch(name) or name in ('.', '..'):
+    raise CustomerFileError(
+        repr(name), None, 'is not a customer name (1-64 characters of A-Z a-z 0-9 _ . -); '
+        'a file elsewhere is read by its path with --customer-file PATH')
   found = [os.path.join(directory, name + ext) for ext in EXTENSIONS
            if os.path.isfile(os.path.join(directory, name + ext))]
   if not found:
     known = sorted(os.path.splitext(f)[0] for f in os.listdir(directory)
                    if f.endswith(EXTENSIONS)) if os.path.isdir(directory) else []
-    raise CustomerFileError(name, '', f'no customer file {name}.yaml|.json in {directory}; '
-                            f'known: {", ".join(known) or "none"}')
+    hint = ''
+    if name.endswith(EXTENSIONS):
+      hint = f'; give the name without its extension ({os.path.splitext(name)[0]})'
+    raise CustomerFileError(name, None, f'no customer file {name}.yaml|.json in {directory}; '
+                            f'known: {", ".join(known) or "none"}{hint}')
   if len(found) > 1:
-    raise CustomerFileError(name, '', f'more than one file for {name}: {found}')
+    raise CustomerFileError(name, None, f'more than one file for {name}: {found}')
+  root = os.path.realpath(directory)
+  if os.path.commonpath([root, os.path.realpath(found[0])]) != root:
+    raise CustomerFileError(found[0], None, f'resolves to a file outside {directory}')
   return found[0]
+
+
+def _rule(rule: str, value: Any) -> str:
+  """What a schema rule asks of a field, in words of the schema alone (never
+  quoting the file: jsonschema's own messages repeat the value)."""
+  if rule == 'type':
+    return 'must be of type ' + (value if isinstance(value, str) else ' or '.join(value))
+  if rule == 'enum':
+    return 'must be one of ' + ', '.join(json.dumps(v) for v in value)
+  if rule == 'const':
+    return f'must be {json.dumps(value)}'
+  words = {
+      'pattern': 'must match {}',
+      'minimum': 'must be at least {}',
+      'maximum': 'must be at most {}',
+      'minLength': 'must be at least {} characters long',
+      'maxLength': 'must be at most {} characters long',
+      'minItems': 'must list at least {} item(s)',
+      'maxItems': 'must list at most {} item(s)',
+      'uniqueItems': 'must not list an item twice',
+      'minProperties': 'must have at least {} field(s)',
+  }
+  return words[rule].format(value) if rule in words else f'breaks the schema rule {rule!r}'
 
 
 def _schema_errors(spec: Any) -> List[Tuple[str, str]]:
@@ -96,7 +142,7 @@ def _schema_errors(spec: Any) -> List[Tuple[str, str]]:
   for error in errors:
     for leaf in (error.context or [error]) if error.validator in ('anyOf', 'oneOf') else [error]:
       parts = list(leaf.absolute_path)
-      reason = leaf.message
+      reason = _rule(leaf.validator, leaf.validator_value)
       if leaf.validator == 'required':
         missing = [r for r in leaf.validator_value if r not in leaf.instance]
         parts, reason = parts + missing[:1], 'is required'
@@ -128,35 +174,73 @@ def _names(spec: Dict[str, Any]) -> List[Tuple[str, str]]:
   return names
 
 
+def _texts(node: Any, parts: Tuple = ()):
+  """``(path parts, text)`` of every string value in a parsed file."""
+  if isinstance(node, str):
+    yield parts, node
+  elif isinstance(node, dict):
+    for key, value in node.items():
+      yield from _texts(value, parts + (key,))
+  elif isinstance(node, list):
+    for index, value in enumerate(node):
+      yield from _texts(value, parts + (index,))
+
+
+def _syntax_error(kind: str, error: Exception) -> str:
+  """Where a file stops being JSON or YAML, never quoting it."""
+  if isinstance(error, json.JSONDecodeError):
+    return f'not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})'
+  mark = getattr(error, 'problem_mark', None)
+  problem = re.sub(r"'[^']*'|\"[^\"]*\"", '...', getattr(error, 'problem', None) or '')
+  where = f' (line {mark.line + 1}, column {mark.column + 1})' if mark else ''
+  if mark is None and isinstance(getattr(error, 'position', None), int):
+    where = f' (character {error.position + 1})'
+  return f'not valid {kind}' + (f': {problem}' if problem else '') + where
+
+
 def load(name: str, directory: str = CUSTOMERS_DIR) -> Customer:
-  """Reads and checks a customer file; CustomerFileError names the field."""
-  path = find(name, directory)
+  """Reads and checks the file of customer ``name`` in ``directory``
+  (CustomerFileError names the field)."""
+  return load_file(find(name, directory))
+
+
+def load_file(path: str) -> Customer:
+  """Reads and checks a customer file by its path; CustomerFileError names
+  the field, never quoting the file."""
   try:
     with open(path, encoding='utf-8') as f:
       text = f.read()
   except OSError as e:
-    raise CustomerFileError(path, '', f'cannot read: {e}') from None
+    raise CustomerFileError(path, '', f'cannot read: {e.strerror}') from None
+  except UnicodeDecodeError as e:
+    raise CustomerFileError(path, '', f'not UTF-8 text (byte {e.start + 1})') from None
   import yaml
   kind = 'JSON' if path.endswith('.json') else 'YAML'
   try:
     spec = json.loads(text) if kind == 'JSON' else yaml.safe_load(text)
   except (ValueError, yaml.YAMLError) as e:
-    raise CustomerFileError(path, '', f'not valid {kind}: {e}') from None
+    raise CustomerFileError(path, '', _syntax_error(kind, e)) from None
+  from pipeline.config import ConfigError, RollupError, check_rollups, check_text  # Beam: slow
+  for parts, value in _texts(spec):
+    if parts[:1] == ('description',):
+      continue  # free text for people; never part of a launch
+    try:
+      check_text(_pointer(parts), value)
+    except ConfigError as e:
+      raise CustomerFileError(path, e.field, e.reason) from None
   errors = _schema_errors(spec)
   if errors:
     pointer, reason = errors[0]
     raise CustomerFileError(path, pointer, reason)
   stem = os.path.splitext(os.path.basename(path))[0]
   if spec['customer_id'] != stem:
-    raise CustomerFileError(
-        path, '/customer_id', f'{spec["customer_id"]!r} differs from the file name {stem!r}')
+    raise CustomerFileError(path, '/customer_id', f'must equal the file name {stem!r}')
+  customer_id = spec['customer_id']
   for pointer, resource in _names(spec):
-    if not owns(spec['customer_id'], resource):
+    if not owns(customer_id, resource):
       raise CustomerFileError(
-          path, pointer, f'{resource!r} is not a resource of customer '
-          f'{spec["customer_id"]!r}: it must start with {spec["customer_id"]!r} or '
-          f'{token(spec["customer_id"])!r} followed by "-", "_", "." or nothing')
-  from pipeline.config import RollupError, check_rollups  # Beam's options: slow to import
+          path, pointer, f'is not a resource of customer {customer_id!r}: it must start '
+          f'with {customer_id!r} or {token(customer_id)!r} followed by "-", "_", "." or nothing')
   window = spec['window']
   try:
     check_rollups(window['size_s'], [

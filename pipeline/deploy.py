@@ -1,18 +1,21 @@
 """``python -m pipeline deploy``: launch one customer's pipeline.
 
-  python -m pipeline deploy --customer NAME --target dataflow|flink [--dry-run]
+  python -m pipeline deploy (--customer NAME | --customer-file PATH)
+      --target dataflow|flink [--dry-run]
 
-The customer file (templates/customers/NAME.yaml|json, or a path) is checked
-first (pipeline/customer.py). ``--target dataflow`` launches the Flex Template
-(templates/) with ``gcloud dataflow flex-template run``; ``--target flink``
-runs ``python -m pipeline run`` on the PortableRunner against the Flink job
-server. ``--dry-run`` prints the exact command, one line, shell-quoted, and
-contacts nothing; otherwise the command runs and its exit code is returned.
+The customer file (templates/customers/NAME.yaml|json, or by its path with
+--customer-file) is checked first (pipeline/customer.py). ``--target
+dataflow`` launches the Flex Template (templates/) with ``gcloud dataflow
+flex-template run``; ``--target flink`` runs ``python -m pipeline run`` on the
+PortableRunner against the Flink job server. ``--dry-run`` prints the exact
+command, one line, shell-quoted, and contacts nothing; otherwise the command
+runs and its exit code is returned.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import shlex
 import shutil
 import subprocess
@@ -26,16 +29,29 @@ TARGETS = ('dataflow', 'flink')
 DATAFLOW_LOCAL_OUTPUTS = (('output_dir', '/tmp/tidemark-output'), ('sqlite', 'none'))
 
 
+#: Delimiters tried, in order, for a gcloud dict flag whose values hold commas.
+_DELIMITERS = ',~;|#@!:+%&*'
+
+
+def _delimiters():
+  """Candidate delimiters: single characters, then runs of each (gcloud takes
+  any sequence of characters that appears in no value)."""
+  for length in itertools.count(1):
+    for char in _DELIMITERS:
+      yield char * length
+
+
 def _gcloud_dict(params: Sequence[Tuple[str, str]]) -> str:
   """A gcloud dict flag value; values holding commas (a list of
-  subscriptions) need gcloud's alternate delimiter syntax (`gcloud topic
-  escaping`)."""
-  values = [v for _, v in params]
-  delimiter = ','
-  if any(',' in v for v in values):
-    delimiter = next(d for d in '~;|#@!' if not any(d in v for v in values))
-  body = delimiter.join(f'{k}={v}' for k, v in params)
-  return body if delimiter == ',' else f'^{delimiter}^{body}'
+  subscriptions, a DSN's query) need gcloud's alternate delimiter syntax
+  (`gcloud topic escaping`): the first delimiter that splits the value back
+  into exactly these items."""
+  items = [f'{k}={v}' for k, v in params]
+  for delimiter in _delimiters():
+    body = delimiter.join(items)
+    if body.split(delimiter) == items:
+      return body if delimiter == ',' else f'^{delimiter}^{body}'
+  raise AssertionError('unreachable: a long enough run of one character always splits')
 
 
 def dataflow_command(customer: customers.Customer) -> List[str]:
@@ -88,8 +104,11 @@ def launch_command(customer: customers.Customer, target: str) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m pipeline deploy', description=__doc__.split('\n\n')[0])
-  parser.add_argument('--customer', required=True,
-                      help='customer name (templates/customers/NAME.yaml|json) or file path')
+  customer = parser.add_mutually_exclusive_group(required=True)
+  customer.add_argument('--customer', metavar='NAME',
+                        help='customer name: its file NAME.yaml|.yml|.json in --customers-dir')
+  customer.add_argument('--customer-file', metavar='PATH',
+                        help='a customer file elsewhere, by its path')
   parser.add_argument('--target', required=True, choices=TARGETS)
   parser.add_argument('--dry-run', action='store_true',
                       help='print the launch command and exit, contacting nothing')
@@ -97,7 +116,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help='where customer files live (default: templates/customers)')
   args = parser.parse_args(argv)
   try:
-    command = launch_command(customers.load(args.customer, args.customers_dir), args.target)
+    customer = (customers.load_file(args.customer_file) if args.customer_file is not None
+                else customers.load(args.customer, args.customers_dir))
+    command = launch_command(customer, args.target)
   except customers.CustomerFileError as e:
     print(f'tidemark: error: {e}', file=sys.stderr)
     return 2

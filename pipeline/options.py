@@ -1,9 +1,42 @@
 """Tidemark's pipeline options, read by Beam's own option parser (so they work
-from the CLI, from templates and from ``PipelineOptions`` in code alike)."""
+from the CLI, from templates and from ``PipelineOptions`` in code alike), and
+the command line of ``python -m pipeline run`` read strictly: every argument
+must be a Tidemark option or an option of a Beam ``PipelineOptions`` class."""
 
 from __future__ import annotations
 
-from apache_beam.options.pipeline_options import PipelineOptions
+import argparse
+import difflib
+import re
+from typing import Dict, List, Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+#: Options that are not Tidemark's, described in ``python -m pipeline run --help``.
+BEAM_OPTIONS_HELP = (
+    "Beam's pipeline options are accepted too: any option of a PipelineOptions "
+    'class Beam registers (--runner, --streaming, --job_endpoint, --environment_type, '
+    '--direct_num_workers, --experiments, ...). Anything else, a misspelt option or a '
+    'stray argument, stops the run (exit 2).')
+
+_WHOLE_NUMBER = re.compile(r'[+-]?[0-9]+\Z')
+
+
+class ConfigError(ValueError):
+  """A setting is wrong; ``field`` names it."""
+
+  def __init__(self, field: str, reason: str):
+    super().__init__(f'{field}: {reason}')
+    self.field = field
+    self.reason = reason
+
+
+def whole_number(text: str) -> int:
+  """A whole number in ASCII digits. (``int()`` also reads the digits of other
+  scripts, underscores and surrounding spaces: ``int('٣٠') == 30``.)"""
+  if not _WHOLE_NUMBER.match(text):
+    raise argparse.ArgumentTypeError(f'{text!r} is not a whole number (digits 0-9)')
+  return int(text)
 
 
 class TidemarkOptions(PipelineOptions):
@@ -17,33 +50,40 @@ class TidemarkOptions(PipelineOptions):
       flags = ['--' + dest.replace('_', '-')]
       if '_' in dest:
         flags.append('--' + dest)
+      if kwargs.get('type') is whole_number:
+        kwargs.setdefault('metavar', 'N')
       parser.add_argument(*flags, dest=dest, **kwargs)
 
-    option('source',
+    option('source', metavar='KIND:TARGET',
         help='Where events come from: replay:PATH (a replay file, contract section 2), '
         'pubsub:[NAME=]projects/P/subscriptions/S[,...] (one subscription per source; '
-        'NAME defaults to S) or kafka:BOOTSTRAP/TOPIC[,NAME=TOPIC...] (a topic per source).')
-    option('window_size', type=int,
-        help='Fixed window size in whole seconds.')
-    option('allowed_lateness', type=int,
-        help='Allowed lateness in whole seconds.')
-    option('early_firing', type=int,
+        'NAME defaults to S) or kafka:BOOTSTRAP/TOPIC[,NAME=TOPIC...] (a topic per source). '
+        'Default: the bundled incident replay.')
+    option('window_size', type=whole_number, metavar='SECONDS',
+        help='Fixed window size in whole seconds, at most 100 years (the span of '
+        'valid event times). Default: 60.')
+    option('allowed_lateness', type=whole_number, metavar='SECONDS',
+        help='Allowed lateness in whole seconds, at most 100 years. Default: 30.')
+    option('early_firing', type=whole_number, metavar='SECONDS',
         help='Emit an EARLY pane this many seconds of processing time after the '
-        'first event of a window; 0 turns early panes off.')
-    option('rollup', action='append',
+        'first event of a window; 0 turns early panes off. Default: 10.')
+    option('rollup', action='append', metavar='SIZE:LATENESS',
         help='SIZE:LATENESS (whole seconds): also aggregate the same events in windows of '
         'SIZE, a multiple of --window-size, with their own allowed lateness, into '
         'OUTPUT_DIR/rollup-SIZEs/; OUTPUT_DIR/reconciliation.json then shows each rollup '
         'window equals the windows inside it, event by event. Repeat the flag or '
         'separate with commas for several.')
-    option('output_dir', help='Folder for aggregates.jsonl, dead_letter.jsonl and accounting.json.')
-    option('sqlite', help='SQLite file of final aggregates (default: OUTPUT_DIR/aggregates.sqlite; '
-        '"none" to skip).')
-    option('sample_memory_every', type=int,
+    option('output_dir', metavar='DIR',
+        help='Folder for aggregates.jsonl, dead_letter.jsonl and accounting.json '
+        '(default: tidemark-output).')
+    option('sqlite', metavar='PATH', help='SQLite file of final aggregates (default: '
+        'OUTPUT_DIR/aggregates.sqlite; "none" to skip). An existing file is replaced only '
+        'if it is a Tidemark database.')
+    option('sample_memory_every', type=whole_number, metavar='SECONDS',
         help='Write the worker RSS to OUTPUT_DIR/memory.jsonl each time the watermark '
         'passes a multiple of this many seconds of event time (soak benchmarks).')
-    option('shards', type=int,
-        help='Keys per window for too-late routing and dedup (parallelism).')
+    option('shards', type=whole_number,
+        help='Keys per window for too-late routing and dedup (parallelism). Default: 4.')
     # Sinks: where final aggregates and dead letters go besides the local files.
     option('sink', help='Database for final aggregates and dead letters, besides the local files: '
         'files (none, the default), postgres or bigquery.')
@@ -64,12 +104,12 @@ class TidemarkOptions(PipelineOptions):
         'A pane log: consumers keep the highest pane_index per window.')
     option('pubsub_id_label', help='Pub/Sub attribute for runner-side redelivery dedup (default: event_id '
         'on runners that support it, off on the DirectRunner; "none" to turn off).')
-    option('expected_skew', type=int,
+    option('expected_skew', type=whole_number, metavar='SECONDS',
         help='pubsub: how many seconds behind the wall clock event times may be when '
         'they arrive (lagging sources, publish delays). The DirectRunner\'s Pub/Sub '
         'watermark is the wall clock, so a skew above the allowed lateness loses '
         'events to too_late.')
-    option('run_seconds', type=int,
+    option('run_seconds', type=whole_number, metavar='SECONDS',
         help='Unbounded sources: stop the run after this many seconds of wall time '
         '(default: run until interrupted).')
     option('replay_mode',
@@ -81,5 +121,92 @@ class TidemarkOptions(PipelineOptions):
         'on other runners.')
     option('kafka_expansion_service', help='HOST:PORT of the Java expansion service for Kafka IO (default: the '
         'one scripts/flink.sh starts, localhost:18096).')
-    option('kafka_max_records', type=int,
+    option('kafka_max_records', type=whole_number,
         help='Stop each Kafka topic\'s read after this many records (a bounded read).')
+
+
+#: Beam Java's ``FlinkPipelineOptions`` (Beam 2.62.0) that Beam Python does not
+#: declare: the job server reads them from the pipeline options it is sent.
+FLINK_RUNNER_OPTIONS = (
+    'allow_non_restored_state', 'auto_watermark_interval', 'checkpoint_timeout_millis',
+    'checkpointing_interval', 'checkpointing_mode', 'disable_metrics',
+    'enable_stable_input_drain', 'execution_retry_delay', 'fail_on_checkpointing_errors',
+    'finish_bundle_before_checkpointing', 'flink_conf_dir', 'force_unaligned_checkpoint_enabled',
+    'job_check_interval_in_secs', 'latency_tracking_interval', 'max_bundle_size',
+    'max_bundle_time_mills', 'min_pause_between_checkpoints', 'num_concurrent_checkpoints',
+    'number_of_execution_retries', 'object_reuse', 'operator_chaining',
+    'report_checkpoint_duration', 'retain_externalized_checkpoints_on_cancellation',
+    'savepoint_path', 'shutdown_sources_after_idle_ms', 'state_backend',
+    'state_backend_storage_path', 'unaligned_checkpoint_enabled')
+
+
+class FlinkRunnerJavaOptions(PipelineOptions):
+  """Flink runner options only its Java side knows, passed through to the job
+  server as given (so a misspelt one is still refused by name)."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    for dest in FLINK_RUNNER_OPTIONS:
+      parser.add_argument(f'--{dest}', dest=dest, default=None,
+                          help='Flink runner (Beam Java FlinkPipelineOptions).')
+
+
+def tidemark_parser(prog: str = 'python -m pipeline run') -> argparse.ArgumentParser:
+  """A parser of Tidemark's options alone (their help, their names)."""
+  parser = argparse.ArgumentParser(
+      prog=prog, epilog=BEAM_OPTIONS_HELP,
+      description='Run the pipeline: read events, window and aggregate them, account for '
+      'every one. A bad setting stops the run before it starts (exit 2, the option named, '
+      'nothing written).')
+  TidemarkOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+  return parser
+
+
+def option_dests() -> Dict[str, str]:
+  """``{dest: --flag}`` of every Tidemark option."""
+  parser = argparse.ArgumentParser(add_help=False)
+  TidemarkOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+  return {dest: '--' + dest.replace('_', '-') for dest in vars(parser.parse_args([]))}
+
+
+class _StrictParser(_BeamArgumentParser):
+  """Beam's parser over every registered option class, raising instead of exiting."""
+
+  def error(self, message):
+    raise argparse.ArgumentError(None, message)
+
+  def unknown(self, arg: str) -> ConfigError:
+    """The error for the first argument no option class knows."""
+    if not arg.startswith('-') or arg == '-':
+      return ConfigError(
+          repr(arg), 'unexpected argument: settings are options (--name VALUE); see '
+          'python -m pipeline run --help')
+    name = arg.split('=', 1)[0]
+    close = difflib.get_close_matches(name, list(self._option_string_actions), n=1)
+    if close and close[0].replace('_', '-') in self._option_string_actions:
+      close = [close[0].replace('_', '-')]  # Tidemark's flags, as documented
+    hint = f' (did you mean {close[0]}?)' if close else ''
+    return ConfigError(
+        name, f'is neither a Tidemark option nor a Beam pipeline option{hint}; see '
+        'python -m pipeline run --help')
+
+
+def parse_args(argv: Sequence[str]) -> PipelineOptions:
+  """``argv`` as PipelineOptions, each argument checked against every option
+  class Beam registers (TidemarkOptions among them) and with no abbreviations;
+  ConfigError names the first unknown or malformed one. (Beam itself drops an
+  unknown option with a warning and runs on the defaults.)"""
+  argv: List[str] = list(argv)
+  parser = _StrictParser(allow_abbrev=False, add_help=False, exit_on_error=False)
+  # As PipelineOptions.get_all_options does: the last class of each name.
+  classes = {str(cls): cls for cls in PipelineOptions.__subclasses__()}
+  for cls in classes.values():
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  try:
+    _, unknown = parser.parse_known_args(argv)
+  except argparse.ArgumentError as e:
+    field = (e.argument_name or 'arguments').split('/')[0]
+    raise ConfigError(field, e.message) from None
+  if unknown:
+    raise parser.unknown(unknown[0])
+  return PipelineOptions(argv)

@@ -18,17 +18,25 @@ written (each is exactly rounded; the bound is computed, and with integer
 values it is zero), min and max exactly where an event only the primary
 accepted could not have been the extreme (else within the bounds the figures
 allow). A window that does not is unexplained.
+
+A run's folder says whether it holds a finished run: ``run.json`` (see
+transforms/files.py for the commit protocol). Only ``complete`` (and, for an
+unbounded run, ``stopped``) describes the files beside it; anything else, or
+no run.json at all, means they are not a finished run's.
 """
 
 from __future__ import annotations
 
 import collections
+import fractions
 import json
 import math
 import os
+import sys
 from typing import Counter, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
-from transforms.model import DUPLICATE, TOO_LATE
+from transforms.files import COMMITTED, MANIFEST, RUNNING, STAGING_PREFIX, read_json
+from transforms.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.parse import InvalidPayload, parse_payload
 
 #: (customer_id, key, window_start, window_end)
@@ -37,6 +45,40 @@ Window = Tuple[str, str, int, int]
 RULE = (
     'rollup final = sum of the primary final panes inside the rollup window '
     '+ events only the rollup aggregated - events only the primary aggregated')
+
+
+def read_manifest(output_dir: str) -> Optional[dict]:
+  """OUTPUT_DIR/run.json, or None where there is none."""
+  return read_json(os.path.join(output_dir, MANIFEST))
+
+
+def holds_finished_run(output_dir: str) -> bool:
+  """Whether the files in ``output_dir`` are a committed run's (``complete``,
+  or an unbounded run ``stopped``)."""
+  return (read_manifest(output_dir) or {}).get('status') in COMMITTED
+
+
+def live_output_dir(output_dir: str) -> str:
+  """Where the run now in progress in ``output_dir`` writes (its staging
+  folder, for readers that follow an unbounded run as it runs); ``output_dir``
+  itself when no run is in progress."""
+  running = []
+  if os.path.isdir(output_dir):
+    for name in os.listdir(output_dir):
+      manifest = read_json(os.path.join(output_dir, name, MANIFEST)) or {}
+      if name.startswith(STAGING_PREFIX) and manifest.get('status') == RUNNING:
+        running.append((manifest.get('started_at') or '', name))
+  return os.path.join(output_dir, max(running)[1]) if running else output_dir
+
+
+def refused_lines(config) -> List[str]:
+  """What a customer-scoped database sink refused (the run's and its rollups'
+  refused.jsonl), as one line; none if it refused nothing."""
+  records = [r for c in (config,) + config.rollup_configs for r in _jsonl(c.refused_path)]
+  letters = sum('reason' in r for r in records)
+  return [f'{config.sink} sink scoped to customer {config.customer_id!r}: refused '
+          f'{len(records) - letters:,} panes and {letters:,} dead letters of other customers '
+          '(see refused.jsonl)'] if records else []
 
 
 def final_panes(aggregates_path: str) -> Dict[Window, dict]:
@@ -103,6 +145,16 @@ def _figures(count: int, total: float, low: float, high: float) -> dict:
   return {'count': count, 'sum': total, 'min': low, 'max': high}
 
 
+def _exact_sum(parts: List[float]) -> float:
+  """The exact sum rounded once, clamped to the range of a double (as the
+  windows' sums are)."""
+  try:
+    return math.fsum(parts)
+  except OverflowError:
+    exact = sum(fractions.Fraction(v) for v in parts)
+    return math.copysign(sys.float_info.max, exact) if abs(exact) > sys.float_info.max else float(exact)
+
+
 def _ulp_bound(*values: float) -> float:
   return sum(math.ulp(v) / 2 for v in values)
 
@@ -134,7 +186,9 @@ class _RollupWindow:
       return None, problems
     parts = [p['sum'] for p in self.primary] + [c.value for c in added] + [
         -c.value for c in removed]
-    total = math.fsum(parts)
+    total = _exact_sum(parts)
+    # A clamped sum (beyond the range of a double) only bounds the exact one.
+    clamped = any(abs(v) == sys.float_info.max for v in parts + [total])
     # Every copy the rollup holds is in a primary window or only in the rollup.
     values = [c.value for c in added]
     low = min([p['min'] for p in self.primary] + values)
@@ -162,7 +216,7 @@ class _RollupWindow:
     if final['count'] != count:
       problems.append(f'count: rollup {final["count"]}, explained {count}')
     bound = _ulp_bound(final['sum'], total, *(p['sum'] for p in self.primary))
-    if abs(final['sum'] - total) > bound:
+    if not clamped and abs(final['sum'] - total) > bound:
       problems.append(f'sum: rollup {final["sum"]!r}, explained {total!r}')
     if not low <= final['min'] <= low_sure:
       problems.append(f'min: rollup {final["min"]!r}, explained {low!r}' + (
@@ -220,7 +274,7 @@ def reconcile_rollup(primary, rollup) -> dict:
         'primary': None if not primary_panes else {
             'windows': len(primary_panes), **_figures(
                 sum(p['count'] for p in primary_panes),
-                math.fsum(p['sum'] for p in primary_panes),
+                _exact_sum([p['sum'] for p in primary_panes]),
                 min(p['min'] for p in primary_panes), max(p['max'] for p in primary_panes))},
         'explained': expected,
         'only_in_rollup': [
@@ -262,3 +316,96 @@ def reconcile_rollups(config) -> dict:
       'rollups': rollups,
       'reconciled': all(r['reconciled'] for r in rollups),
   }
+
+
+class Reconciliation(Exception):
+  """The run's outputs do not add up; nothing may go unaccounted."""
+
+
+def reconcile(config) -> Dict[str, int]:
+  """Checks the accounting identity and that ``aggregated`` equals the sum of
+  the final panes' counts; returns the accounting."""
+  if config.unbounded and not os.path.exists(config.accounting_path):
+    return dict.fromkeys(CATEGORIES, 0)  # stopped before any message arrived
+  with open(config.accounting_path, encoding='utf-8') as f:
+    accounting = json.load(f)
+  parts = accounting[INVALID] + accounting[TOO_LATE] + accounting[DUPLICATE] + accounting[
+      AGGREGATED]
+  problems: List[str] = []
+  if accounting[RECEIVED] != parts:
+    problems.append(
+        f'received {accounting[RECEIVED]} != invalid + too_late + duplicate + '
+        f'aggregated = {parts}')
+  in_panes = sum(p['count'] for p in final_panes(config.aggregates_path).values())
+  if in_panes != accounting[AGGREGATED]:
+    problems.append(
+        f'aggregated {accounting[AGGREGATED]} != sum of final pane counts {in_panes}')
+  if problems:
+    raise Reconciliation('; '.join(problems))
+  return accounting
+
+
+#: each rollup's settings and accounting
+RollupAccounting = List[Tuple[object, Dict[str, int]]]
+
+
+def reconcile_run(config) -> Tuple[Dict[str, int], RollupAccounting]:
+  """``reconcile`` for the run and for each rollup; with rollups, also writes
+  reconciliation.json and checks that every rollup window is explained by the
+  primary windows inside it. Returns the accountings (the run's, and each
+  rollup's with its config)."""
+  problems: List[str] = []
+  report = None
+  if config.rollups:
+    report = reconcile_rollups(config)
+    with open(config.reconciliation_path, 'w', encoding='utf-8') as f:
+      json.dump(report, f, indent=2)
+      f.write('\n')
+  accounting: Dict[str, int] = {}
+  rollups: RollupAccounting = []
+  for size_config in (config,) + config.rollup_configs:
+    try:
+      checked = reconcile(size_config)
+    except Reconciliation as e:
+      problems.append(str(e) if size_config is config else
+                      f'rollup {size_config.window_size_s} s: {e}')
+      continue
+    if size_config is config:
+      accounting = checked
+    else:
+      rollups.append((size_config, checked))
+  for rollup in report['rollups'] if report else ():
+    if not rollup['reconciled']:
+      problems.append(
+          f'rollup {rollup["window_size_s"]} s: {rollup["windows_unexplained"]} windows are '
+          'not the primary windows inside them plus the events only one accepted' +
+          ''.join(f'; {p}' for p in rollup['problems'][:3]) +
+          f' (see {config.reconciliation_path})')
+  if problems:
+    raise Reconciliation('; '.join(problems))
+  return accounting, rollups
+
+
+def rollup_lines(config, rollups: RollupAccounting) -> List[str]:
+  """One line per rollup, its accounting and how it reconciled (from
+  reconciliation.json), then where that report is."""
+  report = {}
+  if os.path.exists(config.reconciliation_path):
+    with open(config.reconciliation_path, encoding='utf-8') as f:
+      report = {r['window_size_s']: r for r in json.load(f)['rollups']}
+  lines = []
+  for rollup, accounting in rollups:
+    counts = ', '.join(f'{c} {accounting[c]:,}' for c in CATEGORIES)
+    line = (f'rollup {rollup.window_size_s} s (lateness {rollup.allowed_lateness_s} s) in '
+            f'{rollup.output_dir}: {counts}')
+    r = report.get(rollup.window_size_s)
+    if r:
+      line += (f'; {r["windows"]:,} windows, {r["windows_with_differences"]:,} differ from '
+               f'the {config.window_size_s} s windows inside them by '
+               f'{r["events_only_in_rollup"]:,} events only the rollup accepted and '
+               f'{r["events_only_in_primary"]:,} only the {config.window_size_s} s windows '
+               f'accepted, {r["windows_unexplained"]:,} unexplained')
+    lines.append(line)
+  if report:
+    lines.append(f'reconciliation: {config.reconciliation_path}')
+  return lines

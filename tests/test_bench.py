@@ -97,7 +97,7 @@ def test_rates_must_be_positive_and_increasing():
 
 def test_the_watcher_reads_the_accounting_and_dates_on_time_panes(tmp_path):
   accounting, aggregates = tmp_path / 'accounting.json', tmp_path / 'aggregates.jsonl'
-  watcher = bench_stream._Watcher(str(accounting), str(aggregates))
+  watcher = bench_stream._Watcher(str(tmp_path))
   watcher.poll()  # nothing written yet
   assert watcher.counts() == (0, 0)
   accounting.write_text(json.dumps(
@@ -120,6 +120,18 @@ def test_the_watcher_reads_the_accounting_and_dates_on_time_panes(tmp_path):
   assert ends == [60000, 120000]
   [(end, seconds)] = watcher.latencies(0, 100000)  # windows that ended in [0, 100 s)
   assert end == 60000 and seconds > 0
+
+  # A run in progress writes into its staging folder: the watcher follows it.
+  from transforms.files import MANIFEST, RUNNING, STAGING_PREFIX
+  staging = tmp_path / (STAGING_PREFIX + 'abc')
+  staging.mkdir()
+  (staging / MANIFEST).write_text(json.dumps({'status': RUNNING, 'started_at': 'now'}))
+  (staging / 'accounting.json').write_text(json.dumps(
+      {'received': 20, 'invalid': 0, 'too_late': 0, 'duplicate': 0, 'aggregated': 20}))
+  (staging / 'aggregates.jsonl').write_text(pane(120000, 'ON_TIME', 0) + '\n')
+  watcher.poll()
+  assert watcher.counts() == (20, 20)
+  assert ('c', 'k', 120000) in watcher.on_time_seen and ('c', 'k', 0) in watcher.on_time_seen
 
 
 def test_cpu_time_and_descendants_of_a_process_tree_are_read_from_proc():

@@ -63,7 +63,7 @@ def test_the_shipped_customers_are_there():
 
 @pytest.mark.parametrize('path', CUSTOMER_FILES, ids=os.path.basename)
 def test_every_customer_file_validates_and_maps_to_known_options(path):
-  c = customers.load(path)
+  c = customers.load_file(path)
   params = dict(customers.run_parameters(c))
   assert set(params) <= option_dests()
   assert params['customer_id'] == c.customer_id
@@ -238,7 +238,7 @@ def test_a_broken_customer_file_is_refused_naming_the_field(tmp_path, name, path
   bad = tmp_path / f'{name}.yaml'
   bad.write_text(yaml.safe_dump(spec))
   with pytest.raises(customers.CustomerFileError) as e:
-    customers.load(str(bad))
+    customers.load_file(str(bad))
   assert e.value.pointer == pointer, str(e.value)
 
 
@@ -251,7 +251,7 @@ def test_the_cli_names_the_field_of_a_broken_file(tmp_path):
   assert result.returncode == 2 and result.stdout == ''
   assert 'dataflow-inc.json: /window/size_s:' in result.stderr
   (tmp_path / 'dataflow-inc.json').write_text('{"customer_id": ')
-  result = deploy('--customer', str(tmp_path / 'dataflow-inc.json'), '--target', 'flink',
+  result = deploy('--customer-file', str(tmp_path / 'dataflow-inc.json'), '--target', 'flink',
                   '--dry-run')
   assert result.returncode == 2 and 'not valid JSON' in result.stderr
 

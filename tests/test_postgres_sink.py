@@ -165,3 +165,42 @@ def test_parallel_writers_with_overlapping_windows_converge_on_the_highest_pane(
   stored = rows(postgres_dsn, pg_table, 'key, window_start, count, pane_index, timing')
   assert len(stored) == 150
   assert {(r[2], r[3], r[4]) for r in stored} == {(6, 3, 'LATE')}
+
+
+def test_a_customer_scoped_dead_letter_writer_refuses_other_customers_payloads(
+    postgres_dsn, pg_table, caplog):
+  from conftest import payload
+  mine = [DeadLetter('too_late', 'A', payload(f'm{i}', 1705543200000 + i), 'window closed')
+          for i in range(3)]
+  foreign = [DeadLetter('too_late', 'B', payload(f'f{i}', 1705543200000, customer_id=c),
+                        'window closed')
+             for i, c in enumerate(['acme.io', 'dataflow-inc', 'acme.io', 'acme.io'])]
+  # Invalid payloads name no customer one can trust, even one that says finserve.
+  invalid = [DeadLetter('invalid', 'A', '{"customer_id": "finserve", "value": "x"}', 'value'),
+             DeadLetter('invalid', 'C', 'not json', 'not JSON')]
+  letters = mine + foreign + invalid
+  random.Random(5).shuffle(letters)
+
+  def check(refused):
+    assert_that(refused, equal_to(foreign))
+  with caplog.at_level('WARNING', logger='transforms.sinks'):
+    run_pipeline(letters, WriteDeadLettersToPostgres(
+        postgres_dsn, pg_table, customer_id='finserve'), check)
+  stored = rows(postgres_dsn, pg_table, 'reason, source, data, detail')
+  assert sorted((r[0], r[1], bytes(r[2]).decode(), r[3]) for r in stored) == sorted(mine)
+  summaries = [r.getMessage() for r in caplog.records if 'scoped to customer' in r.getMessage()]
+  assert len(summaries) == 1  # one bundle, one line
+  assert 'refused 4 dead letters' in summaries[0] and 'acme.io: 3' in summaries[0]
+  assert '2 invalid payloads' in summaries[0]
+
+
+def test_an_unscoped_dead_letter_writer_stores_every_dead_letter(postgres_dsn, pg_table):
+  from conftest import payload
+  letters = [DeadLetter('too_late', 'B', payload('f', 1705543200000, customer_id='acme.io'),
+                        'window closed'), DeadLetter('invalid', 'C', 'not json', 'not JSON')]
+
+  def check(refused):
+    assert_that(refused, equal_to([]))
+  run_pipeline(letters, WriteDeadLettersToPostgres(postgres_dsn, pg_table), check)
+  assert sorted(r[0] for r in rows(postgres_dsn, pg_table, 'reason, source')) == [
+      'invalid', 'too_late']

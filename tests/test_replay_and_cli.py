@@ -166,7 +166,7 @@ def test_the_runners_late_drops_are_read_from_the_jobs_metrics():
   from apache_beam.metrics.execution import MetricKey, MetricResult
   from apache_beam.metrics.metricbase import MetricName
 
-  from pipeline.run import RUNNER_LATE_DROPS, runner_late_drops
+  from pipeline.summary import RUNNER_LATE_DROPS, runner_late_drops
 
   class Finished:
     def __init__(self, counters):

@@ -117,7 +117,7 @@ def test_the_primary_outputs_are_those_of_a_run_without_rollups(hand_made_run):
   # Besides the contract's files: SQLite, the evidence and each rollup's folder.
   assert sorted(os.listdir(out)) == [
       'accounting.json', 'aggregates.jsonl', 'aggregates.sqlite', 'dead_letter.jsonl',
-      'duplicates.jsonl', 'reconciliation.json', 'rollup-3600s', 'rollup-600s']
+      'duplicates.jsonl', 'reconciliation.json', 'rollup-3600s', 'rollup-600s', 'run.json']
   assert [json.loads(d['data'])['event_id'] for d in read_jsonl(out / 'duplicates.jsonl')] == [
       'e19']
 
@@ -320,3 +320,18 @@ def test_reconciliation_of_a_run_without_events_is_empty_and_reconciled(tmp_path
   report = reconcile_rollups(config)
   assert report['reconciled'] is True
   assert report['rollups'][0]['windows'] == 0 and report['rollups'][0]['differences'] == []
+
+
+def test_rollups_reconcile_when_sums_are_beyond_the_range_of_a_double(tmp_path):
+  replay = write_replay(tmp_path / 'huge.jsonl', [
+      ev('a', at(0.1), 1e308), ev('b', at(0.2), 1e308),  # this minute's sum is clamped
+      ev('c', at(1.1), -1e308), ev('d', at(2.1), 5.0),
+  ])
+  out = tmp_path / 'out'
+  run = cli('run', f'--source=replay:{replay}', f'--window-size={W}', f'--allowed-lateness={L}',
+            f'--output-dir={out}', '--rollup=600:0', '--sqlite=none')
+  assert run.returncode == 0, run.stderr[-2000:]
+  finals = final_panes(str(out / 'rollup-600s' / 'aggregates.jsonl'))
+  assert [(p['count'], p['sum']) for p in finals.values()] == [(4, 1e308 + 5.0)]
+  minute = final_panes(str(out / 'aggregates.jsonl'))
+  assert sorted(p['sum'] for p in minute.values()) == [-1e308, 5.0, sys.float_info.max]

@@ -6,20 +6,78 @@ benchmarks. It shares no code with ``transforms/``.
 from __future__ import annotations
 
 import datetime
+import fractions
 import json
 import math
 import re
-from typing import Dict, List, NamedTuple, Optional, Tuple
+import sys
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 _MIN_T = 946684800000
 _MAX_T = 4102444800000
+#: Arrays and objects may nest 128 levels deep, the event object included.
+_MAX_DEPTH = 128
+_FIELDS = ('event_id', 'customer_id', 'key', 'value', 'event_time')
+_QUOTED_FIELDS = tuple(f'"{name}"' for name in _FIELDS)
 _CUSTOMER = re.compile(r'[A-Za-z0-9_.\-]+')
 _TS = re.compile(
-    r'(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)')
+    r'(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)',
+    re.ASCII)
 
 
 def _reject(_):
   raise ValueError('non-finite literal')
+
+
+def _integer(text: str):
+  # More digits than any double or event time has: too large to matter, and
+  # int() would refuse them (sys.get_int_max_str_digits).
+  return int(text) if len(text) <= 400 else float(text)
+
+
+class _Object(dict):
+  """A decoded JSON object that knows which names it was given more than once."""
+
+  def __init__(self, pairs):
+    super().__init__(pairs)
+    names = [name for name, _ in pairs]
+    self.repeated = () if len(names) == len(self) else {n for n in names if names.count(n) > 1}
+
+
+def _depth(obj) -> int:
+  """How deep lists and dicts nest in a decoded value (0 for a scalar)."""
+  deepest = 0
+  pending = [(obj, 1)]
+  while pending:
+    value, level = pending.pop()
+    if isinstance(value, dict):
+      value = list(value.values())
+    if isinstance(value, list):
+      deepest = max(deepest, level)
+      pending.extend((v, level + 1) for v in value)
+  return deepest
+
+
+def _strings(obj):
+  """Every string in a decoded value, member names included."""
+  pending = [obj]
+  while pending:
+    value = pending.pop()
+    if isinstance(value, str):
+      yield value
+    elif isinstance(value, dict):
+      pending.extend(value)
+      pending.extend(value.values())
+    elif isinstance(value, list):
+      pending.extend(value)
+
+
+def _is_unicode(text: str) -> bool:
+  try:
+    text.encode('utf-8')
+  except UnicodeEncodeError:  # a lone surrogate, from a \u escape
+    return False
+  return True
 
 
 def _event_time(raw) -> Optional[int]:
@@ -51,19 +109,35 @@ def _event_time(raw) -> Optional[int]:
   return seconds * 1000 + ms
 
 
-def validate(data: str):
-  """``(event_id, customer_id, key, value, event_time)`` or None if invalid."""
+def validate(data: Union[str, bytes]):
+  """``(event_id, customer_id, key, value, event_time)``, or None if the
+  payload is invalid: not UTF-8 (a lone surrogate, escaped or not, included),
+  over 64 KiB, not a JSON object, nested more than 128 levels deep, giving an
+  event field twice, or breaking a field's rule."""
   try:
-    raw = data.encode('utf-8')
-  except UnicodeEncodeError:
+    raw = data.encode('utf-8') if isinstance(data, str) else bytes(data)
+    text = raw.decode('utf-8')
+  except UnicodeError:
     return None
   if len(raw) > 65536:
     return None
+  # Each check below is needed only where the text could break it: nesting
+  # deeper than it has brackets, a field named twice, or an escaped surrogate.
+  escaped = '\\' in text
+  named_twice = escaped or any(text.count(name) > 1 for name in _QUOTED_FIELDS)
   try:
-    obj = json.loads(raw.decode('utf-8'), parse_constant=_reject)
+    obj = json.loads(text, parse_constant=_reject, parse_int=_integer,
+                     object_pairs_hook=_Object if named_twice else None)
   except (ValueError, RecursionError):
     return None
   if not isinstance(obj, dict):
+    return None
+  if text.count('[') + text.count('{') > _MAX_DEPTH and _depth(obj) > _MAX_DEPTH:
+    return None
+  # A field given twice has no one meaning; text that is not Unicode is not UTF-8.
+  if named_twice and any(name in obj.repeated for name in _FIELDS):
+    return None
+  if escaped and not all(_is_unicode(s) for s in _strings(obj)):
     return None
   eid, cust, key, value = (obj.get('event_id'), obj.get('customer_id'), obj.get('key'),
                            obj.get('value'))
@@ -85,6 +159,19 @@ def validate(data: str):
   if t is None or not _MIN_T <= t < _MAX_T:
     return None
   return eid, cust, key, value, t
+
+
+def window_sum(values: List[float]) -> float:
+  """The exact sum rounded to the nearest double; beyond the range of a
+  double, the largest double of its sign."""
+  try:
+    return math.fsum(values)
+  except OverflowError:  # a partial sum overflowed; the sum itself may not
+    exact = sum(map(fractions.Fraction, values), fractions.Fraction(0))
+  try:
+    return float(exact)
+  except OverflowError:
+    return sys.float_info.max if exact > 0 else -sys.float_info.max
 
 
 #: An aggregated event: (event_id, customer_id, key, event_time, value)
@@ -151,7 +238,7 @@ def compute(path: str, window_size_s: int, allowed_lateness_s: int) -> Outcome:
     counts['aggregated'] += 1
     values.setdefault((cust, key, start, start + size), []).append(value)
   windows = {
-      w: (len(v), math.fsum(v), min(v), max(v)) for w, v in values.items()
+      w: (len(v), window_sum(v), min(v), max(v)) for w, v in values.items()
   }
   return Outcome(counts, windows, too_late, invalid, aggregated)
 

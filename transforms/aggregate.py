@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
@@ -18,45 +19,88 @@ from transforms.model import Event, WindowAggregate, check_early_firing, window_
 class Stats(beam.CombineFn):
   """count, sum, min and max of values.
 
-  The sum is exactly rounded (Shewchuk's partials, as in ``math.fsum``), so
-  it does not depend on the order in which a runner combines values.
+  The sum is the exact sum of the values rounded once to the nearest double,
+  so it does not depend on the order in which a runner combines values. An
+  exact sum too large for a double (one that would round to infinity) is
+  ``±sys.float_info.max``: every sum is a finite number.
+
+  Partial sums are Shewchuk's non-overlapping partials (as in ``math.fsum``)
+  while they stay within the range of a double; what would overflow them moves
+  to an exact integer, in units of 2**-1074 (the smallest subnormal double,
+  of which every double is a whole number).
   """
 
-  def create_accumulator(self) -> Tuple[int, List[float], float, float]:
-    return 0, [], math.inf, -math.inf
+  def create_accumulator(self) -> Tuple[int, List[float], int, float, float]:
+    return 0, [], 0, math.inf, -math.inf
 
   def add_input(self, acc, value: float):
-    count, partials, low, high = acc
-    _add_partial(partials, value)
-    return count + 1, partials, min(low, value), max(high, value)
+    count, partials, spilled, low, high = acc
+    spilled += _add_partial(partials, value)
+    return count + 1, partials, spilled, min(low, value), max(high, value)
 
   def merge_accumulators(self, accumulators):
-    count, partials, low, high = 0, [], math.inf, -math.inf
-    for c, p, lo, hi in accumulators:
+    count, partials, spilled, low, high = 0, [], 0, math.inf, -math.inf
+    for c, p, s, lo, hi in accumulators:
       count += c
+      spilled += s
       for x in p:
-        _add_partial(partials, x)
+        spilled += _add_partial(partials, x)
       low, high = min(low, lo), max(high, hi)
-    return count, partials, low, high
+    return count, partials, spilled, low, high
 
   def extract_output(self, acc) -> Tuple[int, float, float, float]:
-    count, partials, low, high = acc
-    return count, math.fsum(partials), low, high
+    count, partials, spilled, low, high = acc
+    if not spilled:
+      try:
+        return count, math.fsum(partials), low, high
+      except OverflowError:  # the partials fit in a double, their rounded sum does not
+        pass
+    return count, _to_double(spilled + sum(map(_units, partials))), low, high
 
 
-def _add_partial(partials: List[float], x: float) -> None:
-  """Adds ``x`` to a list of non-overlapping partial sums, in place."""
+#: 2**-1074 is the smallest subnormal double; every double is a whole number of it.
+_UNITS_PER_ONE = 1 << 1074
+
+
+def _units(x: float) -> int:
+  """``x`` in units of 2**-1074, exactly."""
+  numerator, denominator = x.as_integer_ratio()
+  return numerator << (1075 - denominator.bit_length())
+
+
+def _to_double(units: int) -> float:
+  """The double nearest to ``units * 2**-1074``, or ``±sys.float_info.max``
+  beyond the range of a double."""
+  try:
+    return units / _UNITS_PER_ONE  # correctly rounded
+  except OverflowError:
+    return sys.float_info.max if units > 0 else -sys.float_info.max
+
+
+def _add_partial(partials: List[float], x: float) -> int:
+  """Adds ``x`` to a list of non-overlapping partial sums, in place.
+
+  Returns 0, or, when a partial sum would overflow a double, the whole sum
+  (``x`` and every partial, after which the list is empty) in units of
+  2**-1074.
+  """
   i = 0
-  for y in partials:
+  for j, y in enumerate(partials):
     if abs(x) < abs(y):
       x, y = y, x
     hi = x + y
+    if math.isinf(hi):
+      spilled = _units(x) + _units(y) + sum(map(_units, partials[:i])) + sum(
+          map(_units, partials[j + 1:]))
+      partials.clear()
+      return spilled
     lo = y - (hi - x)
     if lo:
       partials[i] = lo
       i += 1
     x = hi
   partials[i:] = [x]
+  return 0
 
 
 class MergeStats(Stats):

@@ -96,11 +96,15 @@ _JSON = msgspec.json.Decoder()
 def _decode(text: Union[str, bytes]):
   """JSON as the standard library reads it, fast: msgspec takes strict JSON,
   and whatever it refuses (NaN, huge integers, lone surrogate escapes, errors)
-  goes to ``json.loads``, which decides."""
+  goes to ``json.loads``, which decides. Raises ValueError for anything that
+  is not JSON, including a text nested too deeply to decode."""
   try:
-    return _JSON.decode(text)
-  except (msgspec.DecodeError, msgspec.ValidationError):
-    return json.loads(text)
+    try:
+      return _JSON.decode(text)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+      return json.loads(text)
+  except RecursionError:
+    raise ValueError('nested too deeply') from None
 
 
 class _Line(msgspec.Struct, forbid_unknown_fields=True):
@@ -120,7 +124,7 @@ def _classify_fast(text: Union[str, bytes]):
   (and names what is wrong)."""
   try:
     line = _LINE.decode(text)
-  except (msgspec.DecodeError, msgspec.ValidationError):
+  except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
     return None
   source = line.source
   if source is not _UNSET and source and line.advance_processing_time is _UNSET:

@@ -7,112 +7,28 @@ rows only. A row of any other customer is *refused*: not written, counted in
 the metric ``tidemark/foreign_rows_refused`` and returned as the writer's
 output PCollection, so the caller can keep it visible (``build`` appends it to
 ``refused.jsonl``). One customer's run thus never writes another's rows, even
-if its input carries them.
+if its input carries them. Dead letters are scoped too: see
+``WriteDeadLettersToPostgres``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sqlite3
-import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.model import DeadLetter, WindowAggregate
+# The local-file writers live in transforms.files; their names stay importable here.
+from transforms.files import WriteJsonLines, WriteLatestJson, _make_parent  # noqa: F401
+from transforms.model import TOO_LATE, DeadLetter, WindowAggregate
+from transforms.parse import InvalidPayload, parse_payload
 
 _LOG = logging.getLogger(__name__)
-
-_FILE_LOCK = threading.Lock()
-
-
-def _to_json_line(record) -> str:
-  obj = record.to_json_dict() if hasattr(record, 'to_json_dict') else record
-  # ensure_ascii keeps payloads with lone surrogates representable, exactly.
-  return json.dumps(obj, separators=(',', ':'), allow_nan=False) + '\n'
-
-
-def _make_parent(path: str) -> None:
-  """The folder of a local output file, made where the writer runs (a worker
-  may not share the launcher's disk)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-
-class _AppendLinesFn(beam.DoFn):
-
-  def __init__(self, path: str):
-    self._path = path
-
-  def setup(self):
-    _make_parent(self._path)
-
-  def start_bundle(self):
-    self._lines: List[str] = []
-
-  def process(self, record) -> Iterable:
-    self._lines.append(_to_json_line(record))
-    return ()
-
-  def finish_bundle(self):
-    if self._lines:
-      data = ''.join(self._lines).encode('utf-8')
-      with _FILE_LOCK:
-        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-          os.write(fd, data)
-        finally:
-          os.close(fd)
-      self._lines = []
-
-
-class _LocalFileSink(beam.PTransform):
-  """A writer of one local file: ``_WRITER`` is its DoFn, ``_STEP`` its label."""
-  _WRITER: type
-  _STEP: str
-
-  def __init__(self, path: str):
-    super().__init__()
-    if not path:
-      raise ValueError('path must be set')
-    self._path = path
-
-  def expand(self, pcoll):
-    return pcoll | self._STEP >> beam.ParDo(self._WRITER(self._path))
-
-
-class WriteJsonLines(_LocalFileSink):
-  """Appends each element as one JSON line to a local file, one write per
-  bundle (atomic appends, so parallel workers on one machine do not interleave)."""
-  _WRITER, _STEP = _AppendLinesFn, 'Append'
-
-
-class _ReplaceFileFn(beam.DoFn):
-
-  def __init__(self, path: str):
-    self._path = path
-
-  def setup(self):
-    _make_parent(self._path)
-
-  def process(self, record: Dict) -> Iterable:
-    tmp = f'{self._path}.tmp.{os.getpid()}.{threading.get_ident()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(record, f, indent=2)
-      f.write('\n')
-    os.replace(tmp, self._path)
-    return ()
-
-
-class WriteLatestJson(_LocalFileSink):
-  """Writes each element as the whole content of a JSON file, atomically; the
-  last element written wins (for accumulating records such as the accounting)."""
-  _WRITER, _STEP = _ReplaceFileFn, 'Replace'
-
 
 # ---------------------------------------------------------------------------
 # Shared by every database writer: the row shape, the key, customer scope.
@@ -482,20 +398,86 @@ class UpsertPostgres(beam.PTransform):
             postgres_upsert, sort_key=_row_key)))
 
 
+def dead_letter_customer(dead: DeadLetter) -> Optional[str]:
+  """The customer a dead letter belongs to: the one its payload names if the
+  payload is valid (a too-late event's is). None for an invalid payload, which
+  names no customer one can trust."""
+  if dead.reason != TOO_LATE:
+    return None
+  try:
+    return parse_payload(dead.data)[1]
+  except InvalidPayload:
+    return None
+
+
+class _ScopeDeadLettersFn(beam.DoFn):
+  """Passes the dead letters of ``customer_id``; those of other customers go
+  to REFUSED, invalid payloads nowhere. One log line per bundle sums up what
+  was kept out of the table."""
+
+  def __init__(self, customer_id: str, sink: str):
+    self._customer_id = customer_id
+    self._sink = sink
+    self._refused = Metrics.counter('tidemark', 'foreign_dead_letters_refused')
+    self._unowned = Metrics.counter('tidemark', 'invalid_dead_letters_not_stored')
+
+  def start_bundle(self):
+    self._foreign: Dict[str, int] = {}
+    self._invalid = 0
+
+  def process(self, dead: DeadLetter) -> Iterable:
+    customer = dead_letter_customer(dead)
+    if customer == self._customer_id:
+      yield dead
+    elif customer is None:
+      self._invalid += 1
+      self._unowned.inc()
+    else:
+      self._foreign[customer] = self._foreign.get(customer, 0) + 1
+      self._refused.inc()
+      yield beam.pvalue.TaggedOutput(REFUSED, dead)
+
+  def finish_bundle(self):
+    if self._foreign or self._invalid:
+      _LOG.warning(
+          '%s is scoped to customer %r: refused %d dead letters of other customers (%s) and '
+          'kept %d invalid payloads out of it (they are in dead_letter.jsonl)', self._sink,
+          self._customer_id, sum(self._foreign.values()),
+          ', '.join(f'{c}: {n}' for c, n in sorted(self._foreign.items())) or 'none',
+          self._invalid)
+
+
 class WriteDeadLettersToPostgres(beam.PTransform):
   """Appends dead letters to a PostgreSQL table (created if missing), one
   transaction per bundle. At least once: a batch retried after a lost commit
-  acknowledgement can store a dead letter twice."""
+  acknowledgement can store a dead letter twice.
 
-  def __init__(self, dsn: str, table: str = 'dead_letters', backoff: Backoff = Backoff()):
+  With ``customer_id`` the table receives that customer's dead letters only:
+  too-late events whose payload names it. A dead letter whose payload names
+  another customer is refused (returned, as the aggregates writers return
+  refused rows). An invalid payload names no customer one can trust, so a
+  scoped writer stores none (the run's local dead_letter.jsonl keeps every
+  dead letter); an unscoped writer stores them all. Returns the refused
+  dead letters."""
+
+  def __init__(self, dsn: str, table: str = 'dead_letters', customer_id: Optional[str] = None,
+               backoff: Backoff = Backoff()):
     super().__init__()
     _check_postgres_args(dsn, table, backoff)
     self._dsn, self._table, self._backoff = dsn, table, backoff
+    self._customer_id = check_customer_id(customer_id)
 
   def expand(self, dead_letters: beam.PCollection[DeadLetter]):
-    return dead_letters | 'Append' >> beam.ParDo(_PostgresBatchFn(
+    write = beam.ParDo(_PostgresBatchFn(
         self._dsn, self._table, self._backoff, dead_letter_row, postgres_dead_letters_ddl,
         postgres_dead_letter_insert))
+    if self._customer_id is None:
+      _ = dead_letters | 'Append' >> write
+      return dead_letters | 'NoneRefused' >> beam.Filter(lambda _: False)
+    scoped = dead_letters | 'CustomerScope' >> beam.ParDo(_ScopeDeadLettersFn(
+        self._customer_id, f'postgres table {self._table}')).with_outputs(REFUSED, main='accepted')
+    _ = scoped.accepted | 'Append' >> write
+    return scoped[REFUSED]
 
 
 # ---------------------------------------------------------------------------

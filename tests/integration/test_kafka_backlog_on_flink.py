@@ -90,7 +90,7 @@ def test_a_bounded_read_of_a_fresh_backlog_finishes_with_every_window_closed(
 
 def test_a_partition_without_records_is_named_before_the_run(kafka_broker, tmp_path):
   from pipeline.config import RunConfig
-  from pipeline.run import source_warnings
+  from pipeline.summary import source_warnings
   topic = f'tidemark-empty-{uuid.uuid4().hex[:8]}'
   admin = AdminClient({'bootstrap.servers': kafka_broker})
   admin.create_topics([NewTopic(topic, 2, 1)])[topic].result(30)

@@ -38,6 +38,7 @@ from typing import Callable, List, Optional, Tuple
 from tools import reference, traffic
 from tools.bench import drain as bench_drain
 from tools.bench import stream as bench_stream
+from pipeline.reconciliation import live_output_dir
 from pipeline.run import final_panes
 from transforms.diagnostics import resident_mib
 
@@ -163,7 +164,7 @@ class _JvmSampler:
 
   def __call__(self, out: str) -> None:
     try:
-      with open(os.path.join(out, 'memory.jsonl'), encoding='utf-8') as f:
+      with open(os.path.join(live_output_dir(out), 'memory.jsonl'), encoding='utf-8') as f:
         times = [json.loads(line)['event_time'] for line in f if line.endswith('\n')]
     except OSError:
       return

@@ -31,6 +31,7 @@ JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -43,6 +44,7 @@ import uuid
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tools import simulate, traffic
+from pipeline.reconciliation import live_output_dir
 from pipeline.run import Reconciliation, final_panes
 from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 
@@ -216,10 +218,10 @@ class _Watcher(threading.Thread):
   """Polls the run's outputs: the latest accounting record, and the wall time
   (ms) at which each window's ON_TIME pane first appeared."""
 
-  def __init__(self, accounting_path: str, aggregates_path: str, every_s: float = 0.2):
+  def __init__(self, output_dir: str, every_s: float = 0.2):
     super().__init__(daemon=True)
-    self._accounting_path = accounting_path
-    self._aggregates_path = aggregates_path
+    self._output_dir = output_dir
+    self._live: Optional[str] = None  # the folder the run writes into now
     self._every = every_s
     self._halt = threading.Event()
     self._offset = 0
@@ -241,15 +243,20 @@ class _Watcher(threading.Thread):
 
   def poll(self) -> None:
     now = int(time.time() * 1000)
+    live = live_output_dir(self._output_dir)  # the run's staging folder while it runs
+    if live != self._live:
+      self._live, self._offset, self._partial = live, 0, b''
+      with self.lock:
+        self.on_time_seen = dict(self.on_time_seen)
     try:
-      with open(self._accounting_path, encoding='utf-8') as f:
+      with open(os.path.join(live, 'accounting.json'), encoding='utf-8') as f:
         accounting = json.load(f)
       with self.lock:
         self.accounting = accounting
     except (OSError, ValueError):
       pass
     try:
-      with open(self._aggregates_path, 'rb') as f:
+      with open(os.path.join(live, 'aggregates.jsonl'), 'rb') as f:
         f.seek(self._offset)
         chunk = f.read()
     except OSError:
@@ -492,7 +499,7 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
              os.environ.get('PATH', ''))
   proc = subprocess.Popen([sys.executable, '-m', 'pipeline', 'run', *run_args],
                           stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT, env=env)
-  watcher = _Watcher(config.accounting_path, config.aggregates_path)
+  watcher = _Watcher(config.output_dir)
   watcher.start()
   kafka_port = int(args.bootstrap_servers.split(',')[0].rsplit(':', 1)[1])
   flink_pid = service_pid('flink')
@@ -555,7 +562,7 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
 
     def reconciled():
       try:
-        reconcile(config)
+        reconcile(dataclasses.replace(config, output_dir=live_output_dir(config.output_dir)))
         return True
       except (Reconciliation, OSError, ValueError, KeyError):
         return False
