@@ -15,9 +15,11 @@ from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.parse import ParseEvents
 from transforms.replay import index_replay
 from transforms.rollup import Rollup
-from transforms.sinks import (
-    PublishAggregatesToKafka, PublishAggregatesToPubSub, UpsertPostgres, UpsertSqlite, WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery,
-    WriteDeadLettersToPostgres, WriteJsonLines, WriteLatestJson)
+from transforms.bigquery import WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery
+from transforms.files import WriteJsonLines, WriteLatestJson
+from transforms.postgres import UpsertPostgres, WriteDeadLettersToPostgres
+from transforms.sinks import UpsertSqlite
+from transforms.topics import PublishAggregatesToKafka, PublishAggregatesToPubSub
 from transforms.sources import ReadKafkaEvents, ReadPubSubEvents, ReadReplay
 
 

@@ -101,7 +101,7 @@ def parse_pubsub_target(target: str) -> Tuple[Tuple[str, str], ...]:
 def parse_aggregates_topic(spec: str, field: str = '--aggregates-topic') -> Tuple[str, str, str]:
   """``kafka:BOOTSTRAP/TOPIC`` or ``pubsub:projects/P/topics/T`` to
   ``(kind, bootstrap or '', topic)``; ConfigError naming ``field`` otherwise."""
-  from transforms.sinks import check_kafka_topic, check_pubsub_topic
+  from transforms.topics import check_kafka_topic, check_pubsub_topic
   kind, sep, target = spec.partition(':')
   if not sep or not target or kind not in TOPIC_KINDS:
     raise ConfigError(
@@ -125,7 +125,7 @@ def _flag(dest: str) -> str:
 
 def sink_settings(opts: TidemarkOptions) -> Dict[str, object]:
   """The sink fields of RunConfig from the options, checked."""
-  from transforms import sinks  # the sinks' own checks, one rule in one place
+  from transforms import bigquery, sinks  # the sinks' own checks, one rule in one place
   sink = opts.sink or 'files'
   if sink not in SINKS:
     raise ConfigError('--sink', f'unknown sink {sink!r}; known: {", ".join(SINKS)}')
@@ -147,8 +147,8 @@ def sink_settings(opts: TidemarkOptions) -> Dict[str, object]:
   checks = {
       'postgres_table': sinks.check_identifier,
       'postgres_dead_letter_table': sinks.check_identifier,
-      'bigquery_table': sinks.check_bigquery_table,
-      'bigquery_dead_letter_table': sinks.check_bigquery_table,
+      'bigquery_table': bigquery.check_bigquery_table,
+      'bigquery_dead_letter_table': bigquery.check_bigquery_table,
   }
   for dest, check in checks.items():
     if dest in settings:

@@ -9,11 +9,11 @@ from apache_beam.io.gcp import bigquery_tools
 from apache_beam.io.gcp.bigquery import WriteToBigQuery
 
 from transforms.model import DeadLetter, WindowAggregate
-from transforms.sinks import (
-    AGGREGATE_COLUMNS, AGGREGATE_KEY, AGGREGATES_BQ_CDC_SCHEMA, AGGREGATES_BQ_SCHEMA,
-    BIGQUERY_WRITE_FAILED, DEAD_LETTERS_BQ_SCHEMA, WriteAggregatesToBigQuery,
-    WriteDeadLettersToBigQuery, aggregate_row, bigquery_cdc_row, bigquery_dead_letter_row,
-    bigquery_failed_row)
+from transforms.bigquery import (
+    AGGREGATES_BQ_CDC_SCHEMA, AGGREGATES_BQ_SCHEMA, BIGQUERY_WRITE_FAILED,
+    DEAD_LETTERS_BQ_SCHEMA, WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery,
+    bigquery_cdc_row, bigquery_dead_letter_row, bigquery_failed_row)
+from transforms.sinks import AGGREGATE_COLUMNS, AGGREGATE_KEY, aggregate_row
 
 TABLE = 'tidemark-prod:finserve_aggregates.trading_1m'
 DEAD = 'tidemark-prod:finserve_aggregates.dead_letters'

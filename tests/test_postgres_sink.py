@@ -12,9 +12,9 @@ from apache_beam.testing.util import assert_that, equal_to
 from psycopg import sql
 
 from transforms.model import DeadLetter, WindowAggregate
-from transforms.sinks import (
-    Backoff, UpsertPostgres, WriteDeadLettersToPostgres, check_identifier, postgres_connect,
-    with_backoff)
+from transforms.postgres import (
+    Backoff, UpsertPostgres, WriteDeadLettersToPostgres, postgres_connect, with_backoff)
+from transforms.sinks import check_identifier
 
 pytestmark = pytest.mark.integration
 
@@ -136,8 +136,8 @@ def test_parallel_writers_with_overlapping_windows_converge_on_the_highest_pane(
   # in bundles of 40: no deadlock, no lost update, the highest pane wins.
   import threading
 
-  from transforms.sinks import _PostgresBatchFn, aggregate_row, postgres_aggregates_ddl
-  from transforms.sinks import _row_key, postgres_upsert
+  from transforms.postgres import _PostgresBatchFn, postgres_aggregates_ddl, postgres_upsert
+  from transforms.sinks import _row_key, aggregate_row
   everything = [p for w in range(150) for p in panes(w * 60000, key=f'K{w % 7}')]
   errors = []
 
@@ -183,7 +183,7 @@ def test_a_customer_scoped_dead_letter_writer_refuses_other_customers_payloads(
 
   def check(refused):
     assert_that(refused, equal_to(foreign))
-  with caplog.at_level('WARNING', logger='transforms.sinks'):
+  with caplog.at_level('WARNING', logger='transforms.postgres'):
     run_pipeline(letters, WriteDeadLettersToPostgres(
         postgres_dsn, pg_table, customer_id='finserve'), check)
   stored = rows(postgres_dsn, pg_table, 'reason, source, data, detail')

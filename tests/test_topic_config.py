@@ -5,7 +5,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.build import topic_sink
 from pipeline.config import ConfigError, RunConfig, parse_aggregates_topic
-from transforms.sinks import PublishAggregatesToKafka, PublishAggregatesToPubSub
+from transforms.topics import PublishAggregatesToKafka, PublishAggregatesToPubSub
 
 
 def config(tmp_path, topic):

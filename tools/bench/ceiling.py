@@ -21,7 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline.config import RunConfig
 from transforms.aggregate import AggregateWindows
 from transforms.parse import ParseEvents
-from transforms.sinks import WriteJsonLines
+from transforms.files import WriteJsonLines
 from transforms.sources import ReadKafkaEvents
 
 
