@@ -19,6 +19,7 @@ from transforms.bigquery import WriteAggregatesToBigQuery, WriteDeadLettersToBig
 from transforms.files import WriteJsonLines, WriteLatestJson
 from transforms.postgres import UpsertPostgres, WriteDeadLettersToPostgres
 from transforms.sinks import UpsertSqlite
+from transforms.stable import AwaitCheckpoint
 from transforms.topics import PublishAggregatesToKafka, PublishAggregatesToPubSub
 from transforms.sources import ReadKafkaEvents, ReadPubSubEvents, ReadReplay
 
@@ -50,7 +51,8 @@ def read_source(config: RunConfig) -> beam.PTransform:
     bootstrap, sources = config.kafka
     return ReadKafkaEvents(
         bootstrap, sources, config.kafka_expansion_service,
-        max_num_records=config.kafka_max_records)
+        max_num_records=config.kafka_max_records,
+        consumer_group=config.kafka_consumer_group)
   raise ValueError(f'unknown source {config.source!r}')
 
 
@@ -83,7 +85,8 @@ def topic_sink(config: RunConfig) -> Optional[beam.PTransform]:
 class WriteWindowOutputs(beam.PTransform):
   """One window size's outputs to the places ``config`` names: aggregates
   (JSON lines, SQLite, database), dead letters (JSON lines, database), the
-  accounting record and, with ``duplicates``, the copies dedup dropped.
+  accounting record and, with ``duplicates``, the copies dedup dropped. On a
+  checkpointed run every output first waits for its checkpoint.
 
   Takes ``{'aggregates', 'dead_letters', 'accounting', 'duplicates'}``.
   """
@@ -96,6 +99,9 @@ class WriteWindowOutputs(beam.PTransform):
 
   def expand(self, outputs: Dict[str, beam.PCollection]) -> beam.pvalue.PDone:
     config = self._config
+    if config.checkpointed:  # sinks see one history only, whatever is restored
+      outputs = {name: pcoll | f'{name.title()}AwaitCheckpoint' >> AwaitCheckpoint()
+                 for name, pcoll in outputs.items()}
     aggregates, dead_letters = outputs['aggregates'], outputs['dead_letters']
     aggregates | 'WriteAggregates' >> WriteJsonLines(config.aggregates_path)
     if config.sqlite_path:
@@ -162,7 +168,10 @@ def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built
 
   publish = topic_sink(config)
   if publish is not None:  # the primary's panes only: consumers key them by window_start
-    primary.aggregates | 'PublishAggregates' >> publish
+    panes = primary.aggregates
+    if config.checkpointed:
+      panes = panes | 'PublishAwaitCheckpoint' >> AwaitCheckpoint()
+    panes | 'PublishAggregates' >> publish
   if config.sample_memory_s:
     (parsed.events
      | 'SampleMemory' >> SampleMemory(config.sample_memory_s)

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.options import ConfigError, TidemarkOptions, option_dests
+from pipeline.options import ConfigError, TidemarkOptions, checkpoint_interval_ms, option_dests
 from pipeline.targets import (  # re-exported: the settings' public names live here
     SINKS, SOURCE_KINDS, TOPIC_KINDS, check_host_port, check_outputs, check_replay_file,
     parse_aggregates_topic, parse_kafka_target, parse_pubsub_target, sink_settings)
@@ -218,6 +218,12 @@ class RunConfig:
   kafka_expansion_service: str = DEFAULT_KAFKA_EXPANSION_SERVICE
   #: per topic; makes a Kafka read bounded (tests)
   kafka_max_records: Optional[int] = None
+  #: Kafka consumer group: offsets committed to it on every completed checkpoint
+  kafka_consumer_group: Optional[str] = None
+  #: the runner checkpoints (--checkpointing_interval): outputs wait for the
+  #: checkpoint that holds them (transforms/stable.py), so a restore never
+  #: leaves a sink with panes of a history that was rolled back
+  checkpointed: bool = False
 
   @property
   def kafka(self) -> Tuple[str, Dict[str, str]]:
@@ -323,6 +329,10 @@ class RunConfig:
     if max_records is not None and not 0 < max_records <= MAX_RECORDS:
       raise ConfigError('--kafka-max-records', f'must be 1 to {MAX_RECORDS}, got {max_records}')
     runner = runner_name(options)
+    group = opts.kafka_consumer_group
+    if group is not None and not re.fullmatch(r'[A-Za-z0-9._-]{1,249}', group):
+      raise ConfigError('--kafka-consumer-group', f'must be 1 to 249 of A-Z a-z 0-9 . _ -, got {group!r}')
+    checkpointed = checkpoint_interval_ms(options) is not None
 
     window = check_seconds(
         '--window-size', DEFAULT_WINDOW_SIZE_S if opts.window_size is None else opts.window_size,
@@ -398,6 +408,8 @@ class RunConfig:
         replay_processing_time=runner not in NO_PROCESSING_TIME_TEST_STREAM_RUNNERS,
         kafka_expansion_service=expansion,
         kafka_max_records=max_records,
+        kafka_consumer_group=group,
+        checkpointed=checkpointed,
         **sink_settings(opts))
     check_outputs(config)
     return config

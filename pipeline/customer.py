@@ -166,6 +166,8 @@ def _names(spec: Dict[str, Any]) -> List[Tuple[str, str]]:
               for i, s in enumerate(source['subscriptions'])]
   else:
     names += [(f'/source/topics/{i}', t) for i, t in enumerate(source['topics'])]
+    if 'consumer_group' in source:
+      names.append(('/source/consumer_group', source['consumer_group']))
   for field in ('table', 'dead_letter_table'):
     value = sink[field]
     if sink['kind'] == 'bigquery':
@@ -275,6 +277,9 @@ def run_parameters(customer: Customer) -> List[Tuple[str, str]]:
         f'{r["size_s"]}:{r["allowed_lateness_s"]}' for r in window['rollups'])))
   if 'shards' in spec:
     params.append(('shards', str(spec['shards'])))
+  if source['kind'] == 'kafka':  # offsets committed on every checkpoint
+    params.append(('kafka_consumer_group',
+                   source.get('consumer_group', f'{customer.customer_id}.tidemark')))
   params += [('customer_id', customer.customer_id), ('sink', sink['kind'])]
   if sink['kind'] == 'postgres':
     params += [('postgres_dsn', sink['dsn']), ('postgres_table', sink['table']),

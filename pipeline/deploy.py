@@ -1,21 +1,27 @@
 """``python -m pipeline deploy``: launch one customer's pipeline.
 
   python -m pipeline deploy (--customer NAME | --customer-file PATH)
-      --target dataflow|flink [--dry-run]
+      --target dataflow|flink [--stop | --upgrade | --from-savepoint PATH] [--dry-run]
 
 The customer file (templates/customers/NAME.yaml|json, or by its path with
 --customer-file) is checked first (pipeline/customer.py). ``--target
 dataflow`` launches the Flex Template (templates/) with ``gcloud dataflow
 flex-template run``; ``--target flink`` runs ``python -m pipeline run`` on the
-PortableRunner against the Flink job server. ``--dry-run`` prints the exact
-command, one line, shell-quoted, and contacts nothing; otherwise the command
-runs and its exit code is returned.
+PortableRunner against the Flink job server, which submits it to the
+customer's Flink cluster (``flink_master``: detached, checkpointed) or runs it
+in its own mini-cluster. On a cluster ``--stop`` stops the job with a
+savepoint, ``--upgrade`` stops it so and submits this version restored from
+the savepoint, ``--from-savepoint`` submits it restored from one.
+``--dry-run`` prints the exact command (and the cluster request), one line
+each, shell-quoted, and contacts nothing; otherwise it runs and its exit code
+is returned.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import shlex
 import shutil
 import subprocess
@@ -23,6 +29,7 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 from pipeline import customer as customers
+from pipeline.flink_cluster import FlinkCluster, FlinkClusterError
 
 TARGETS = ('dataflow', 'flink')
 #: Dataflow workers have no use for the local outputs; keep them off the way.
@@ -77,7 +84,12 @@ def dataflow_command(customer: customers.Customer) -> List[str]:
   return command
 
 
-def flink_command(customer: customers.Customer, python: str = sys.executable) -> List[str]:
+def flink_command(customer: customers.Customer, python: str = sys.executable,
+                  savepoint: Optional[str] = None) -> List[str]:
+  """``python -m pipeline run`` for the customer's Flink target: through the
+  job server, to its ``flink_master`` cluster (detached, checkpointed, the
+  workers in the cluster's pool) or to the job server's own mini-cluster;
+  ``savepoint`` restores the job's state from a savepoint."""
   target = customer.spec['deploy']['flink']
   command = [python, '-m', 'pipeline', 'run']
   for dest, value in customers.run_parameters(customer):
@@ -85,12 +97,54 @@ def flink_command(customer: customers.Customer, python: str = sys.executable) ->
   command += ['--runner', 'PortableRunner', '--job_endpoint', target['job_endpoint']]
   if 'artifact_endpoint' in target:
     command += ['--artifact_endpoint', target['artifact_endpoint']]
-  command += ['--environment_type', target.get('environment_type', 'LOOPBACK'), '--streaming']
+  if 'flink_master' in target:
+    command += ['--flink_master', target['flink_master']]
+  environment = target.get('environment_type', 'EXTERNAL' if 'worker_pool' in target else 'LOOPBACK')
+  command += ['--environment_type', environment]
+  if 'worker_pool' in target:
+    command += ['--environment_config', target['worker_pool']]
+  command.append('--streaming')
+  if 'checkpoint_interval_s' in target:
+    command += ['--checkpointing_interval', str(target['checkpoint_interval_s'] * 1000)]
   if 'parallelism' in target:
     command += ['--parallelism', str(target['parallelism'])]
   if 'job_name' in target:
     command += ['--job_name', target['job_name']]
+  if savepoint is not None:
+    command += ['--savepoint_path', savepoint]
   return command
+
+
+def _cluster_target(customer: customers.Customer) -> dict:
+  target = customer.spec['deploy'].get('flink')
+  if target is None or 'flink_master' not in target:
+    raise customers.CustomerFileError(
+        customer.path, '/deploy/flink/flink_master',
+        'is required to stop or upgrade a job (savepoints need a Flink cluster)')
+  if 'job_name' not in target:
+    raise customers.CustomerFileError(
+        customer.path, '/deploy/flink/job_name', 'is required: it is how the job is found')
+  return target
+
+
+def stop_request(customer: customers.Customer) -> str:
+  """What ``--stop`` asks the cluster, as one line (the dry run prints it)."""
+  target = _cluster_target(customer)
+  body = json.dumps({'targetDirectory': target.get('savepoint_dir'), 'drain': False})
+  return (f'POST http://{target["flink_master"]}/jobs/<the running job named '
+          f'{target["job_name"]}>/stop {body}')
+
+
+def stop_with_savepoint(customer: customers.Customer) -> str:
+  """Stops the customer's running job with a savepoint; returns its path."""
+  target = _cluster_target(customer)
+  cluster = FlinkCluster(target['flink_master'])
+  job = cluster.running_job(target['job_name'])
+  if job is None:
+    raise FlinkClusterError(
+        f'no running job named {target["job_name"]!r} on {target["flink_master"]}')
+  print(f'tidemark: stopping job {job.name!r} ({job.jid}) with a savepoint', file=sys.stderr)
+  return cluster.stop_with_savepoint(job.jid, target.get('savepoint_dir'))
 
 
 def launch_command(customer: customers.Customer, target: str) -> List[str]:
@@ -110,21 +164,50 @@ def main(argv: Optional[List[str]] = None) -> int:
   customer.add_argument('--customer-file', metavar='PATH',
                         help='a customer file elsewhere, by its path')
   parser.add_argument('--target', required=True, choices=TARGETS)
+  action = parser.add_mutually_exclusive_group()
+  action.add_argument('--stop', action='store_true',
+                      help='flink cluster: stop the running job with a savepoint')
+  action.add_argument('--upgrade', action='store_true',
+                      help='flink cluster: stop the running job with a savepoint, then submit '
+                      'this version restored from it')
+  action.add_argument('--from-savepoint', metavar='PATH',
+                      help='flink: submit the job restored from this savepoint (or checkpoint)')
   parser.add_argument('--dry-run', action='store_true',
-                      help='print the launch command and exit, contacting nothing')
+                      help='print what would be done and exit, contacting nothing')
   parser.add_argument('--customers-dir', default=customers.CUSTOMERS_DIR,
                       help='where customer files live (default: templates/customers)')
   args = parser.parse_args(argv)
+  if (args.stop or args.upgrade or args.from_savepoint) and args.target != 'flink':
+    parser.error('--stop, --upgrade and --from-savepoint are for --target flink')
   try:
     customer = (customers.load_file(args.customer_file) if args.customer_file is not None
                 else customers.load(args.customer, args.customers_dir))
     command = launch_command(customer, args.target)
+    if args.stop or args.upgrade:
+      request = stop_request(customer)
+    if args.from_savepoint:
+      command = flink_command(customer, savepoint=args.from_savepoint)
   except customers.CustomerFileError as e:
     print(f'tidemark: error: {e}', file=sys.stderr)
     return 2
   if args.dry_run:
-    print(shlex.join(command))
+    if args.stop or args.upgrade:
+      print(request)
+    if args.upgrade:
+      command = flink_command(customer, savepoint='<the savepoint the stop wrote>')
+    if not args.stop:
+      print(shlex.join(command))
     return 0
+  if args.stop or args.upgrade:
+    try:
+      savepoint = stop_with_savepoint(customer)
+    except FlinkClusterError as e:
+      print(f'tidemark: error: {e}', file=sys.stderr)
+      return 1
+    print(f'tidemark: savepoint {savepoint}')
+    if args.stop:
+      return 0
+    command = flink_command(customer, savepoint=savepoint)
   if shutil.which(command[0]) is None:
     print(f'tidemark: error: {command[0]} not found on PATH', file=sys.stderr)
     return 127

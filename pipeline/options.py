@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
@@ -123,12 +123,16 @@ class TidemarkOptions(PipelineOptions):
         'one scripts/flink.sh starts, localhost:18096).')
     option('kafka_max_records', type=whole_number,
         help='Stop each Kafka topic\'s read after this many records (a bounded read).')
+    option('kafka_consumer_group',
+        help='Kafka consumer group (group.id): offsets are committed to it when a checkpoint '
+        'completes, so a new job of the same group starts where the last one stopped '
+        '(a job restored from a checkpoint or savepoint starts from the offsets in it).')
 
 
 #: Beam Java's ``FlinkPipelineOptions`` (Beam 2.62.0) that Beam Python does not
 #: declare: the job server reads them from the pipeline options it is sent.
 FLINK_RUNNER_OPTIONS = (
-    'allow_non_restored_state', 'auto_watermark_interval', 'checkpoint_timeout_millis',
+    'allow_non_restored_state', 'attached_mode', 'auto_watermark_interval', 'checkpoint_timeout_millis',
     'checkpointing_interval', 'checkpointing_mode', 'disable_metrics',
     'enable_stable_input_drain', 'execution_retry_delay', 'fail_on_checkpointing_errors',
     'finish_bundle_before_checkpointing', 'flink_conf_dir', 'force_unaligned_checkpoint_enabled',
@@ -149,6 +153,21 @@ class FlinkRunnerJavaOptions(PipelineOptions):
     for dest in FLINK_RUNNER_OPTIONS:
       parser.add_argument(f'--{dest}', dest=dest, default=None,
                           help='Flink runner (Beam Java FlinkPipelineOptions).')
+
+
+def checkpoint_interval_ms(options: PipelineOptions) -> Optional[int]:
+  """The run's ``--checkpointing_interval`` (ms), checked; None when unset."""
+  text = options.view_as(FlinkRunnerJavaOptions).checkpointing_interval
+  if text is None or str(text) == '-1':
+    return None
+  try:
+    interval = whole_number(str(text))
+  except argparse.ArgumentTypeError:
+    interval = 0
+  if not 0 < interval <= 24 * 3600 * 1000:
+    raise ConfigError('--checkpointing_interval',
+                      f'must be a whole number of milliseconds, 1 to 86400000, got {text!r}')
+  return interval
 
 
 def tidemark_parser(prog: str = 'python -m pipeline run') -> argparse.ArgumentParser:

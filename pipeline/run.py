@@ -30,6 +30,7 @@ from transforms.files import (
     COMPLETE, FAILED, INCOMPLETE, STOPPED, RunFolder, create_empty, write_json_atomically)
 from transforms.model import CATEGORIES
 from transforms.replay import ReplayError
+from pipeline.submit import cluster_master, detach, detached_config, submit_detached
 from pipeline.summary import (
     RUNNER_LATE_DROPS, print_accounting, print_metrics, runner_late_drops, source_warnings)
 
@@ -345,7 +346,15 @@ def main(argv: Optional[List[str]] = None) -> int:
   for warning in warnings:
     print(f'\n*** tidemark: WARNING: {warning}\n', file=sys.stderr, flush=True)
 
+  master = cluster_master(options)
+  if master is not None and config.unbounded:  # a live job on a cluster runs detached
+    config = detached_config(config)
   run = prepare_output(config, options, source)
+  if master is not None and config.unbounded:
+    name = detach(options, config.customer_id)
+    p = beam.Pipeline(options=options)
+    build(p, run.config, source)
+    return submit_detached(options, p, master, name, run.folder.staging)
   # A bounded run stops at once; an unbounded one stops its stream and commits it.
   signals = StopSignals(
       None if config.unbounded else lambda signum: stop_interrupted(run, signum)).install()

@@ -133,6 +133,13 @@ create_database() {
   fi
 }
 
+# A libpq password file for processes that get no password in their DSN (a
+# customer file never holds one): the Flink cluster's worker pool reads it.
+write_passfile() {
+  local passfile=$ROOT/.stage/pgpass
+  ( umask 077; printf '%s:%s:*:%s:%s\n' "$HOST" "$PORT" "$DB_USER" "$DB_PASSWORD" > "$passfile" )
+}
+
 start() {
   install_if_missing
   prepare_dirs
@@ -154,6 +161,7 @@ start() {
     sleep 0.5; waited=$((waited + 1))
   done
   create_database
+  write_passfile
   dsn
 }
 

@@ -2,6 +2,7 @@
 # Stages the Java classpaths Tidemark's integration needs into .stage/java/
 # (idempotent: a classpath is fetched again only when its pom changed):
 #   flink-job-server  Beam 2.62.0 Flink 1.19 job server + Kafka IO expansion
+#   flink-cluster     Flink 1.19 session cluster (JobManager, TaskManager)
 #   kafka-broker      Apache Kafka 4.1.0 (KRaft)
 # Poms: scripts/maven/NAME.xml. Jars come from Maven Central through mvn.
 set -euo pipefail
@@ -35,7 +36,7 @@ stage() {
 }
 
 if [ $# -eq 0 ]; then
-  set -- flink-job-server kafka-broker
+  set -- flink-job-server flink-cluster kafka-broker
 fi
 for name in "$@"; do
   stage "$name"

@@ -128,8 +128,13 @@ def test_dataflow_inc_dry_run_prints_the_complete_flink_submission():
   portable = options.view_as(PortableOptions)
   assert options.view_as(StandardOptions).runner == 'PortableRunner'
   assert options.view_as(StandardOptions).streaming
-  assert (portable.job_endpoint, portable.artifact_endpoint, portable.environment_type) == (
-      'localhost:18099', 'localhost:18098', 'LOOPBACK')
+  assert (portable.job_endpoint, portable.artifact_endpoint, portable.environment_type,
+          portable.environment_config) == (
+      'localhost:18099', 'localhost:18098', 'EXTERNAL', '127.0.0.1:18050')
+  # to the session cluster, detached, checkpointed every 10 s, restorable by name
+  assert command[command.index('--flink_master') + 1] == '127.0.0.1:18081'
+  assert command[command.index('--checkpointing_interval') + 1] == '10000'
+  assert command[command.index('--job_name') + 1] == 'dataflow-inc-iot-rollups'
   opts = options.view_as(TidemarkOptions)
   assert opts.source == 'kafka:127.0.0.1:19092/dataflow-inc.iot-readings'
   params = {d: getattr(opts, d) for d in option_dests() if getattr(opts, d) is not None}

@@ -280,6 +280,10 @@ class ReadKafkaEvents(beam.PTransform):
   ``sources`` maps source name to topic. ``expansion_service`` is the address
   of a Java expansion service that serves Kafka IO (never downloaded).
   ``max_num_records`` (per topic) makes the read bounded, for tests.
+  ``consumer_group`` (``group.id``): the read's offsets are committed to it
+  when a checkpoint completes (a job restored from a checkpoint or savepoint
+  resumes from the offsets stored in it; a new job of the group from the
+  committed ones).
   """
 
 
@@ -292,7 +296,8 @@ class ReadKafkaEvents(beam.PTransform):
       sources: Mapping[str, str],
       expansion_service: str,
       consumer_config: Optional[Mapping[str, str]] = None,
-      max_num_records: Optional[int] = None):
+      max_num_records: Optional[int] = None,
+      consumer_group: Optional[str] = None):
     super().__init__()
     if not bootstrap_servers:
       raise ValueError('bootstrap_servers must be set')
@@ -314,6 +319,9 @@ class ReadKafkaEvents(beam.PTransform):
         **(consumer_config or {}),
     }
     self._max_num_records = max_num_records
+    if consumer_group is not None:
+      self._consumer_config['group.id'] = consumer_group
+    self._commit_offsets = consumer_group is not None
 
   def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[RawMessage]:
     per_topic = []
@@ -323,6 +331,7 @@ class ReadKafkaEvents(beam.PTransform):
           topics=[topic],
           timestamp_policy=ReadFromKafka.create_time_policy,
           max_num_records=self._max_num_records,
+          commit_offset_in_finalize=self._commit_offsets,
           expansion_service=self._expansion_service)
       per_topic.append(
           records | f'AsRawMessage_{name}' >> beam.Map(

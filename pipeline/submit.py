@@ -1,0 +1,80 @@
+"""Submitting a live job to a Flink session cluster, detached.
+
+A live source on a cluster (``--flink_master HOST:PORT``, the JobManager's
+REST address, with the Beam job server in between) runs until it is stopped:
+the launcher submits it detached, waits until the cluster reports it RUNNING,
+prints its id and exits. The job's Python workers run in the cluster's worker
+pool (``--environment_type EXTERNAL``), so nothing of the job is left in the
+launcher. Stop or upgrade it with ``python -m pipeline deploy ... --stop`` /
+``--upgrade`` (a savepoint), or through Flink's own REST API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import (
+    FlinkRunnerOptions, GoogleCloudOptions, PipelineOptions, PortableOptions)
+
+from pipeline.config import RunConfig
+from pipeline.flink_cluster import FlinkCluster, FlinkClusterError
+
+#: Flink masters that are not a cluster: the job server's own mini-cluster.
+LOCAL_MASTERS = ('[local]', '[auto]', '[collection]', '')
+#: How long a submission may take to show up RUNNING (jars are shipped first).
+SUBMIT_TIMEOUT_S = 300
+
+
+def cluster_master(options: PipelineOptions) -> Optional[str]:
+  """The Flink cluster a run is submitted to (``--flink_master``), or None."""
+  master = options.view_as(FlinkRunnerOptions).flink_master or ''
+  return None if master in LOCAL_MASTERS else master.replace('http://', '').rstrip('/')
+
+
+def detached_config(config: RunConfig) -> RunConfig:
+  """The workers run elsewhere (another directory, on Kubernetes another
+  machine): their output paths are absolute."""
+  sqlite = config.sqlite_path and os.path.abspath(config.sqlite_path)
+  return dataclasses.replace(config, output_dir=os.path.abspath(config.output_dir),
+                             sqlite_path=sqlite)
+
+
+def detach(options: PipelineOptions, customer_id: Optional[str]) -> str:
+  """Sets the run up for a detached submission; returns the job's name on the
+  cluster (``--job_name``, else one is made): how ``deploy --stop`` finds it."""
+  from pipeline.options import FlinkRunnerJavaOptions
+  options.view_as(FlinkRunnerJavaOptions).attached_mode = 'false'
+  cloud = options.view_as(GoogleCloudOptions)
+  if not cloud.job_name:
+    cloud.job_name = f'tidemark-{customer_id or "job"}-{time.strftime("%Y%m%d-%H%M%S")}'.lower()
+  return cloud.job_name
+
+
+def submit_detached(options: PipelineOptions, pipeline: beam.Pipeline, master: str,
+                    name: str, staging: str) -> int:
+  """Runs ``pipeline`` detached on the cluster at ``master``; returns the exit
+  code (0 once the cluster runs it, 1 if it does not show up)."""
+  environment = (options.view_as(PortableOptions).environment_type or '').upper()
+  if environment == 'LOOPBACK':
+    print('tidemark: error: --environment_type LOOPBACK runs the workers in this launcher, '
+          'which exits after a detached submission; use EXTERNAL with the cluster\'s worker '
+          'pool (--environment_config 127.0.0.1:18050)', file=sys.stderr)
+    return 2
+  cluster = FlinkCluster(master)
+  since_ms = int(time.time() * 1000) - 1000
+  try:
+    cluster.overview()  # fail before shipping anything when the cluster is down
+    pipeline.run()
+    job = cluster.wait_for_job(name, SUBMIT_TIMEOUT_S, since_ms)
+  except FlinkClusterError as e:
+    print(f'tidemark: error: {e}', file=sys.stderr)
+    return 1
+  print(f'tidemark: job {name!r} ({job.jid}) is running on the Flink cluster at {master}, '
+        f'detached; it runs until stopped (python -m pipeline deploy ... --stop takes a '
+        f'savepoint). Its files are written in {staging}.')
+  return 0
