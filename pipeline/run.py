@@ -310,7 +310,7 @@ def tune_live_bundles(options: PipelineOptions, config: RunConfig) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
   """``python -m pipeline run``: run, reconcile, print the accounting."""
-  from pipeline.options import parse_args, tidemark_parser
+  from pipeline.options import check_flink_job_server, parse_args, tidemark_parser
   logging.getLogger('apache_beam').setLevel(logging.WARNING)
   argv = list(sys.argv[1:] if argv is None else argv)
   if '-h' in argv or '--help' in argv:
@@ -338,6 +338,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     use_every_core(options, argv, source.index.messages)
   tune_live_bundles(options, config)
   try:
+    check_flink_job_server(options)
     warnings = watermark_risks(config, standard.runner)
   except ConfigError as e:
     print(f'tidemark: error: {e}', file=sys.stderr)

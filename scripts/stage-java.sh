@@ -2,6 +2,7 @@
 # Stages the Java classpaths Tidemark's integration needs into .stage/java/
 # (idempotent: a classpath is fetched again only when its pom changed):
 #   flink-job-server  Beam 2.62.0 Flink 1.19 job server + Kafka IO expansion
+#   flink-job-server-jar  the same shaded into the jar --runner FlinkRunner runs
 #   flink-cluster     Flink 1.19 session cluster (JobManager, TaskManager)
 #   kafka-broker      Apache Kafka 4.1.0 (KRaft)
 # Poms: scripts/maven/NAME.xml. Jars come from Maven Central through mvn.
@@ -35,9 +36,39 @@ stage() {
   echo "stage-java: $name: $(ls "$dir/lib" | wc -l) jars in $dir/lib" >&2
 }
 
+# Beam's FlinkRunner launches the job server as one executable jar and looks for
+# it in its jar cache before downloading it: shade the staged classpath into it.
+BEAM_JAR_CACHE=${BEAM_JAR_CACHE:-$HOME/.apache_beam/cache/jars}
+JOB_SERVER_JAR=$BEAM_JAR_CACHE/beam-runners-flink-1.19-job-server-2.62.0.jar
+job_server_jar() {
+  local pom=$ROOT/scripts/maven/flink-job-server-jar.xml stamp=$STAGE/java/flink-job-server-jar.staged
+  local sum
+  sum=$(cat "$pom" "$ROOT/scripts/maven/flink-job-server.xml" | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ] && [ -f "$JOB_SERVER_JAR" ]; then
+    return 0
+  fi
+  echo "stage-java: shading the Flink job server jar for --runner FlinkRunner" >&2
+  mkdir -p "$BEAM_JAR_CACHE" "$STAGE/logs"
+  if ! "$MVN" -B -q -f "$pom" package -Djar="$JOB_SERVER_JAR.tmp" \
+      > "$STAGE/logs/stage-flink-job-server-jar.log" 2>&1; then
+    echo "stage-java: mvn failed; see $STAGE/logs/stage-flink-job-server-jar.log" >&2
+    tail -20 "$STAGE/logs/stage-flink-job-server-jar.log" >&2
+    rm -rf "$ROOT/scripts/maven/target" "$JOB_SERVER_JAR.tmp"
+    return 1
+  fi
+  rm -rf "$ROOT/scripts/maven/target"
+  mv "$JOB_SERVER_JAR.tmp" "$JOB_SERVER_JAR"
+  echo "$sum" > "$stamp"
+  echo "stage-java: $JOB_SERVER_JAR" >&2
+}
+
 if [ $# -eq 0 ]; then
-  set -- flink-job-server flink-cluster kafka-broker
+  set -- flink-job-server flink-job-server-jar flink-cluster kafka-broker
 fi
 for name in "$@"; do
-  stage "$name"
+  if [ "$name" = flink-job-server-jar ]; then
+    job_server_jar
+  else
+    stage "$name"
+  fi
 done

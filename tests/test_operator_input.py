@@ -409,3 +409,16 @@ def test_a_multi_line_description_is_fine(tmp_path):
   path = tmp_path / 'finserve.yaml'
   path.write_text(yaml.safe_dump(spec))
   assert customers.load_file(str(path)).spec['description'] == 'first line\nsecond line\n'
+
+
+def test_the_flink_runner_without_its_job_server_jar_is_refused_naming_the_fix(
+    tmp_path, replay):
+  """Beam would try to download the jar (there is no internet): refused at once."""
+  out = tmp_path / 'out'
+  result = subprocess.run(
+      [sys.executable, '-m', 'pipeline', *run_args(replay, out), '--runner', 'FlinkRunner'],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, 'PYTHONPATH': REPO, 'HOME': str(tmp_path)})
+  assert_refused(result, '--runner', 'scripts/stage-java.sh')
+  assert str(tmp_path / '.apache_beam' / 'cache' / 'jars') in result.stderr
+  assert not out.exists()

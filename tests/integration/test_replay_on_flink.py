@@ -80,3 +80,21 @@ def test_a_replay_on_flink_equals_the_direct_runner_and_the_contract(tmp_path, f
     assert outputs['too_late'] == sorted(expected.too_late)
     assert outputs['invalid'] == sorted(expected.invalid)
   assert flink == direct == bulk
+
+
+@pytest.mark.integration
+def test_the_standard_flink_runner_runs_a_replay_exactly(tmp_path):
+  """``--runner FlinkRunner`` as Beam documents it: Beam starts the job server
+  from the jar scripts/stage-java.sh shaded into Beam's jar cache (nothing is
+  downloaded), on an embedded Flink, with the worker in the launcher."""
+  replay = str(tmp_path / 'small.jsonl')
+  traffic.write_replay(replay, traffic.Profile(
+      messages=600, seed=5, window_size_s=WINDOW_S, allowed_lateness_s=LATENESS_S))
+  flink = _run(replay, str(tmp_path / 'flink'), '--replay-mode', 'stream',
+               '--runner', 'FlinkRunner')
+  expected = reference.compute(replay, WINDOW_S, LATENESS_S)
+  assert expected.accounting['duplicate'] > 0 and expected.accounting['invalid'] > 0
+  assert flink['accounting'] == expected.accounting
+  assert flink['finals'] == expected.windows
+  assert flink['too_late'] == sorted(expected.too_late)
+  assert flink['invalid'] == sorted(expected.invalid)
