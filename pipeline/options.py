@@ -170,31 +170,6 @@ def checkpoint_interval_ms(options: PipelineOptions) -> Optional[int]:
   return interval
 
 
-def check_flink_job_server(options: PipelineOptions) -> None:
-  """``--runner FlinkRunner`` starts Beam's job server jar, which Beam would
-  download from Maven Central; refuses the run at once, naming the fix, when
-  neither a job endpoint, nor a jar, nor Beam's cached copy is there."""
-  from apache_beam.options.pipeline_options import FlinkRunnerOptions, PortableOptions
-  from apache_beam.options.pipeline_options import StandardOptions
-  if (options.view_as(StandardOptions).runner or '').split('.')[-1] != 'FlinkRunner':
-    return
-  if options.view_as(PortableOptions).job_endpoint:
-    return
-  flink = options.view_as(FlinkRunnerOptions)
-  if flink.flink_job_server_jar:
-    return  # Beam checks the path itself
-  import os
-  from apache_beam.runners.portability.flink_runner import FlinkJarJobServer
-  from apache_beam.utils.subprocess_server import JavaJarServer
-  cached = os.path.join(JavaJarServer.JAR_CACHE,
-                        os.path.basename(FlinkJarJobServer(options).path_to_jar()))
-  if not os.path.exists(cached):
-    raise ConfigError(
-        '--runner', f'FlinkRunner needs the Flink job server jar in {cached}; '
-        'scripts/stage-java.sh builds it (scripts/setup.sh runs it), or pass '
-        '--job_endpoint HOST:PORT of a running job server or --flink_job_server_jar PATH')
-
-
 def tidemark_parser(prog: str = 'python -m pipeline run') -> argparse.ArgumentParser:
   """A parser of Tidemark's options alone (their help, their names)."""
   parser = argparse.ArgumentParser(

@@ -30,7 +30,8 @@ from transforms.files import (
     COMPLETE, FAILED, INCOMPLETE, STOPPED, RunFolder, create_empty, write_json_atomically)
 from transforms.model import CATEGORIES
 from transforms.replay import ReplayError
-from pipeline.submit import cluster_master, detach, detached_config, submit_detached
+from pipeline.submit import (
+    check_flink_job_server, cluster_master, detach, detached_config, submit_detached)
 from pipeline.summary import (
     RUNNER_LATE_DROPS, print_accounting, print_metrics, runner_late_drops, source_warnings)
 
@@ -310,7 +311,7 @@ def tune_live_bundles(options: PipelineOptions, config: RunConfig) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
   """``python -m pipeline run``: run, reconcile, print the accounting."""
-  from pipeline.options import check_flink_job_server, parse_args, tidemark_parser
+  from pipeline.options import parse_args, tidemark_parser
   logging.getLogger('apache_beam').setLevel(logging.WARNING)
   argv = list(sys.argv[1:] if argv is None else argv)
   if '-h' in argv or '--help' in argv:

@@ -21,7 +21,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import (
     FlinkRunnerOptions, GoogleCloudOptions, PipelineOptions, PortableOptions)
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, runner_name
+from pipeline.options import ConfigError
 from pipeline.flink_cluster import FlinkCluster, FlinkClusterError
 
 #: Flink masters that are not a cluster: the job server's own mini-cluster.
@@ -78,3 +79,22 @@ def submit_detached(options: PipelineOptions, pipeline: beam.Pipeline, master: s
         f'detached; it runs until stopped (python -m pipeline deploy ... --stop takes a '
         f'savepoint). Its files are written in {staging}.')
   return 0
+
+
+def check_flink_job_server(options: PipelineOptions) -> None:
+  """``--runner FlinkRunner`` starts Beam's job server jar, which Beam would
+  download from Maven Central; refuses the run at once, naming the fix, when
+  neither a job endpoint, nor a jar, nor Beam's cached copy is there."""
+  if runner_name(options) != 'FlinkRunner' or options.view_as(PortableOptions).job_endpoint:
+    return
+  if options.view_as(FlinkRunnerOptions).flink_job_server_jar:
+    return  # Beam checks the path itself
+  from apache_beam.runners.portability.flink_runner import FlinkJarJobServer
+  from apache_beam.utils.subprocess_server import JavaJarServer
+  cached = os.path.join(JavaJarServer.JAR_CACHE,
+                        os.path.basename(FlinkJarJobServer(options).path_to_jar()))
+  if not os.path.exists(cached):
+    raise ConfigError(
+        '--runner', f'FlinkRunner needs the Flink job server jar in {cached}; '
+        'scripts/stage-java.sh builds it (scripts/setup.sh runs it), or pass '
+        '--job_endpoint HOST:PORT of a running job server or --flink_job_server_jar PATH')

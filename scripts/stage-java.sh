@@ -12,27 +12,41 @@ ROOT=$(pwd)
 STAGE=${TIDEMARK_STAGE:-$ROOT/.stage}
 MVN=${MVN:-mvn}
 
+# mvn NAME ARGS...: runs Maven on scripts/maven/NAME.xml, logging to
+# .stage/logs/stage-NAME.log; mvn writes target/ next to the pom, removed after.
+mvn_pom() {
+  local name=$1 log=$STAGE/logs/stage-$1.log
+  shift
+  mkdir -p "$STAGE/logs"
+  if ! "$MVN" -B -q -f "$ROOT/scripts/maven/$name.xml" "$@" > "$log" 2>&1; then
+    rm -rf "$ROOT/scripts/maven/target"
+    echo "stage-java: mvn failed for $name; see $log" >&2
+    tail -20 "$log" >&2
+    return 1
+  fi
+  rm -rf "$ROOT/scripts/maven/target"
+}
+
+# fresh STAMP FILE...: whether STAMP holds the checksum of the FILEs (and
+# prints that checksum, for the caller to store once it has staged).
+fresh() {
+  local stamp=$1 sum
+  shift
+  sum=$(cat "$@" | sha256sum | cut -d' ' -f1)
+  echo "$sum"
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ]
+}
+
 stage() {
-  local name=$1 pom=$ROOT/scripts/maven/$1.xml
-  local dir=$STAGE/java/$name stamp=$STAGE/java/$name/.staged
-  local sum
-  sum=$(sha256sum "$pom" | cut -d' ' -f1)
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ] && [ -d "$dir/lib" ]; then
+  local name=$1 dir=$STAGE/java/$1 sum
+  if sum=$(fresh "$dir/.staged" "$ROOT/scripts/maven/$name.xml") && [ -d "$dir/lib" ]; then
     return 0
   fi
   echo "stage-java: fetching $name classpath (mvn dependency:copy-dependencies)" >&2
   rm -rf "$dir"
-  mkdir -p "$dir" "$STAGE/logs"
-  if ! "$MVN" -B -q -f "$pom" dependency:copy-dependencies \
-      -DoutputDirectory="$dir/lib" -DincludeScope=runtime \
-      > "$STAGE/logs/stage-$name.log" 2>&1; then
-    echo "stage-java: mvn failed for $name; see $STAGE/logs/stage-$name.log" >&2
-    tail -20 "$STAGE/logs/stage-$name.log" >&2
-    return 1
-  fi
-  # mvn writes target/ next to the pom; keep the source tree clean.
-  rm -rf "$ROOT/scripts/maven/target"
-  echo "$sum" > "$stamp"
+  mkdir -p "$dir"
+  mvn_pom "$name" dependency:copy-dependencies -DoutputDirectory="$dir/lib" -DincludeScope=runtime
+  echo "$sum" > "$dir/.staged"
   echo "stage-java: $name: $(ls "$dir/lib" | wc -l) jars in $dir/lib" >&2
 }
 
@@ -41,22 +55,14 @@ stage() {
 BEAM_JAR_CACHE=${BEAM_JAR_CACHE:-$HOME/.apache_beam/cache/jars}
 JOB_SERVER_JAR=$BEAM_JAR_CACHE/beam-runners-flink-1.19-job-server-2.62.0.jar
 job_server_jar() {
-  local pom=$ROOT/scripts/maven/flink-job-server-jar.xml stamp=$STAGE/java/flink-job-server-jar.staged
-  local sum
-  sum=$(cat "$pom" "$ROOT/scripts/maven/flink-job-server.xml" | sha256sum | cut -d' ' -f1)
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ] && [ -f "$JOB_SERVER_JAR" ]; then
+  local stamp=$STAGE/java/flink-job-server-jar.staged sum maven=$ROOT/scripts/maven
+  if sum=$(fresh "$stamp" "$maven/flink-job-server-jar.xml" "$maven/flink-job-server.xml") &&
+      [ -f "$JOB_SERVER_JAR" ]; then
     return 0
   fi
   echo "stage-java: shading the Flink job server jar for --runner FlinkRunner" >&2
-  mkdir -p "$BEAM_JAR_CACHE" "$STAGE/logs"
-  if ! "$MVN" -B -q -f "$pom" package -Djar="$JOB_SERVER_JAR.tmp" \
-      > "$STAGE/logs/stage-flink-job-server-jar.log" 2>&1; then
-    echo "stage-java: mvn failed; see $STAGE/logs/stage-flink-job-server-jar.log" >&2
-    tail -20 "$STAGE/logs/stage-flink-job-server-jar.log" >&2
-    rm -rf "$ROOT/scripts/maven/target" "$JOB_SERVER_JAR.tmp"
-    return 1
-  fi
-  rm -rf "$ROOT/scripts/maven/target"
+  mkdir -p "$BEAM_JAR_CACHE"
+  mvn_pom flink-job-server-jar package -Djar="$JOB_SERVER_JAR.tmp" || { rm -f "$JOB_SERVER_JAR.tmp"; return 1; }
   mv "$JOB_SERVER_JAR.tmp" "$JOB_SERVER_JAR"
   echo "$sum" > "$stamp"
   echo "stage-java: $JOB_SERVER_JAR" >&2
