@@ -29,7 +29,7 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 from pipeline import customer as customers
-from pipeline.flink_cluster import FlinkCluster, FlinkClusterError
+from pipeline.flink_cluster import FlinkCluster, FlinkClusterError, savepoint_request
 
 TARGETS = ('dataflow', 'flink')
 #: Dataflow workers have no use for the local outputs; keep them off the way.
@@ -130,9 +130,9 @@ def _cluster_target(customer: customers.Customer) -> dict:
 def stop_request(customer: customers.Customer) -> str:
   """What ``--stop`` asks the cluster, as one line (the dry run prints it)."""
   target = _cluster_target(customer)
-  body = json.dumps({'targetDirectory': target.get('savepoint_dir'), 'drain': False})
+  body = json.dumps(savepoint_request(target.get('savepoint_dir')))
   return (f'POST http://{target["flink_master"]}/jobs/<the running job named '
-          f'{target["job_name"]}>/stop {body}')
+          f'{target["job_name"]}>/savepoints {body}')
 
 
 def stop_with_savepoint(customer: customers.Customer) -> str:

@@ -21,6 +21,14 @@ class FlinkClusterError(RuntimeError):
   """The cluster cannot be reached, or refused or failed a request."""
 
 
+def savepoint_request(directory: Optional[str]) -> Dict:
+  """The body of the savepoint request ``stop_with_savepoint`` sends."""
+  body: Dict = {'cancel-job': True}
+  if directory is not None:
+    body['target-directory'] = directory
+  return body
+
+
 class Job(NamedTuple):
   jid: str
   name: str
@@ -90,24 +98,41 @@ class FlinkCluster:
         raise FlinkClusterError(f'no job {name!r} running on {self.master} after {timeout_s:.0f} s')
       time.sleep(0.5)
 
-  def stop_with_savepoint(self, jid: str, directory: str, timeout_s: float = 300) -> str:
-    """Stops the job with a savepoint in ``directory``; returns its path once
-    the job has stopped (sources end without a final watermark: windows stay
-    open in the savepoint, to be continued)."""
-    trigger = self._call('POST', f'/jobs/{jid}/stop',
-                         {'targetDirectory': directory, 'drain': False})['request-id']
+  def stop_with_savepoint(self, jid: str, directory: Optional[str],
+                          timeout_s: float = 300) -> str:
+    """Takes a savepoint of the running job in ``directory`` (the cluster's
+    default when None), then cancels the job; returns the savepoint's path once
+    the job is CANCELED.
+
+    This is Flink's cancel-with-savepoint, not ``/stop``: a stop ends the
+    sources and finishes every operator *before* its final savepoint, and a
+    Beam operator's finish flushes to the end of time (it advances its
+    watermark to the maximum and fires every timer and window, drain or not),
+    so that savepoint would hold closed windows and a gate that judges every
+    later event too late. Taken while the job runs, the savepoint holds the
+    open windows; what the job did between the savepoint and the cancel is
+    input the restored job reads again, as after a crash.
+    """
+    trigger = self._call('POST', f'/jobs/{jid}/savepoints', savepoint_request(directory))
     deadline = time.monotonic() + timeout_s
     while True:
-      status = self._call('GET', f'/jobs/{jid}/savepoints/{trigger}')
+      status = self._call('GET', f'/jobs/{jid}/savepoints/{trigger["request-id"]}')
       if status['status']['id'] == 'COMPLETED':
         operation = status.get('operation', {})
         if 'failure-cause' in operation:
           cause = operation['failure-cause'].get('stack-trace', '').split('\n', 1)[0]
           raise FlinkClusterError(f'the savepoint of job {jid} failed: {cause}')
-        return operation['location']
+        location = operation['location']
+        break
       if time.monotonic() > deadline:
         raise FlinkClusterError(f'the savepoint of job {jid} did not complete in {timeout_s:.0f} s')
       time.sleep(0.5)
+    while self.job(jid)['state'] not in TERMINAL_STATES:
+      if time.monotonic() > deadline:
+        raise FlinkClusterError(
+            f'job {jid} did not stop in {timeout_s:.0f} s after its savepoint {location}')
+      time.sleep(0.5)
+    return location
 
   def cancel(self, jid: str) -> None:
     self._call('PATCH', f'/jobs/{jid}?mode=cancel')

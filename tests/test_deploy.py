@@ -149,6 +149,21 @@ def test_dataflow_inc_dry_run_prints_the_complete_flink_submission():
   assert config.postgres_dsn == 'postgresql://tidemark@127.0.0.1:15433/tidemark'
 
 
+def test_an_upgrade_dry_run_prints_a_savepoint_of_the_running_job_then_the_restore():
+  result = deploy('--customer', 'dataflow-inc', '--target', 'flink', '--upgrade', '--dry-run')
+  assert result.returncode == 0, result.stderr
+  request, submission = result.stdout.splitlines()
+  # a savepoint taken while the job runs, then a cancel: a /stop would finish
+  # Beam's operators first, and they fire every window on finish
+  target, body = request.split(' {', 1)
+  assert target == ('POST http://127.0.0.1:18081/jobs/<the running job named '
+                    'dataflow-inc-iot-rollups>/savepoints')
+  assert json.loads('{' + body) == {'cancel-job': True}
+  command = shlex.split(submission)
+  assert command[command.index('--savepoint_path') + 1] == '<the savepoint the stop wrote>'
+  assert command[command.index('--job_name') + 1] == 'dataflow-inc-iot-rollups'
+
+
 def test_rollups_reach_the_flex_template_as_one_parameter(tmp_path):
   spec = spec_of('finserve')
   spec['window']['rollups'] = [{'size_s': 3600, 'allowed_lateness_s': 60},
