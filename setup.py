@@ -21,6 +21,9 @@ setuptools.setup(
         'psycopg[binary]>=3.1,<4',
         'PyYAML>=6,<7',
         'rich>=13,<15',
+        # The run report's charts (static SVG) and its Prometheus metrics.
+        'matplotlib>=3.7,<4',
+        'prometheus-client>=0.17,<1',
     ],
     extras_require={
         'test': ['pytest>=8', 'hypothesis>=6.100', 'confluent-kafka>=2.3,<3'],

@@ -16,6 +16,8 @@ Commands:
   deploy    launch one customer's pipeline (templates/customers/NAME.yaml)
             python -m pipeline deploy (--customer NAME | --customer-file PATH)
                 --target dataflow|flink [--dry-run]
+  report    a run's report page and metrics (written by every run; again on demand)
+            python -m pipeline report OUTPUT_DIR [--out PATH] [--serve HOST:PORT]
   simulate  publish incident-like traffic to Pub/Sub or Kafka, or write a replay
             python -m pipeline simulate --to pubsub|kafka|replay [--rate R]
                 [--messages N] [--shift-to-now] [--out PATH] ...
@@ -24,6 +26,8 @@ Commands:
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 import warnings
 from typing import List, Optional
@@ -34,15 +38,39 @@ COMMANDS = {
     'generate': 'tools.traffic',
     'bench': 'tools.bench',
     'deploy': 'pipeline.deploy',
+    'report': 'pipeline.report',
     'simulate': 'tools.simulate',
 }
 #: Commands served by the development tools (a checkout's tools/ package).
 TOOL_COMMANDS = ('generate', 'bench', 'simulate')
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-  # Google client libraries warn about future Python/grpc support on import.
+#: What Beam's local SDK workers log on every start that a user cannot act on:
+#: the worker has no pickled __main__ session (Tidemark needs none) and skips
+#: the launcher's own options.
+QUIET_WORKER_MESSAGES = ('No semi_persistent_directory found', 'Discarding unparseable args')
+
+
+class _KnownWorkerNoise(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(known in message for known in QUIET_WORKER_MESSAGES)
+
+
+def quiet_known_warnings() -> None:
+  """Silences the warnings of a default run that the user cannot act on, here
+  and in the worker processes the run starts (they inherit the environment):
+  Google client libraries' notices about future Python and grpc versions, and
+  the local workers' start-up notes. Every other warning stays."""
   warnings.filterwarnings('ignore', category=FutureWarning)
+  inherited = os.environ.get('PYTHONWARNINGS')
+  os.environ['PYTHONWARNINGS'] = ','.join(filter(None, [inherited, 'ignore::FutureWarning']))
+  logging.getLogger('apache_beam.runners.portability.local_job_service').addFilter(
+      _KnownWorkerNoise())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  quiet_known_warnings()
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ('-h', '--help'):
     print(__doc__.strip())

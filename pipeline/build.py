@@ -186,7 +186,7 @@ def build_bulk(p: beam.Pipeline, config: RunConfig, source: ReadReplayInChunks) 
   rules applied along the replay's timeline (transforms/bulk.py)."""
   size, lateness = config.window_size_s, config.allowed_lateness_s
 
-  chunks = p | 'Read' >> source
+  chunks = p | 'Read' >> source | 'Progress' >> ReportProgress(source.index.messages, chunks=True)
   parsed = chunks | 'Parse' >> ParseChunks()
   admitted = parsed.events | 'RouteLateAndDedup' >> AdmitChunks(size, lateness)
   panes = admitted.admitted | 'Aggregate' >> AggregateWindowsInBulk(

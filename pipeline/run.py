@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import sys
 import threading
@@ -19,6 +20,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import (
     DirectOptions, PipelineOptions, PortableOptions, StandardOptions)
 
+from pipeline import report
 from pipeline.build import build, build_bulk, read_source
 from pipeline.config import (
     BULK_REPLAY_RUNNERS, DIRECT_RUNNERS, ROLLUP_DIR, ConfigError, RunConfig, runner_name,
@@ -26,6 +28,7 @@ from pipeline.config import (
 from pipeline.reconciliation import (  # noqa: F401  (reconcile* are imported from here too)
     Reconciliation, RollupAccounting, final_panes, reconcile, reconcile_run, refused_lines,
     rollup_lines)
+from transforms.accounting import LAUNCHER_PID
 from transforms.files import (
     COMPLETE, FAILED, INCOMPLETE, STOPPED, RunFolder, create_empty, write_json_atomically)
 from transforms.model import CATEGORIES
@@ -41,7 +44,7 @@ def output_names(config: RunConfig) -> Tuple[str, ...]:
   return tuple(os.path.basename(p) for p in (
       config.aggregates_path, config.dead_letter_path, config.accounting_path,
       config.memory_path, config.refused_path, config.duplicates_path,
-      config.reconciliation_path)) + ('aggregates.sqlite',)
+      config.reconciliation_path)) + ('aggregates.sqlite', report.REPORT_NAME, report.METRICS_NAME)
 
 
 def _redact(dsn: Optional[str]) -> Optional[str]:
@@ -262,7 +265,7 @@ def finish(run: StagedRun, config: RunConfig, groups_in_java: bool) -> int:
     print(f'tidemark: note: {note}', file=sys.stderr)
   status = COMPLETE if done else STOPPED
   folder.commit(status, **run.ended(
-      accounting=accounting, reconciled=note is None, detail=note,
+      accounting=accounting, reconciled=note is None, detail=note, peak_rss_bytes=peak_rss_bytes(),
       rollups=[{'window_size_s': r.window_size_s, 'allowed_lateness_s': r.allowed_lateness_s,
                 'folder': os.path.basename(r.output_dir), 'accounting': a}
                for r, a in rollups]))
@@ -272,8 +275,20 @@ def finish(run: StagedRun, config: RunConfig, groups_in_java: bool) -> int:
   print_metrics(result, groups_in_java)
   for line in refused_lines(config):
     print(line)
+  try:
+    page, _ = report.write(config.output_dir)
+    print(f'report: {os.path.abspath(page)} (metrics: {report.METRICS_NAME})')
+  except (OSError, ValueError) as e:  # the outputs are committed; say what is missing
+    print(f'tidemark: warning: no report was written: {e!r}', file=sys.stderr)
   print(f'outputs in {os.path.abspath(config.output_dir)} (run.json: {status})')
   return 0
+
+
+def peak_rss_bytes() -> int:
+  """The peak resident memory of the launcher or of its largest local worker
+  process (the DirectRunner's, a LOOPBACK worker), whichever is larger."""
+  return 1024 * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                    resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
 #: A bulk replay this large runs on one DirectRunner worker process per core
@@ -337,6 +352,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     standard.runner = 'DirectRunner'
   if config.replay_mode == 'bulk':
     use_every_core(options, argv, source.index.messages)
+    os.environ[LAUNCHER_PID] = str(os.getpid())
   tune_live_bundles(options, config)
   try:
     check_flink_job_server(options)

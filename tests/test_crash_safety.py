@@ -389,7 +389,7 @@ def test_a_run_with_rollups_leaves_no_stale_rollup_folders_once_replaced(replays
   assert code == 0, stderr[-3000:]
   assert sorted(os.listdir(out)) == [
       'accounting.json', 'aggregates.jsonl', 'aggregates.sqlite', 'dead_letter.jsonl',
-      MANIFEST]
+      'metrics.prom', 'report.html', MANIFEST]
 
 
 @pytest.mark.parametrize('lines, empty', [

@@ -114,10 +114,11 @@ def test_the_primary_outputs_are_those_of_a_run_without_rollups(hand_made_run):
   assert dead(out / 'dead_letter.jsonl', 'too_late') == sorted(expected.too_late)
   assert dead(out / 'dead_letter.jsonl', 'invalid') == sorted(expected.invalid)
   assert {d['reason'] for d in read_jsonl(out / 'dead_letter.jsonl')} == {'invalid', 'too_late'}
-  # Besides the contract's files: SQLite, the evidence and each rollup's folder.
+  # Besides the contract's files: SQLite, the evidence, each rollup's folder, the report.
   assert sorted(os.listdir(out)) == [
       'accounting.json', 'aggregates.jsonl', 'aggregates.sqlite', 'dead_letter.jsonl',
-      'duplicates.jsonl', 'reconciliation.json', 'rollup-3600s', 'rollup-600s', 'run.json']
+      'duplicates.jsonl', 'metrics.prom', 'reconciliation.json', 'report.html', 'rollup-3600s',
+      'rollup-600s', 'run.json']
   assert [json.loads(d['data'])['event_id'] for d in read_jsonl(out / 'duplicates.jsonl')] == [
       'e19']
 

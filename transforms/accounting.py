@@ -6,6 +6,7 @@ not from Beam's user counters, which the streaming DirectRunner undercounts.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -98,6 +99,10 @@ class CountOutcomes(beam.PTransform):
         | 'Sum' >> beam.CombineGlobally(_SumCategories()).without_defaults())
 
 
+#: The launcher's pid, in the environment its worker processes inherit.
+LAUNCHER_PID = 'TIDEMARK_LAUNCHER_PID'
+
+
 class _Progress:
   """Per-process progress; DoFn instances come and go (some runners make one
   per bundle), so the count lives here, keyed by the transform's id."""
@@ -105,44 +110,52 @@ class _Progress:
   _by_id: Dict[str, list] = {}
 
   @classmethod
-  def tick(cls, progress_id: str, total: int, every_s: float) -> None:
+  def tick(cls, progress_id: str, total: int, every_s: float, count: int = 1) -> None:
     now = time.monotonic()
     with cls._lock:
       state = cls._by_id.setdefault(progress_id, [0, now, now])
-      state[0] += 1
+      state[0] += count
       seen, started, last = state
       if now - last < every_s and seen != total:
         return
       state[2] = now
-    rate = seen / max(now - started, 1e-9)
+    elapsed = now - started
+    rate = f', {seen / elapsed:,.0f} msg/s' if elapsed >= 0.5 else ''
     share = f' ({100 * seen / total:.0f}%)' if total else ''
+    # a worker process of a multi-process run counts its own share
+    launcher = os.environ.get(LAUNCHER_PID)
+    where = '' if launcher in (None, str(os.getpid())) else f' in worker {os.getpid()}'
     print(
-        f'progress: {seen:,}/{total:,} messages{share}, {rate:,.0f} msg/s',
+        f'progress{where}: {seen:,}/{total:,} messages{share}{rate}',
         file=sys.stderr, flush=True)
 
 
 class _ProgressFn(beam.DoFn):
 
-  def __init__(self, total: int, every_s: float):
+  def __init__(self, total: int, every_s: float, per_element: bool):
     self._total = total
     self._every = every_s
+    self._per_element = per_element
     self._id = uuid.uuid4().hex
 
   def process(self, element) -> Iterable:
-    _Progress.tick(self._id, self._total, self._every)
+    _Progress.tick(self._id, self._total, self._every, 1 if self._per_element else len(element))
     yield element
 
 
 class ReportProgress(beam.PTransform):
   """Passes elements through, printing a progress line to stderr every
-  ``every_s`` seconds of wall time (per worker) and at the last element."""
+  ``every_s`` seconds of wall time (per worker) and at the last message.
+  Elements are messages, or with ``chunks`` lists of messages."""
 
-  def __init__(self, total: int, every_s: float = 2.0):
+  def __init__(self, total: int, every_s: float = 2.0, chunks: bool = False):
     super().__init__()
     if total < 0 or every_s <= 0:
       raise ValueError('total must be >= 0 and every_s > 0')
     self._total = total
     self._every = every_s
+    self._chunks = chunks
 
   def expand(self, pcoll):
-    return pcoll | 'Report' >> beam.ParDo(_ProgressFn(self._total, self._every))
+    return pcoll | 'Report' >> beam.ParDo(
+        _ProgressFn(self._total, self._every, per_element=not self._chunks))

@@ -294,6 +294,26 @@ def compile_replay(path: str) -> Replay:
   return Replay(steps, sources, messages, timeline.max_lag)
 
 
+def watermark_history(path: str) -> Tuple[Dict[str, List[Tuple[int, int]]], int]:
+  """Each source's watermark as the replay goes on: per source, the
+  ``(messages arrived so far, watermark ms)`` at each of its watermark lines;
+  and the number of messages. Raises ReplayError like ``compile_replay``."""
+  lines, sources = _validated_lines(path)
+  timeline = Timeline(sources)
+  history: Dict[str, List[Tuple[int, int]]] = {s: [] for s in sources}
+  messages = 0
+  for _, number, kind, source, payload in lines:
+    if kind == 'data':
+      messages += 1
+    elif kind == 'watermark':
+      try:
+        timeline.advance_watermark(source, payload)
+      except ValueError as e:
+        raise ReplayError(path, number, str(e)) from None
+      history[source].append((messages, payload))
+  return history, messages
+
+
 class ChunkStart(NamedTuple):
   """Where a run of ``messages`` messages begins, and the timeline just before."""
   offset: int  # byte offset of the chunk's first line in the file

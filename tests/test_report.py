@@ -1,0 +1,153 @@
+"""The run report and metrics (pipeline/report.py) against a real run's outputs.
+
+The bundled incident replay is run once through the CLI (the DirectRunner's
+bulk replay): every run writes report.html and metrics.prom beside its
+contract files, and their figures must be the run's own.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline import report
+from pipeline import run as tidemark_run
+from tests.conftest import data, mark, payload, read_jsonl, write_replay
+from transforms.model import CATEGORIES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINUTE = 60_000
+T0 = 1705543200000  # 2024-01-18T02:00:00Z
+
+
+@pytest.fixture(scope='module')
+def incident_run(tmp_path_factory) -> str:
+  """The default job (the bundled incident replay), as a newcomer runs it."""
+  out = str(tmp_path_factory.mktemp('incident') / 'out')
+  assert tidemark_run.main(['--output-dir', out]) == 0
+  return out
+
+
+def _samples(path: str) -> dict:
+  with open(path, encoding='utf-8') as f:
+    families = text_string_to_metric_families(f.read())
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in families for s in family.samples}
+
+
+def test_a_run_writes_its_report_and_metrics_beside_its_outputs(incident_run):
+  for name in (report.REPORT_NAME, report.METRICS_NAME):
+    assert os.path.getsize(os.path.join(incident_run, name)) > 0
+  page = open(os.path.join(incident_run, report.REPORT_NAME), encoding='utf-8').read()
+  assert 'run complete, reconciled' in page and 'class="status ok"' in page
+  assert 'src="http' not in page and '<link' not in page  # self-contained
+
+
+def test_the_metrics_are_the_runs_accounting_and_dead_letters(incident_run):
+  accounting = json.load(open(os.path.join(incident_run, 'accounting.json')))
+  samples = _samples(os.path.join(incident_run, report.METRICS_NAME))
+  for outcome in CATEGORIES:
+    key = ('tidemark_events_total',
+           (('customer', 'all'), ('outcome', outcome), ('source', 'all')))
+    assert samples[key] == accounting[outcome], outcome
+  assert samples[('tidemark_unaccounted_events',
+                  (('customer', 'all'), ('source', 'all')))] == 0
+  dead = collections.Counter(
+      (d['reason'], d['source']) for d in read_jsonl(os.path.join(incident_run,
+                                                                  'dead_letter.jsonl')))
+  exported = {(dict(labels)['reason'], dict(labels)['source']): value
+              for (name, labels), value in samples.items()
+              if name == 'tidemark_dead_letters_total'}
+  assert exported == dead
+  received = {dict(labels)['source']: value for (name, labels), value in samples.items()
+              if name == 'tidemark_received_total'}
+  assert sum(received.values()) == accounting['received'] and set(received) == {'A', 'B', 'C'}
+  # the incident's source C lags the others by more than the allowed lateness
+  lag = {dict(labels)['source']: value for (name, labels), value in samples.items()
+         if name == 'tidemark_watermark_lag_seconds'}
+  assert lag['A'] == 0 and lag['C'] > samples[('tidemark_allowed_lateness_seconds', ())] == 30
+  assert samples[('tidemark_run_complete', ())] == 1
+  assert samples[('tidemark_open_windows', ())] == 0
+  finals = report.load(incident_run).final_panes()
+  assert samples[('tidemark_windows_closed_total', ())] == len(finals)
+  assert samples[('tidemark_peak_resident_memory_bytes', ())] > 50 * 2**20
+
+
+def test_the_breakdown_adds_up_to_the_accounting(incident_run):
+  outputs = report.load(incident_run)
+  split = report.breakdown(outputs)
+  accounting = outputs.accounting
+  # no duplicates.jsonl on a bulk replay: per source they stay with the aggregated
+  assert split.merged == 'admitted or duplicate'
+  for outcome in ('invalid', 'too_late'):
+    assert sum(c.get(outcome, 0) for c in split.by_source.values()) == accounting[outcome]
+  assert sum(c['received'] for c in split.by_source.values()) == accounting['received']
+  assert sum(c[split.merged] for c in split.by_source.values()) == (
+      accounting['duplicate'] + accounting['aggregated'])
+  assert sum(c.get('aggregated', 0) for c in split.by_customer.values()) == (
+      accounting['aggregated'])
+  assert set(split.by_customer) == {'acme.io', 'dataflow-inc', 'finserve'}
+
+
+def test_the_lateness_split_finds_every_too_late_message(incident_run):
+  outputs = report.load(incident_run)
+  within, too_late = report.lateness(outputs)
+  assert len(too_late) == outputs.accounting['too_late'] == 37
+  lateness = outputs.allowed_lateness_s
+  assert all(s >= lateness for s in too_late) and all(s <= lateness for s in within)
+  assert within  # the incident's late events inside the allowed lateness
+
+
+def test_every_chart_of_a_replay_run_is_a_drawn_svg(incident_run):
+  made = report.charts(report.load(incident_run))
+  assert [c.title for c in made] == [
+      'Accounting', 'Dead letters over event time', 'Lateness', 'Watermark per source',
+      'Window completeness']
+  for chart in made:
+    root = ElementTree.fromstring(chart.svg)
+    assert root.tag.endswith('svg')
+    drawn = [e for e in root.iter() if e.tag.endswith('path') or e.tag.endswith('rect')]
+    assert len(drawn) >= 8, chart.title  # axes, ticks and the data
+
+
+def test_a_rollup_run_has_its_reconciliation_drawn(tmp_path):
+  lines = [data('A', payload('a', T0 + 1000)), mark('A', T0 + 2 * MINUTE),
+           data('A', payload('b', T0 + 5000))]  # late for 60 s, in time for the rollup
+  replay = write_replay(str(tmp_path / 'replay.jsonl'), lines)
+  out = str(tmp_path / 'out')
+  assert tidemark_run.main(['--source', f'replay:{replay}', '--output-dir', out,
+                            '--allowed-lateness', '0', '--rollup', '300:300']) == 0
+  made = report.charts(report.load(out))
+  assert made[-1].title == 'Rollup reconciliation'
+  outputs = report.load(out)
+  assert outputs.reconciliation['rollups'][0]['events_only_in_rollup'] == 1
+
+
+def test_a_run_that_did_not_complete_says_so_in_red(incident_run, tmp_path):
+  copy = str(tmp_path / 'stopped')
+  shutil.copytree(incident_run, copy)
+  manifest = json.load(open(os.path.join(copy, 'run.json')))
+  manifest.update(status='stopped', reconciled=False, detail='stopped mid-stream')
+  json.dump(manifest, open(os.path.join(copy, 'run.json'), 'w'))
+  report.write(copy)
+  page = open(os.path.join(copy, report.REPORT_NAME), encoding='utf-8').read()
+  assert 'class="status bad"' in page and 'run stopped, NOT reconciled: stopped mid-stream' in page
+  samples = _samples(os.path.join(copy, report.METRICS_NAME))
+  assert samples[('tidemark_run_complete', ())] == 0
+
+
+def test_report_on_a_folder_that_is_not_a_run_is_refused_writing_nothing(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'pipeline', 'report', str(tmp_path)], cwd=REPO,
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert f'{tmp_path}: no run.json' in result.stderr
+  assert os.listdir(tmp_path) == []
