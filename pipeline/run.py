@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import (
     DirectOptions, PipelineOptions, PortableOptions, StandardOptions)
 
 from pipeline import report
+from pipeline.metrics import METRICS_NAME
 from pipeline.build import build, build_bulk, read_source
 from pipeline.config import (
     BULK_REPLAY_RUNNERS, DIRECT_RUNNERS, ROLLUP_DIR, ConfigError, RunConfig, runner_name,
@@ -44,7 +45,7 @@ def output_names(config: RunConfig) -> Tuple[str, ...]:
   return tuple(os.path.basename(p) for p in (
       config.aggregates_path, config.dead_letter_path, config.accounting_path,
       config.memory_path, config.refused_path, config.duplicates_path,
-      config.reconciliation_path)) + ('aggregates.sqlite', report.REPORT_NAME, report.METRICS_NAME)
+      config.reconciliation_path)) + ('aggregates.sqlite', report.REPORT_NAME, METRICS_NAME)
 
 
 def _redact(dsn: Optional[str]) -> Optional[str]:
@@ -277,7 +278,7 @@ def finish(run: StagedRun, config: RunConfig, groups_in_java: bool) -> int:
     print(line)
   try:
     page, _ = report.write(config.output_dir)
-    print(f'report: {os.path.abspath(page)} (metrics: {report.METRICS_NAME})')
+    print(f'report: {os.path.abspath(page)} (metrics: {METRICS_NAME})')
   except (OSError, ValueError) as e:  # the outputs are committed; say what is missing
     print(f'tidemark: warning: no report was written: {e!r}', file=sys.stderr)
   print(f'outputs in {os.path.abspath(config.output_dir)} (run.json: {status})')

@@ -1,4 +1,5 @@
-"""The run report and metrics (pipeline/report.py) against a real run's outputs.
+"""The run report, its charts and metrics (pipeline/report.py, charts.py,
+metrics.py, outputs.py) against a real run's outputs.
 
 The bundled incident replay is run once through the CLI (the DirectRunner's
 bulk replay): every run writes report.html and metrics.prom beside its
@@ -18,7 +19,8 @@ import xml.etree.ElementTree as ElementTree
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import report
+from pipeline import charts, outputs as run_outputs, report
+from pipeline.metrics import METRICS_NAME
 from pipeline import run as tidemark_run
 from tests.conftest import data, mark, payload, read_jsonl, write_replay
 from transforms.model import CATEGORIES
@@ -44,7 +46,7 @@ def _samples(path: str) -> dict:
 
 
 def test_a_run_writes_its_report_and_metrics_beside_its_outputs(incident_run):
-  for name in (report.REPORT_NAME, report.METRICS_NAME):
+  for name in (report.REPORT_NAME, METRICS_NAME):
     assert os.path.getsize(os.path.join(incident_run, name)) > 0
   page = open(os.path.join(incident_run, report.REPORT_NAME), encoding='utf-8').read()
   assert 'run complete, reconciled' in page and 'class="status ok"' in page
@@ -53,7 +55,7 @@ def test_a_run_writes_its_report_and_metrics_beside_its_outputs(incident_run):
 
 def test_the_metrics_are_the_runs_accounting_and_dead_letters(incident_run):
   accounting = json.load(open(os.path.join(incident_run, 'accounting.json')))
-  samples = _samples(os.path.join(incident_run, report.METRICS_NAME))
+  samples = _samples(os.path.join(incident_run, METRICS_NAME))
   for outcome in CATEGORIES:
     key = ('tidemark_events_total',
            (('customer', 'all'), ('outcome', outcome), ('source', 'all')))
@@ -76,14 +78,14 @@ def test_the_metrics_are_the_runs_accounting_and_dead_letters(incident_run):
   assert lag['A'] == 0 and lag['C'] > samples[('tidemark_allowed_lateness_seconds', ())] == 30
   assert samples[('tidemark_run_complete', ())] == 1
   assert samples[('tidemark_open_windows', ())] == 0
-  finals = report.load(incident_run).final_panes()
+  finals = run_outputs.load(incident_run).final_panes()
   assert samples[('tidemark_windows_closed_total', ())] == len(finals)
   assert samples[('tidemark_peak_resident_memory_bytes', ())] > 50 * 2**20
 
 
 def test_the_breakdown_adds_up_to_the_accounting(incident_run):
-  outputs = report.load(incident_run)
-  split = report.breakdown(outputs)
+  outputs = run_outputs.load(incident_run)
+  split = run_outputs.breakdown(outputs)
   accounting = outputs.accounting
   # no duplicates.jsonl on a bulk replay: per source they stay with the aggregated
   assert split.merged == 'admitted or duplicate'
@@ -98,8 +100,8 @@ def test_the_breakdown_adds_up_to_the_accounting(incident_run):
 
 
 def test_the_lateness_split_finds_every_too_late_message(incident_run):
-  outputs = report.load(incident_run)
-  within, too_late = report.lateness(outputs)
+  outputs = run_outputs.load(incident_run)
+  within, too_late = charts.lateness(outputs)
   assert len(too_late) == outputs.accounting['too_late'] == 37
   lateness = outputs.allowed_lateness_s
   assert all(s >= lateness for s in too_late) and all(s <= lateness for s in within)
@@ -107,7 +109,7 @@ def test_the_lateness_split_finds_every_too_late_message(incident_run):
 
 
 def test_every_chart_of_a_replay_run_is_a_drawn_svg(incident_run):
-  made = report.charts(report.load(incident_run))
+  made = charts.charts(run_outputs.load(incident_run))
   assert [c.title for c in made] == [
       'Accounting', 'Dead letters over event time', 'Lateness', 'Watermark per source',
       'Window completeness']
@@ -125,9 +127,9 @@ def test_a_rollup_run_has_its_reconciliation_drawn(tmp_path):
   out = str(tmp_path / 'out')
   assert tidemark_run.main(['--source', f'replay:{replay}', '--output-dir', out,
                             '--allowed-lateness', '0', '--rollup', '300:300']) == 0
-  made = report.charts(report.load(out))
+  made = charts.charts(run_outputs.load(out))
   assert made[-1].title == 'Rollup reconciliation'
-  outputs = report.load(out)
+  outputs = run_outputs.load(out)
   assert outputs.reconciliation['rollups'][0]['events_only_in_rollup'] == 1
 
 
@@ -140,7 +142,7 @@ def test_a_run_that_did_not_complete_says_so_in_red(incident_run, tmp_path):
   report.write(copy)
   page = open(os.path.join(copy, report.REPORT_NAME), encoding='utf-8').read()
   assert 'class="status bad"' in page and 'run stopped, NOT reconciled: stopped mid-stream' in page
-  samples = _samples(os.path.join(copy, report.METRICS_NAME))
+  samples = _samples(os.path.join(copy, METRICS_NAME))
   assert samples[('tidemark_run_complete', ())] == 0
 
 

@@ -41,18 +41,34 @@ CUSTOMERS = ('finserve', 'dataflow-inc', 'acme.io')
 
 
 class Traffic:
-  """What was published, kept as replay lines for the reference."""
+  """What was published, kept as replay lines for the reference.
+
+  The producer is idempotent, so a retried request can neither duplicate nor
+  reorder records; ``flush`` also checks every partition's offsets against the
+  send order, so the replay is the order the broker holds.
+  """
 
   def __init__(self, bootstrap: str, topics: dict):
-    self.producer = Producer({'bootstrap.servers': bootstrap, 'linger.ms': 5})
+    self.producer = Producer(
+        {'bootstrap.servers': bootstrap, 'linger.ms': 5, 'enable.idempotence': True})
     self.topics = topics
     self.lines = []
+    self._sent = []  # (topic, partition), in send order
+    self._offsets = {}  # send index → its offset, or the delivery error
+    self._checked = 0
+    self._last = {}  # (topic, partition) → the last offset checked
 
   def send(self, source: str, partition: int, value: bytes, timestamp: int,
            key: str = 'none') -> None:
+    index = len(self._sent)
+    self._sent.append((self.topics[source], partition))
+
+    def delivered(err, msg, index=index):
+      self._offsets[index] = err if err is not None else msg.offset()
+
     self.producer.produce(
         self.topics[source], value=value, key=key.encode(), partition=partition,
-        timestamp=timestamp)
+        timestamp=timestamp, on_delivery=delivered)
     self.lines.append({'source': source, 'data': decode_payload(value or b"")})
 
   def event(self, source: str, partition: int, event_id: str, customer: str, key: str,
@@ -67,6 +83,13 @@ class Traffic:
 
   def flush(self) -> None:
     assert self.producer.flush(30) == 0
+    for index in range(self._checked, len(self._sent)):
+      partition, offset = self._sent[index], self._offsets.pop(index, None)
+      assert isinstance(offset, int), f'record {index} to {partition} not delivered: {offset}'
+      assert offset > self._last.get(partition, -1), (
+          f'{partition} holds record {index} at offset {offset}, before an earlier send')
+      self._last[partition] = offset
+    self._checked = len(self._sent)
 
   def write_replay(self, path: str) -> str:
     with open(path, 'w', encoding='utf-8') as f:

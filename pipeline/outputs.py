@@ -1,0 +1,162 @@
+"""What a run's output folder holds, read back: the figures the report, the
+charts and the metrics are made of.
+
+``load`` reads ``run.json``, the accounting, the panes, the dead letters, the
+duplicates and the reconciliation when the run wrote them, and the replay the
+run read when it is still there unchanged; ``breakdown`` splits the accounting
+by source and by customer as far as those files tell.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+from transforms.files import file_identity
+from transforms.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
+from transforms.parse import InvalidPayload, parse_payload
+from transforms.replay import Messages, ReplayError, compile_replay, watermark_history
+
+
+class NotARunFolder(ValueError):
+  """The folder is not a Tidemark run's output folder."""
+
+class RunOutputs(NamedTuple):
+  """What one run's folder holds, read once."""
+  directory: str
+  manifest: dict
+  accounting: Dict[str, int]
+  panes: List[dict]
+  dead_letters: List[dict]
+  duplicates: Optional[List[dict]]  # None: the run did not record them
+  reconciliation: Optional[dict]
+  #: the replay the run read, if it is still there unchanged: its messages
+  #: (source, payload, pipeline watermark at arrival) and each source's
+  #: watermark history (``transforms.replay.watermark_history``)
+  replay_messages: Optional[list]
+  replay_watermarks: Optional[Dict[str, List[Tuple[int, int]]]]
+
+  @property
+  def window_size_s(self) -> int:
+    return self.manifest['settings']['window_size_s']
+
+  @property
+  def allowed_lateness_s(self) -> int:
+    return self.manifest['settings']['allowed_lateness_s']
+
+  @property
+  def status(self) -> str:
+    return self.manifest.get('status', 'unknown')
+
+  @property
+  def unaccounted(self) -> int:
+    """``received`` minus every outcome: 0 unless messages went missing."""
+    return self.accounting.get(RECEIVED, 0) - sum(
+        self.accounting.get(k, 0) for k in CATEGORIES if k != RECEIVED)
+
+  def final_panes(self) -> Dict[tuple, dict]:
+    """Each window's pane with the highest index."""
+    finals: Dict[tuple, dict] = {}
+    for pane in self.panes:
+      window = (pane['customer_id'], pane['key'], pane['window_start'])
+      if window not in finals or pane['pane_index'] > finals[window]['pane_index']:
+        finals[window] = pane
+    return finals
+
+
+def _json_lines(path: str) -> Optional[List[dict]]:
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _json(path: str) -> Optional[dict]:
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def _replay(manifest: dict):
+  """The replay's messages and watermark history, or (None, None) when the run
+  did not read a replay or the file is gone or changed since."""
+  described = manifest.get('input') or {}
+  path = described.get('path')
+  if described.get('kind') != 'replay' or not path or not os.path.exists(path):
+    return None, None
+  if 'sha256' in described and file_identity(path).get('sha256') != described['sha256']:
+    return None, None
+  try:
+    replay = compile_replay(path)
+    history, _ = watermark_history(path)
+  except (ReplayError, OSError):
+    return None, None
+  messages = [m for step in replay.steps if isinstance(step, Messages) for m in step.batch]
+  return messages, history
+
+
+def load(output_dir: str) -> RunOutputs:
+  """Reads a run's folder; raises NotARunFolder when it has no ``run.json``."""
+  manifest = _json(os.path.join(output_dir, 'run.json'))
+  if manifest is None or 'settings' not in manifest:
+    raise NotARunFolder(f'{output_dir}: no run.json with settings: not a Tidemark output folder')
+  accounting = _json(os.path.join(output_dir, 'accounting.json')) or dict.fromkeys(CATEGORIES, 0)
+  messages, history = _replay(manifest)
+  return RunOutputs(
+      directory=output_dir, manifest=manifest, accounting=accounting,
+      panes=_json_lines(os.path.join(output_dir, 'aggregates.jsonl')) or [],
+      dead_letters=_json_lines(os.path.join(output_dir, 'dead_letter.jsonl')) or [],
+      duplicates=_json_lines(os.path.join(output_dir, 'duplicates.jsonl')),
+      reconciliation=_json(os.path.join(output_dir, 'reconciliation.json')),
+      replay_messages=messages, replay_watermarks=history)
+
+
+def payload_fields(data: str) -> Optional[tuple]:
+  """``(event_id, customer_id, key, value, event_time)``, or None if invalid."""
+  try:
+    return parse_payload(data)
+  except InvalidPayload:
+    return None
+
+
+# --- the figures ---------------------------------------------------------------
+
+
+class Breakdown(NamedTuple):
+  """The accounting split by source and by customer, as far as the outputs
+  tell: ``{group: {outcome: count}}``."""
+  by_source: Dict[str, Dict[str, int]]
+  by_customer: Dict[str, Dict[str, int]]
+  #: what the per-source split could not separate (duplicates are only known
+  #: per source when the run recorded them): the name of the merged outcome
+  merged: Optional[str]
+
+
+def breakdown(outputs: RunOutputs) -> Breakdown:
+  """Dead letters and duplicates name their source and (when the payload
+  parses) customer; final panes name their customer; a replay names every
+  message's source. What is left per source once the dead letters and
+  duplicates are taken out is ``aggregated`` (or ``admitted or duplicate``
+  when the run did not record its duplicates)."""
+  by_source: Dict[str, Dict[str, int]] = collections.defaultdict(collections.Counter)
+  by_customer: Dict[str, Dict[str, int]] = collections.defaultdict(collections.Counter)
+  for record in outputs.dead_letters + (outputs.duplicates or []):
+    by_source[record['source']][record['reason']] += 1
+    parsed = payload_fields(record['data']) if record['reason'] != INVALID else None
+    if parsed is not None:
+      by_customer[parsed[1]][record['reason']] += 1
+  for pane in outputs.final_panes().values():
+    by_customer[pane['customer_id']][AGGREGATED] += pane['count']
+  merged = None
+  if outputs.replay_messages is not None:
+    merged = AGGREGATED if outputs.duplicates is not None else 'admitted or duplicate'
+    received = collections.Counter(m.source for m in outputs.replay_messages)
+    for source, count in received.items():
+      counts = by_source[source]
+      counts[RECEIVED] = count
+      counts[merged] = count - sum(counts[k] for k in (INVALID, TOO_LATE, DUPLICATE))
+  return Breakdown(dict(by_source), dict(by_customer), merged)
+
