@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline.options import ConfigError, TidemarkOptions, checkpoint_interval_ms, option_dests
-from pipeline.targets import (  # re-exported: the settings' public names live here
-    SINKS, SOURCE_KINDS, TOPIC_KINDS, check_host_port, check_outputs, check_replay_file,
+from pipeline.targets import (
+    SOURCE_KINDS, check_host_port, check_outputs, check_replay_file,
     parse_aggregates_topic, parse_kafka_target, parse_pubsub_target, sink_settings)
 from transforms.model import MAX_EVENT_TIME, MIN_EVENT_TIME
 
@@ -137,7 +137,7 @@ def check_rollups(
           index, 'size_s', f'size {size} s is given twice (rollups {seen[size] + 1} and '
           f'{index + 1})')
     seen[size] = index
-  return tuple(sorted((int(s), int(l)) for s, l in rollups))
+  return tuple(sorted((int(size), int(lateness)) for size, lateness in rollups))
 
 
 def parse_rollups(specs: Sequence[str], window_size_s: int,

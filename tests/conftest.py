@@ -7,7 +7,6 @@ import json
 import os
 from typing import Iterable, List, NamedTuple, Optional
 
-import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline

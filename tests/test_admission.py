@@ -90,7 +90,7 @@ def _random_replay(seed: int, messages: int = 400) -> list:
   advance unevenly: every rule of section 3 in play at once."""
   rng = random.Random(seed)
   lines, marks, clock = [], {'A': None, 'B': None}, T0
-  for i in range(messages):
+  for _ in range(messages):
     clock += rng.randrange(0, 2 * SECOND)
     source = rng.choice('AB')
     if rng.random() < 0.08:
@@ -130,8 +130,11 @@ def test_shards_do_not_change_what_the_gate_decides():
     ).advance_watermark_to_infinity()
     with streaming_pipeline() as p:
       out = p | stream | RouteAndDeduplicate(60, 30, shards=shards)
-      ids = lambda pc, label: pc | label >> beam.Map(lambda x: getattr(x, 'event_id', None)
-                                                     or json.loads(x.data)['event_id'])
+
+      def ids(pc, label):
+        return pc | label >> beam.Map(
+            lambda x: getattr(x, 'event_id', None) or json.loads(x.data)['event_id'])
+
       assert_that(ids(out.admitted, 'A'), equal_to(expected[AGGREGATED]), label='admitted')
       assert_that(ids(out.too_late, 'T'), equal_to(expected[TOO_LATE]), label='too_late')
       assert_that(ids(out.duplicates, 'D'), equal_to(expected[DUPLICATE]), label='dups')

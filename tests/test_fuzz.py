@@ -268,16 +268,16 @@ def _verdict(data: Payload):
 def test_the_validator_agrees_with_the_reference_on_100000_hostile_payloads():
   problems: List[str] = []
   verdicts: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-  for name, data in payloads(seed=20240118, n=100_000):
+  for name, body in payloads(seed=20240118, n=100_000):
     try:
-      ours = _verdict(data)
-      theirs = reference.validate(data)
+      ours = _verdict(body)
+      theirs = reference.validate(body)
     except Exception as e:  # pylint: disable=broad-except
-      problems.append(f'{name}: {type(e).__name__}: {e} on {data[:120]!r}')
+      problems.append(f'{name}: {type(e).__name__}: {e} on {body[:120]!r}')
       continue
     verdicts[name][ours is not None] += 1
     if ours != theirs:
-      problems.append(f'{name}: pipeline {ours!r}, reference {theirs!r} on {data[:160]!r}')
+      problems.append(f'{name}: pipeline {ours!r}, reference {theirs!r} on {body[:160]!r}')
   assert not problems, f'{len(problems)} disagreements:\n' + '\n'.join(problems[:20])
   assert set(verdicts) == set(CLASSES)
   assert all(verdicts[name][False] for name in CLASSES)

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import yaml
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from conftest import T0, data, mark, payload, write_replay
 from pipeline import customer as customers

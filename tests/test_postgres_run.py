@@ -100,7 +100,10 @@ def test_a_customer_scoped_run_writes_only_its_customers_rows(
     refused = [json.loads(line) for line in f]
   with open(out / 'aggregates.jsonl') as f:
     foreign = [p for p in map(json.loads, f) if p['customer_id'] != 'dataflow-inc']
-  key = lambda p: (p['customer_id'], p['key'], p['window_start'], p['pane_index'])
+
+  def key(p):
+    return p['customer_id'], p['key'], p['window_start'], p['pane_index']
+
   assert sorted(map(key, (r for r in refused if 'reason' not in r))) == sorted(map(key, foreign))
   # Other customers' too-late dead letters are refused too, never stored.
   with open(out / 'dead_letter.jsonl') as f:

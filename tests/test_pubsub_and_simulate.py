@@ -153,8 +153,8 @@ def test_shift_to_now_moves_valid_events_by_whole_windows_and_leaves_garbage():
   now = T0 + 10 ** 9 + 12345
   offset = simulate.shift_to_now_offset(lines, 60, now_ms=now)
   assert offset % 60000 == 0
-  shifted = [simulate.to_publish(l, offset) for l in lines if isinstance(l, traffic.Data)]
-  originals = [l for l in lines if isinstance(l, traffic.Data)]
+  originals = [line for line in lines if isinstance(line, traffic.Data)]
+  shifted = [simulate.to_publish(line, offset) for line in originals]
   assert min(m.event_time for m in shifted) >= now > min(m.event_time for m in shifted) - 60000
   for before, after in zip(originals, shifted):
     fields = reference.validate(before.payload)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import MINUTE, SECOND, T0, data, mark, payload, tick, write_replay
+from conftest import MINUTE, T0, data, mark, payload, tick, write_replay
 from tools import reference, traffic
 from pipeline.run import final_panes
 from transforms.replay import Messages, ProcessingTime, ReplayError, Watermark, compile_replay

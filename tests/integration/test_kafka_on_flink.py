@@ -15,7 +15,6 @@ tools/reference.py's reading of the same traffic written down as a replay.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 

@@ -67,7 +67,7 @@ def fill_backlog(bootstrap: str, per_topic: int, partitions: int, seed: int,
   started = time.monotonic()
   # Event times end a few seconds before the fill does, as a backlog of now.
   estimate_s = len(lines) / 15000
-  offset = int((time.time() + estimate_s) * 1000) - max(l.event_time for l in lines)
+  offset = int((time.time() + estimate_s) * 1000) - max(line.event_time for line in lines)
   simulate.simulate(lines, simulate.KafkaTarget(bootstrap, prefix), 0, offset)
   return topics, round(time.monotonic() - started, 1)
 
