@@ -12,12 +12,14 @@ import json
 import os
 
 import pytest
+from apache_beam.transforms import trigger
 
 from conftest import MINUTE, SECOND, T0, data, mark, payload, run_replay, write_replay
 from tools import reference, traffic
 from pipeline.run import final_panes
 from test_replay_and_cli import cli
-from transforms.bulk import fire_panes
+from transforms import aggregate
+from transforms.bulk import AggregateWindowsInBulk, evaluated_early_firing, fire_panes
 from transforms.model import Event
 from transforms.replay import Messages, ReplayError, compile_replay, index_replay, read_chunk
 
@@ -72,6 +74,28 @@ def test_the_trigger_along_the_timeline_early_on_time_then_one_late_pane_per_ste
   ]
   assert [t for t, _ in fire_panes(rows, end, None, watermark_steps, processing_time_steps)] == [
       'ON_TIME', 'LATE', 'LATE']
+
+
+def test_the_bulk_replay_evaluates_the_trigger_the_windows_declare():
+  assert evaluated_early_firing(aggregate.pane_trigger(10), aggregate.PANE_ACCUMULATION) == 10
+  assert evaluated_early_firing(aggregate.pane_trigger(None), aggregate.PANE_ACCUMULATION) is None
+  for other, mode in [
+      (trigger.AfterWatermark(late=trigger.AfterCount(2)), aggregate.PANE_ACCUMULATION),
+      (trigger.AfterWatermark(early=trigger.AfterCount(5), late=trigger.AfterCount(1)),
+       aggregate.PANE_ACCUMULATION),
+      (trigger.AfterWatermark(), aggregate.PANE_ACCUMULATION),
+      (trigger.AfterCount(1), aggregate.PANE_ACCUMULATION),
+      (aggregate.pane_trigger(10), trigger.AccumulationMode.DISCARDING)]:
+    with pytest.raises(ValueError, match='the bulk replay evaluates'):
+      evaluated_early_firing(other, mode)
+
+
+def test_a_changed_window_trigger_stops_the_bulk_replay_from_building(monkeypatch, tmp_path):
+  monkeypatch.setattr(aggregate, 'pane_trigger', lambda early_firing_s: trigger.AfterWatermark(
+      late=trigger.AfterCount(2)))
+  index = index_replay(write_replay(str(tmp_path / 'replay.jsonl'), [data('A', payload('a', T0))]))
+  with pytest.raises(ValueError, match='late=AfterCount\\(2\\)'):
+    AggregateWindowsInBulk(60, 30, None, index)
 
 
 def test_a_window_whose_events_all_came_after_its_end_starts_with_a_late_pane():

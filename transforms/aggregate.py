@@ -8,7 +8,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.transforms import trigger
-from apache_beam.transforms.window import GlobalWindow
+from apache_beam.transforms.window import FixedWindows, GlobalWindow
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.utils.windowed_value import PaneInfoTiming
@@ -162,6 +162,19 @@ class _ToAggregateFn(beam.DoFn):
           PaneInfoTiming.to_string(pane.timing))
 
 
+def pane_trigger(early_firing_s: Optional[int]) -> trigger.AfterWatermark:
+  """The trigger of every window, declared once: optional early panes
+  ``early_firing_s`` of processing time after a pane's first event, the on-time
+  pane when the watermark passes the window end, then one late pane per late
+  firing. Panes accumulate (``PANE_ACCUMULATION``). The bulk replay evaluates
+  this same declaration (``transforms.bulk.fire_panes``) and refuses any other."""
+  early = trigger.AfterProcessingTime(early_firing_s) if early_firing_s else None
+  return trigger.AfterWatermark(early=early, late=trigger.AfterCount(1))
+
+
+PANE_ACCUMULATION = trigger.AccumulationMode.ACCUMULATING
+
+
 class AggregateWindows(beam.PTransform):
   """Per ``(customer_id, key)`` and fixed window: count, sum, min, max.
 
@@ -193,14 +206,13 @@ class AggregateWindows(beam.PTransform):
     self._early = early_firing_s
 
   def expand(self, events: beam.PCollection[Event]) -> beam.PCollection[WindowAggregate]:
-    early = trigger.AfterProcessingTime(self._early) if self._early else None
     return (
         events
         | 'Precombine' >> beam.ParDo(_PrecombineFn(self._size * 1000))
         | 'FixedWindows' >> beam.WindowInto(
-            beam.window.FixedWindows(self._size),
-            trigger=trigger.AfterWatermark(early=early, late=trigger.AfterCount(1)),
-            accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+            FixedWindows(self._size),
+            trigger=pane_trigger(self._early),
+            accumulation_mode=PANE_ACCUMULATION,
             allowed_lateness=Duration(micros=(self._lateness * 1000 + 1) * 1000))
         | 'CountSumMinMax' >> beam.CombinePerKey(MergeStats())
         | 'WithPaneInfo' >> beam.ParDo(_ToAggregateFn()))

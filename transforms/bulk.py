@@ -14,9 +14,10 @@ limits a Python runner), and emit the same outputs:
   ``transforms.admission.AdmissionRules`` with the watermark each message
   arrived under, every copy of an ``event_id`` walked in arrival order in its
   shard;
-* ``AggregateWindowsInBulk``: per window, the panes the streaming trigger
-  (``AfterWatermark(early=AfterProcessingTime, late=AfterCount(1))``,
-  accumulating) fires along the replay's timeline.
+* ``AggregateWindowsInBulk``: per window, the panes the streaming windows'
+  trigger (``aggregate.pane_trigger``, read through ``evaluated_early_firing``,
+  which refuses any shape ``fire_panes`` does not evaluate) fires along the
+  replay's timeline.
 
 Elements are lists (one per chunk, shard or window); only the outputs are single
 records.
@@ -33,8 +34,10 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.coders import coder_impl
+from apache_beam.transforms import trigger
 
 from transforms.admission import DUPLICATE_TAG, TOO_LATE_TAG, AdmissionRules
+from transforms import aggregate
 from transforms.aggregate import Stats
 from transforms.model import (
     AGGREGATED, CATEGORIES, INVALID, DeadLetter, Event, WindowAggregate, check_early_firing,
@@ -230,6 +233,23 @@ class AdmitChunks(beam.PTransform):
         admitted[AGGREGATED])
 
 
+def evaluated_early_firing(declared: trigger.TriggerFn,
+                           accumulation=trigger.AccumulationMode.ACCUMULATING) -> Optional[int]:
+  """The early firing delay of the declared trigger (``aggregate.pane_trigger``),
+  the one parameter ``fire_panes`` evaluates it by. Raises ValueError for a
+  trigger of any other shape: ``fire_panes`` evaluates accumulating
+  ``AfterWatermark(early=AfterProcessingTime(s) or none, late=AfterCount(1))``."""
+  early = declared.early.underlying if getattr(declared, 'early', None) else None
+  late = declared.late.underlying if getattr(declared, 'late', None) else None
+  if (type(declared) is not trigger.AfterWatermark or late != trigger.AfterCount(1)
+      or accumulation != trigger.AccumulationMode.ACCUMULATING
+      or (early is not None and type(early) is not trigger.AfterProcessingTime)):
+    raise ValueError(
+        'the bulk replay evaluates accumulating AfterWatermark(early=AfterProcessingTime(s), '
+        f'late=AfterCount(1)); the windows declare {declared!r}, {accumulation!r}')
+  return None if early is None else early.delay
+
+
 def fire_panes(
     rows: Sequence[Row],
     window_end: int,
@@ -321,7 +341,9 @@ class AggregateWindowsInBulk(beam.PTransform):
     window_spec(window_size_s, allowed_lateness_s)  # validates
     check_early_firing(early_firing_s)
     self._size = window_size_s
-    self._early = early_firing_s
+    # the streaming windows' own trigger, evaluated along the replay's timeline
+    self._early = evaluated_early_firing(
+        aggregate.pane_trigger(early_firing_s), aggregate.PANE_ACCUMULATION)
     self._watermark_steps = index.watermark_steps
     self._processing_time_steps = index.processing_time_steps
 
