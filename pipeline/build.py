@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
 
@@ -21,7 +21,7 @@ from transforms.postgres import UpsertPostgres, WriteDeadLettersToPostgres
 from transforms.sinks import UpsertSqlite
 from transforms.stable import AwaitCheckpoint
 from transforms.topics import PublishAggregatesToKafka, PublishAggregatesToPubSub
-from transforms.sources import ReadKafkaEvents, ReadPubSubEvents, ReadReplay
+from transforms.sources import EventSource, ReadKafkaEvents, ReadPubSubEvents, ReadReplay
 
 
 class Built(NamedTuple):
@@ -38,7 +38,7 @@ class Built(NamedTuple):
 ROLLUP_PREFIX = 'Rollup'
 
 
-def read_source(config: RunConfig) -> beam.PTransform:
+def read_source(config: RunConfig) -> Union[EventSource, ReadReplayInChunks]:
   """The source transform; a replay file is read and checked here, before
   anything runs (ReplayError names a bad line)."""
   if config.source_kind == 'replay' and config.replay_mode == 'bulk':
@@ -147,12 +147,12 @@ def aggregate_window_size(
   return Built(windows.aggregates, dead_letters, accounting)
 
 
-def build(p: beam.Pipeline, config: RunConfig, source: beam.PTransform) -> Built:
+def build(p: beam.Pipeline, config: RunConfig, source: EventSource) -> Built:
   """read → parse → for the window size and every rollup: route late → dedup
   → window & aggregate → write."""
   messages = p | 'Read' >> source
-  if isinstance(source, ReadReplay):
-    messages = messages | 'Progress' >> ReportProgress(source.replay.messages)
+  if source.expected_messages is not None:
+    messages = messages | 'Progress' >> ReportProgress(source.expected_messages)
   parsed = messages | 'Parse' >> ParseEvents()
   # Rollups are reconciled against the primary windows event by event, which
   # needs every copy each size dropped as a duplicate too (duplicates.jsonl).
@@ -212,3 +212,15 @@ def build_bulk(p: beam.Pipeline, config: RunConfig, source: ReadReplayInChunks) 
   if publish is not None:
     panes | 'PublishAggregates' >> publish
   return Built(panes, dead_letters, accounting)
+
+
+def is_streaming(config: RunConfig) -> bool:
+  """Replays, Pub/Sub and Kafka are streams, watermarks and all; a bulk replay
+  knows its whole timeline in advance and runs as a batch."""
+  return config.replay_mode != 'bulk'
+
+
+def build_run(p: beam.Pipeline, config: RunConfig, source) -> Built:
+  """The one place the flow is chosen: the streaming pipeline (``build``), or
+  for a bulk replay the same rules over the whole file (``build_bulk``)."""
+  return (build if is_streaming(config) else build_bulk)(p, config, source)

@@ -9,16 +9,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import unicodedata
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.options import ConfigError, TidemarkOptions, checkpoint_interval_ms, option_dests
+from pipeline.checks import (
+    MAX_RECORDS, MAX_SHARDS, ConfigError, check_seconds, check_text, parse_rollups)
+from pipeline.options import TidemarkOptions, checkpoint_interval_ms, option_dests
+from pipeline.runners import capabilities, runner_name
 from pipeline.targets import (
     SOURCE_KINDS, check_host_port, check_outputs, check_replay_file,
     parse_aggregates_topic, parse_kafka_target, parse_pubsub_target, sink_settings)
-from transforms.model import MAX_EVENT_TIME, MIN_EVENT_TIME
 
 #: The embedded default: a bundled incident-like replay.
 BUNDLED_REPLAY = os.path.join(os.path.dirname(__file__), 'data', 'incident-replay.jsonl')
@@ -34,137 +35,22 @@ ACCOUNTING_UPDATE_S = 2
 #: The attribute publishers set to the event id, for runners that deduplicate
 #: Pub/Sub redeliveries themselves (Dataflow); the DirectRunner refuses it.
 DEFAULT_PUBSUB_ID_LABEL = 'event_id'
-#: The Python SDK's own runners (everything runs in this process or its workers).
-DIRECT_RUNNERS = ('DirectRunner', 'BundleBasedDirectRunner', 'SwitchingDirectRunner')
-RUNNERS_WITHOUT_PUBSUB_ID_LABEL = DIRECT_RUNNERS
 #: The expansion service for Kafka IO started by scripts/flink.sh (EMBEDDED Java env).
 DEFAULT_KAFKA_EXPANSION_SERVICE = 'localhost:' + os.environ.get('KAFKA_EXPANSION_PORT', '18096')
 
 #: How a replay runs: as a stream (TestStream) or in bulk (batch, chunked).
 REPLAY_MODES = ('stream', 'bulk')
-#: Runners on which a replay runs in bulk unless told otherwise: the
-#: DirectRunner's streaming mode manages a few hundred events per second.
-BULK_REPLAY_RUNNERS = DIRECT_RUNNERS
-#: Runners that cannot advance processing time in a TestStream (Flink refuses
-#: with "Advancing Processing time is not supported by the Flink Runner").
-NO_PROCESSING_TIME_TEST_STREAM_RUNNERS = ('FlinkRunner', 'PortableRunner')
 
-#: The most seconds a duration setting may give (window and rollup sizes,
-#: lateness, early firing, skew, run time, memory samples): 100 years, the span
-#: of valid event times (2000-01-01 to 2100-01-01, contract section 1).
-MAX_SECONDS = (MAX_EVENT_TIME - MIN_EVENT_TIME) // 1000
-_TOO_LONG = 'at most {max} seconds (100 years, the span of valid event times), got {value}'
-#: Keys of the gate: at most this many (a customer file allows as many).
-MAX_SHARDS = 1024
-#: A count of records as Kafka (a Java long) can take it.
-MAX_RECORDS = 2**63 - 1
-_ROLLUP = re.compile(r' *([+-]?[0-9]+) *: *([+-]?[0-9]+) *\Z')
 #: The folder of a rollup's outputs inside --output-dir.
 ROLLUP_DIR = 'rollup-{size}s'
-#: Unicode categories refused in any text setting: control characters (a
-#: newline would split a launch command), invisible format characters, line
-#: and paragraph separators.
-_HIDDEN_CATEGORIES = ('Cc', 'Cf', 'Zl', 'Zp')
-
-
-def check_text(field: str, value: str) -> str:
-  """A text setting without control or invisible characters."""
-  for i, char in enumerate(value):
-    if unicodedata.category(char) in _HIDDEN_CATEGORIES:
-      raise ConfigError(
-          field, f'contains a control character (U+{ord(char):04X}) at position {i + 1}; '
-          'settings are one line of visible text')
-  return value
-
-
-def check_seconds(field: str, value: int, positive: bool = False) -> int:
-  """A whole number of seconds, at least 0 (or 1 if ``positive``) and at most
-  MAX_SECONDS."""
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise ConfigError(field, f'must be a whole number of seconds, got {value!r}')
-  if value < int(positive):
-    what = 'a positive number' if positive else 'zero or a positive number'
-    raise ConfigError(field, f'must be {what} of seconds, got {value}')
-  if value > MAX_SECONDS:
-    raise ConfigError(field, 'must be ' + _TOO_LONG.format(max=MAX_SECONDS, value=value))
-  return value
-
-
-class RollupError(ValueError):
-  """Rollup ``index`` (0-based) is wrong in ``field`` (``size_s`` or
-  ``allowed_lateness_s``); the CLI and customer files name it their own way."""
-
-  def __init__(self, index: int, field: str, reason: str):
-    super().__init__(reason)
-    self.index = index
-    self.field = field
-    self.reason = reason
-
-
-def check_rollups(
-    window_size_s: int, rollups: Sequence[Tuple[int, int]]) -> Tuple[Tuple[int, int], ...]:
-  """Checks ``(size s, allowed lateness s)`` rollups of a run whose primary
-  window is ``window_size_s``; returns them sorted by size.
-
-  Each size must be a multiple of the primary size larger than it: windows
-  are aligned to the epoch, so a rollup window is then exactly a run of whole
-  primary windows, and the primary figures inside it can be summed and
-  reconciled against it. Lateness is any whole number of seconds >= 0 (each
-  rollup decides its own too-late events). Sizes may not repeat; sizes and
-  lateness are at most MAX_SECONDS.
-  """
-  seen: Dict[int, int] = {}
-  for index, (size, lateness) in enumerate(rollups):
-    if size <= 0:
-      raise RollupError(index, 'size_s', f'size must be a positive number of seconds, got {size}')
-    if size > MAX_SECONDS:
-      raise RollupError(
-          index, 'size_s', 'size must be ' + _TOO_LONG.format(max=MAX_SECONDS, value=size))
-    if size <= window_size_s or size % window_size_s:
-      raise RollupError(
-          index, 'size_s', f'size {size} s must be a multiple of the window size '
-          f'({window_size_s} s) larger than it, so that whole windows nest in each rollup '
-          'window and the two reconcile')
-    if lateness < 0:
-      raise RollupError(
-          index, 'allowed_lateness_s',
-          f'allowed lateness must be zero or a positive number of seconds, got {lateness}')
-    if lateness > MAX_SECONDS:
-      raise RollupError(index, 'allowed_lateness_s', 'allowed lateness must be ' +
-                        _TOO_LONG.format(max=MAX_SECONDS, value=lateness))
-    if size in seen:
-      raise RollupError(
-          index, 'size_s', f'size {size} s is given twice (rollups {seen[size] + 1} and '
-          f'{index + 1})')
-    seen[size] = index
-  return tuple(sorted((int(size), int(lateness)) for size, lateness in rollups))
-
-
-def parse_rollups(specs: Sequence[str], window_size_s: int,
-                  field: str = '--rollup') -> Tuple[Tuple[int, int], ...]:
-  """``--rollup SIZE:LATENESS`` values (the flag may repeat, and a value may
-  list several, comma-separated, as one Flex Template parameter must) to
-  checked ``(size s, lateness s)`` pairs; ConfigError naming ``field``."""
-  items = [item for spec in specs for item in spec.split(',')]
-  rollups = []
-  for item in items:
-    match = _ROLLUP.fullmatch(item)
-    if not match:
-      raise ConfigError(
-          field, f'{item!r} is not SIZE:LATENESS (whole seconds, e.g. 3600:900)')
-    rollups.append((int(match.group(1)), int(match.group(2))))
-  try:
-    return check_rollups(window_size_s, rollups)
-  except RollupError as e:
-    size, lateness = rollups[e.index]
-    raise ConfigError(field, f'{size}:{lateness}: {e.reason}') from None
 
 
 def default_replay_mode(kind: str, runner: str, sample_memory: Optional[int],
                         rollups) -> str:
   """Bulk for a replay on the DirectRunner, unless the run needs event time to
   pass as a stream (memory samples, rollups); stream otherwise."""
-  if kind == 'replay' and runner in BULK_REPLAY_RUNNERS and sample_memory is None and not rollups:
+  if (kind == 'replay' and capabilities(runner).bulk_replays and sample_memory is None
+      and not rollups):
     return 'bulk'
   return 'stream'
 
@@ -359,10 +245,10 @@ class RunConfig:
     id_label = opts.pubsub_id_label
     if id_label is None:
       id_label = (
-          None if runner in RUNNERS_WITHOUT_PUBSUB_ID_LABEL else DEFAULT_PUBSUB_ID_LABEL)
+          DEFAULT_PUBSUB_ID_LABEL if capabilities(runner).pubsub_id_label else None)
     elif id_label.lower() == 'none':
       id_label = None
-    elif kind == 'pubsub' and runner in RUNNERS_WITHOUT_PUBSUB_ID_LABEL:
+    elif kind == 'pubsub' and not capabilities(runner).pubsub_id_label:
       raise ConfigError(
           '--pubsub-id-label', f'the {runner} does not support Pub/Sub id labels; '
           'leave it unset (Tidemark deduplicates by event_id itself)')
@@ -405,7 +291,7 @@ class RunConfig:
         pubsub_id_label=id_label if kind == 'pubsub' else None,
         expected_skew_s=skew,
         run_seconds=run_seconds,
-        replay_processing_time=runner not in NO_PROCESSING_TIME_TEST_STREAM_RUNNERS,
+        replay_processing_time=capabilities(runner).test_stream_processing_time,
         kafka_expansion_service=expansion,
         kafka_max_records=max_records,
         kafka_consumer_group=group,
@@ -425,7 +311,7 @@ def watermark_risks(config: RunConfig, runner: Optional[str]) -> List[str]:
   allowed lateness, i.e. possibly once ``d > L`` and always once ``d >= W + L``.
   """
   runner = runner or 'DirectRunner'
-  if config.source_kind != 'pubsub' or runner not in RUNNERS_WITHOUT_PUBSUB_ID_LABEL:
+  if config.source_kind != 'pubsub' or not capabilities(runner).wall_clock_pubsub_watermark:
     return []
   size, lateness, skew = (
       config.window_size_s, config.allowed_lateness_s, config.expected_skew_s)
@@ -450,11 +336,3 @@ def watermark_risks(config: RunConfig, runner: Optional[str]) -> List[str]:
             'events WILL be lost from the aggregates (they reach the dead letter); '
             f'raise --allowed-lateness to at least {skew} s.']
   return []
-
-
-def runner_name(options: PipelineOptions) -> str:
-  """The runner's class name (``DirectRunner`` when none is given)."""
-  runner = options.view_as(StandardOptions).runner or 'DirectRunner'
-  if not isinstance(runner, str):
-    runner = type(runner).__name__
-  return runner.rsplit('.', 1)[-1]

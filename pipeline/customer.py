@@ -7,7 +7,7 @@ never quoting the file:
 
 1. every value but the description is one line of visible text (no control
    characters: values end up in a launch command), the rule of
-   ``pipeline.config.check_text``;
+   ``pipeline.checks.check_text``;
 2. its shape, against ``pipeline/customer.schema.json`` (JSON Schema 2020-12);
 3. ownership: a customer's file may only name that customer's resources. Every
    Pub/Sub subscription id, Kafka topic and PostgreSQL table, and the dataset of
@@ -28,6 +28,8 @@ import json
 import os
 import re
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+from pipeline.checks import ConfigError, RollupError, check_rollups, check_text
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), 'customer.schema.json')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,7 +224,6 @@ def load_file(path: str) -> Customer:
     spec = json.loads(text) if kind == 'JSON' else yaml.safe_load(text)
   except (ValueError, yaml.YAMLError) as e:
     raise CustomerFileError(path, '', _syntax_error(kind, e)) from None
-  from pipeline.config import ConfigError, RollupError, check_rollups, check_text  # Beam: slow
   for parts, value in _texts(spec):
     if parts[:1] == ('description',):
       continue  # free text for people; never part of a launch

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
+from pipeline.checks import ConfigError
+
 #: Options that are not Tidemark's, described in ``python -m pipeline run --help``.
 BEAM_OPTIONS_HELP = (
     "Beam's pipeline options are accepted too: any option of a PipelineOptions "
@@ -20,15 +22,6 @@ BEAM_OPTIONS_HELP = (
     'stray argument, stops the run (exit 2).')
 
 _WHOLE_NUMBER = re.compile(r'[+-]?[0-9]+\Z')
-
-
-class ConfigError(ValueError):
-  """A setting is wrong; ``field`` names it."""
-
-  def __init__(self, field: str, reason: str):
-    super().__init__(f'{field}: {reason}')
-    self.field = field
-    self.reason = reason
 
 
 def whole_number(text: str) -> int:

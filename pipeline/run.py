@@ -22,10 +22,10 @@ from apache_beam.options.pipeline_options import (
 
 from pipeline import report
 from pipeline.metrics import METRICS_NAME
-from pipeline.build import build, build_bulk, read_source
-from pipeline.config import (
-    BULK_REPLAY_RUNNERS, DIRECT_RUNNERS, ROLLUP_DIR, ConfigError, RunConfig, runner_name,
-    watermark_risks)
+from pipeline.build import build, build_run, is_streaming, read_source
+from pipeline.checks import ConfigError
+from pipeline.config import ROLLUP_DIR, RunConfig, watermark_risks
+from pipeline.runners import capabilities, runner_name
 from pipeline.reconciliation import (  # noqa: F401  (reconcile* are imported from here too)
     Reconciliation, RollupAccounting, final_panes, reconcile, reconcile_run, refused_lines,
     rollup_lines)
@@ -89,10 +89,10 @@ def prepare_output(config: RunConfig, options: Optional[PipelineOptions] = None,
   commit) with a ``running`` manifest; returns the run, whose config writes
   there. Every contract file exists from the start; the accounting, all
   zeros, is replaced as messages are accounted for (an empty input emits none)."""
-  runner = runner_name(options) if options is not None else 'DirectRunner'
+  runner = runner_name(options)
   environment = options.view_as(PortableOptions).environment_type if options else None
   # Workers write here on the DirectRunner and LOOPBACK; elsewhere on their own disks.
-  here = runner in DIRECT_RUNNERS or (environment or '').upper() == 'LOOPBACK'
+  here = capabilities(runner).in_process or (environment or '').upper() == 'LOOPBACK'
   settings = {**dataclasses.asdict(config), 'postgres_dsn': _redact(config.postgres_dsn)}
   folder = RunFolder(
       config.output_dir, output_names(config), re.compile(ROLLUP_DIR.format(size='[0-9]+')),
@@ -300,7 +300,7 @@ PARALLEL_BULK_MESSAGES = 200_000
 def use_every_core(options: PipelineOptions, argv: List[str], messages: int) -> None:
   """A large bulk replay on the DirectRunner: one worker process per core,
   unless ``--direct_num_workers`` was given."""
-  if (options.view_as(StandardOptions).runner not in BULK_REPLAY_RUNNERS or
+  if (not capabilities(options).bulk_replays or
       messages < PARALLEL_BULK_MESSAGES or
       any(a.startswith('--direct_num_workers') for a in argv)):
     return
@@ -320,8 +320,8 @@ def tune_live_bundles(options: PipelineOptions, config: RunConfig) -> None:
   ``--max_bundle_time_mills`` was given."""
   from pipeline.options import FlinkRunnerJavaOptions
   flink = options.view_as(FlinkRunnerJavaOptions)
-  runner = options.view_as(StandardOptions).runner
-  if config.unbounded and runner not in DIRECT_RUNNERS and flink.max_bundle_time_mills is None:
+  if (config.unbounded and not capabilities(options).in_process
+      and flink.max_bundle_time_mills is None):
     flink.max_bundle_time_mills = LIVE_MAX_BUNDLE_TIME_MS
 
 
@@ -345,19 +345,16 @@ def main(argv: Optional[List[str]] = None) -> int:
           file=sys.stderr)
     return 2
   standard = options.view_as(StandardOptions)
-  # Replays, Pub/Sub and Kafka are streams, watermarks and all; a bulk replay
-  # knows its whole timeline in advance and runs as a batch.
-  standard.streaming = config.replay_mode != 'bulk'
-  flow = build_bulk if config.replay_mode == 'bulk' else build
+  standard.streaming = is_streaming(config)
   if not standard.runner:
     standard.runner = 'DirectRunner'
-  if config.replay_mode == 'bulk':
+  if not standard.streaming:
     use_every_core(options, argv, source.index.messages)
     os.environ[LAUNCHER_PID] = str(os.getpid())
   tune_live_bundles(options, config)
   try:
     check_flink_job_server(options)
-    warnings = watermark_risks(config, standard.runner)
+    warnings = watermark_risks(config, runner_name(options))
   except ConfigError as e:
     print(f'tidemark: error: {e}', file=sys.stderr)
     return 2
@@ -382,7 +379,7 @@ def main(argv: Optional[List[str]] = None) -> int:
       run.result = run_unbounded(options, run.config, source)
     else:
       p = beam.Pipeline(options=options)
-      flow(p, run.config, source)
+      build_run(p, run.config, source)
       run.result = p.run()
       _wait_until_finished(run.result)
   except KeyboardInterrupt:
@@ -392,5 +389,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     raise
   with signals.deferred():
     # Beam Java's GroupByKey counts what it drops as expired; the Python runners' do not.
-    code = finish(run, config, groups_in_java=standard.runner not in DIRECT_RUNNERS)
+    code = finish(run, config, groups_in_java=not capabilities(options).in_process)
   return code or (128 + signals.received if signals.received else 0)

@@ -21,8 +21,9 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import (
     FlinkRunnerOptions, GoogleCloudOptions, PipelineOptions, PortableOptions)
 
-from pipeline.config import RunConfig, runner_name
-from pipeline.options import ConfigError
+from pipeline.config import RunConfig
+from pipeline.runners import runner_name
+from pipeline.checks import ConfigError
 from pipeline.flink_cluster import FlinkCluster, FlinkClusterError
 
 #: Flink masters that are not a cluster: the job server's own mini-cluster.

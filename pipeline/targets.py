@@ -14,7 +14,8 @@ import tempfile
 import urllib.parse
 from typing import TYPE_CHECKING, Dict, Tuple
 
-from pipeline.options import ConfigError, TidemarkOptions
+from pipeline.checks import ConfigError
+from pipeline.options import TidemarkOptions
 
 if TYPE_CHECKING:
   from pipeline.config import RunConfig

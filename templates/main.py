@@ -14,7 +14,7 @@ from typing import List, Optional
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.build import build, build_bulk, read_source
+from pipeline.build import build_run, is_streaming, read_source
 from pipeline.config import RunConfig
 
 
@@ -22,10 +22,9 @@ def main(argv: Optional[List[str]] = None) -> None:
   logging.getLogger().setLevel(logging.INFO)
   options = PipelineOptions(sys.argv[1:] if argv is None else argv)
   config = RunConfig.from_options(options)  # ConfigError names a bad parameter
-  bulk = config.replay_mode == 'bulk'  # a replay file run as a batch
-  options.view_as(StandardOptions).streaming = not bulk
+  options.view_as(StandardOptions).streaming = is_streaming(config)
   p = beam.Pipeline(options=options)
-  (build_bulk if bulk else build)(p, config, read_source(config))
+  build_run(p, config, read_source(config))
   p.run()
 
 

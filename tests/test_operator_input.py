@@ -15,7 +15,8 @@ import yaml
 from conftest import T0, data, mark, payload, write_replay
 from pipeline import customer as customers
 from pipeline import targets
-from pipeline.config import MAX_SECONDS, ConfigError, RunConfig, parse_rollups
+from pipeline.checks import MAX_SECONDS, parse_rollups
+from pipeline.config import ConfigError, RunConfig
 from pipeline.deploy import dataflow_command
 from pipeline.options import option_dests, parse_args
 from transforms.sinks import SQLITE_DDL

@@ -21,7 +21,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from conftest import MINUTE, SECOND, T0, data, mark, payload, read_jsonl, write_replay
 from tools import reference, traffic
-from pipeline.config import BUNDLED_REPLAY, ConfigError, RunConfig, parse_rollups
+from pipeline.checks import parse_rollups
+from pipeline.config import BUNDLED_REPLAY, ConfigError, RunConfig
 from pipeline.reconciliation import final_panes, reconcile_rollups
 from pipeline.run import Reconciliation, reconcile_run
 

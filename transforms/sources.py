@@ -85,7 +85,26 @@ class _ToRawMessageFn(beam.DoFn):
         watermark if self._arrival_watermarks else None)
 
 
-class ReadReplay(beam.PTransform):
+class EventSource(beam.PTransform):
+  """What every source of the streaming pipeline is: a PTransform from the
+  pipeline's start to ``RawMessage(source, data, arrival_watermark)``, one
+  per received message, stamped with its event time where the source knows it.
+
+  ``arrival_watermarks`` says whether the messages carry the pipeline
+  watermark they arrived under (a replay states it; the gate then decides by
+  it exactly) or not (a live source: only the runner knows the watermark).
+  ``expected_messages`` is how many messages the source delivers, when that is
+  known before the run (a replay), else None.
+  """
+
+  arrival_watermarks: bool = False
+
+  @property
+  def expected_messages(self) -> Optional[int]:
+    return None
+
+
+class ReadReplay(EventSource):
   """Replays a recorded stream exactly (contract section 2).
 
   The file is read and checked when the transform is constructed, so a bad
@@ -109,6 +128,10 @@ class ReadReplay(beam.PTransform):
     self.replay = compile_replay(replay) if isinstance(replay, str) else replay
     self.processing_time = processing_time
     self.arrival_watermarks = arrival_watermarks
+
+  @property
+  def expected_messages(self) -> int:
+    return self.replay.messages
 
   def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[RawMessage]:
     return (
@@ -183,7 +206,7 @@ class _StampFromAttributeFn(beam.DoFn):
       yield beam.window.TimestampedValue(raw, stamp)
 
 
-class ReadPubSubEvents(beam.PTransform):
+class ReadPubSubEvents(EventSource):
   """Reads one Pub/Sub subscription per source name and flattens them into
   RawMessage(source, payload).
 
@@ -199,9 +222,6 @@ class ReadPubSubEvents(beam.PTransform):
   runners that support it may set it (the DirectRunner refuses it).
   """
 
-
-  #: A live source: only the runner knows the watermark.
-  arrival_watermarks = False
 
   def __init__(
       self,
@@ -268,7 +288,7 @@ def kafka_partitions_without_records(
     consumer.close()
 
 
-class ReadKafkaEvents(beam.PTransform):
+class ReadKafkaEvents(EventSource):
   """Reads one Kafka topic per source name (Beam's cross-language ReadFromKafka).
 
   Record timestamps are the event time (``CreateTime``), so each partition's
@@ -286,9 +306,6 @@ class ReadKafkaEvents(beam.PTransform):
   committed ones).
   """
 
-
-  #: A live source: only the runner knows the watermark.
-  arrival_watermarks = False
 
   def __init__(
       self,

@@ -1,0 +1,64 @@
+"""What each runner can do: the one table Tidemark consults about runners.
+
+Every runner-dependent choice (where workers write, whether a replay runs in
+bulk, what the Pub/Sub read may ask for, whether a TestStream may advance
+processing time) reads a field of this table, by the runner's class name.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional, Union
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+
+class Capabilities(NamedTuple):
+  #: The Python SDK's own runner: its workers are this process or its children,
+  #: so they write on this machine (and group in Python, not in Java).
+  in_process: bool
+  #: A replay runs in bulk unless told otherwise: the DirectRunner's streaming
+  #: mode manages a few hundred events per second.
+  bulk_replays: bool
+  #: ReadFromPubSub's ``id_label`` is honoured (the runner drops redeliveries);
+  #: the DirectRunner refuses it.
+  pubsub_id_label: bool
+  #: The Pub/Sub watermark is the wall clock, not the event times (the DirectRunner).
+  wall_clock_pubsub_watermark: bool
+  #: A TestStream may advance processing time (Flink refuses: "Advancing
+  #: Processing time is not supported by the Flink Runner").
+  test_stream_processing_time: bool
+
+
+_DIRECT = Capabilities(
+    in_process=True, bulk_replays=True, pubsub_id_label=False,
+    wall_clock_pubsub_watermark=True, test_stream_processing_time=True)
+_FLINK = Capabilities(
+    in_process=False, bulk_replays=False, pubsub_id_label=True,
+    wall_clock_pubsub_watermark=False, test_stream_processing_time=False)
+#: Any runner not named here (Dataflow, ...).
+OTHER = Capabilities(
+    in_process=False, bulk_replays=False, pubsub_id_label=True,
+    wall_clock_pubsub_watermark=False, test_stream_processing_time=True)
+
+RUNNERS: Dict[str, Capabilities] = {
+    'DirectRunner': _DIRECT,
+    'BundleBasedDirectRunner': _DIRECT,
+    'SwitchingDirectRunner': _DIRECT,
+    'FlinkRunner': _FLINK,
+    'PortableRunner': _FLINK,  # Tidemark's portable runner is Flink's job server
+}
+
+
+def runner_name(options: Optional[PipelineOptions]) -> str:
+  """The runner's class name (``DirectRunner`` when none is given)."""
+  runner = options.view_as(StandardOptions).runner if options is not None else None
+  runner = runner or 'DirectRunner'
+  if not isinstance(runner, str):
+    runner = type(runner).__name__
+  return runner.rsplit('.', 1)[-1]
+
+
+def capabilities(runner: Union[str, PipelineOptions, None]) -> Capabilities:
+  """The table's row for a runner name (or the runner of ``options``)."""
+  name = runner if isinstance(runner, str) else runner_name(runner)
+  return RUNNERS.get(name.rsplit('.', 1)[-1], OTHER)

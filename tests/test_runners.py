@@ -1,0 +1,32 @@
+"""The runner table (pipeline/runners.py) and the choices that read it."""
+
+from __future__ import annotations
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.config import RunConfig
+from pipeline.runners import OTHER, RUNNERS, capabilities, runner_name
+
+
+def test_a_runner_is_known_by_its_class_name_however_it_is_given():
+  assert runner_name(None) == runner_name(PipelineOptions([])) == 'DirectRunner'
+  assert runner_name(PipelineOptions(
+      ['--runner=apache_beam.runners.portability.flink_runner.FlinkRunner'])) == 'FlinkRunner'
+  assert capabilities('apache_beam.runners.direct.direct_runner.DirectRunner').in_process
+  assert capabilities(PipelineOptions(['--runner=PortableRunner'])) == RUNNERS['FlinkRunner']
+  assert capabilities('DataflowRunner') == OTHER
+
+
+def test_the_choices_follow_the_table():
+  def config(runner, *args):
+    return RunConfig.from_options(PipelineOptions([f'--runner={runner}', *args]))
+  # a replay runs in bulk only where the table says so
+  assert config('DirectRunner').replay_mode == 'bulk'
+  assert config('FlinkRunner').replay_mode == 'stream'
+  # processing-time steps only where a TestStream can advance processing time
+  assert not config('FlinkRunner').replay_processing_time
+  assert config('DataflowRunner').replay_processing_time
+  # Pub/Sub redeliveries are dropped by id label where the runner honours it
+  pubsub = ('--source=pubsub:projects/p-123456/subscriptions/events', '--allowed-lateness=0')
+  assert config('DataflowRunner', *pubsub).pubsub_id_label == 'event_id'
+  assert config('DirectRunner', *pubsub).pubsub_id_label is None
