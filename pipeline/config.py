@@ -35,8 +35,9 @@ ACCOUNTING_UPDATE_S = 2
 #: The attribute publishers set to the event id, for runners that deduplicate
 #: Pub/Sub redeliveries themselves (Dataflow); the DirectRunner refuses it.
 DEFAULT_PUBSUB_ID_LABEL = 'event_id'
-#: The expansion service for Kafka IO started by scripts/flink.sh (EMBEDDED Java env).
-DEFAULT_KAFKA_EXPANSION_SERVICE = 'localhost:' + os.environ.get('KAFKA_EXPANSION_PORT', '18096')
+#: Where Kafka IO's expansion service is, unless --kafka-expansion-service says
+#: otherwise (scripts/flink.sh serves one there).
+DEFAULT_KAFKA_EXPANSION_SERVICE = 'localhost:18096'
 
 #: How a replay runs: as a stream (TestStream) or in bulk (batch, chunked).
 REPLAY_MODES = ('stream', 'bulk')
