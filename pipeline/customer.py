@@ -32,8 +32,17 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 from pipeline.checks import ConfigError, RollupError, check_rollups, check_text
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), 'customer.schema.json')
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUSTOMERS_DIR = os.path.join(REPO, 'templates', 'customers')
+#: Where customer files are looked for, relative to the working directory (the
+#: deploy repository's layout); TIDEMARK_CUSTOMERS_DIR or --customers-dir say
+#: otherwise.
+CUSTOMERS_DIR = os.path.join('templates', 'customers')
+CUSTOMERS_DIR_ENV = 'TIDEMARK_CUSTOMERS_DIR'
+
+
+def customers_dir() -> str:
+  """The default folder of customer files: $TIDEMARK_CUSTOMERS_DIR, else
+  ``templates/customers`` under the working directory."""
+  return os.environ.get(CUSTOMERS_DIR_ENV) or CUSTOMERS_DIR
 EXTENSIONS = ('.yaml', '.yml', '.json')
 
 
@@ -79,7 +88,7 @@ def owns(customer_id: str, name: str) -> bool:
 _NAME = re.compile(r'[A-Za-z0-9_.-]{1,64}\Z')
 
 
-def find(name: str, directory: str = CUSTOMERS_DIR) -> str:
+def find(name: str, directory: Optional[str] = None) -> str:
   """The file of customer ``name`` in ``directory`` (NAME.yaml, .yml or .json).
 
   A name is never a path: nothing outside ``directory`` is read (load_file
@@ -89,6 +98,7 @@ def find(name: str, directory: str = CUSTOMERS_DIR) -> str:
     raise CustomerFileError(
         repr(name), None, 'is not a customer name (1-64 characters of A-Z a-z 0-9 _ . -); '
         'a file elsewhere is read by its path with --customer-file PATH')
+  directory = directory or customers_dir()
   found = [os.path.join(directory, name + ext) for ext in EXTENSIONS
            if os.path.isfile(os.path.join(directory, name + ext))]
   if not found:
@@ -202,7 +212,7 @@ def _syntax_error(kind: str, error: Exception) -> str:
   return f'not valid {kind}' + (f': {problem}' if problem else '') + where
 
 
-def load(name: str, directory: str = CUSTOMERS_DIR) -> Customer:
+def load(name: str, directory: Optional[str] = None) -> Customer:
   """Reads and checks the file of customer ``name`` in ``directory``
   (CustomerFileError names the field)."""
   return load_file(find(name, directory))

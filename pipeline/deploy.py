@@ -174,8 +174,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help='flink: submit the job restored from this savepoint (or checkpoint)')
   parser.add_argument('--dry-run', action='store_true',
                       help='print what would be done and exit, contacting nothing')
-  parser.add_argument('--customers-dir', default=customers.CUSTOMERS_DIR,
-                      help='where customer files live (default: templates/customers)')
+  parser.add_argument('--customers-dir', default=None,
+                      help='where customer files live (default: $TIDEMARK_CUSTOMERS_DIR, else '
+                      'templates/customers under the working directory)')
   args = parser.parse_args(argv)
   if (args.stop or args.upgrade or args.from_savepoint) and args.target != 'flink':
     parser.error('--stop, --upgrade and --from-savepoint are for --target flink')

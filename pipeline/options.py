@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
@@ -32,94 +32,188 @@ def whole_number(text: str) -> int:
   return int(text)
 
 
+class Option(NamedTuple):
+  """One Tidemark option: the single definition its command-line flag, its
+  Flex Template parameter (``templates/metadata.json``, generated from this by
+  ``python -m tools.template_metadata``) and its help are made from. The
+  values are checked further by ``RunConfig.from_options``."""
+  dest: str
+  #: the template parameter's label
+  label: str
+  #: what the template accepts (Dataflow checks it before launching)
+  regex: str
+  help: str
+  #: a whole number in ASCII digits
+  number: bool = False
+  metavar: Optional[str] = None
+  #: the flag may repeat
+  repeated: bool = False
+  #: the template's help, where it differs (a template's source is required)
+  template_help: Optional[str] = None
+
+
+OPTIONS: Tuple[Option, ...] = (
+    Option(
+        'source', 'Event source', '^(pubsub|kafka|replay):\\S+$',
+        'Where events come from: replay:PATH (a replay file, contract section 2), '
+        'pubsub:[NAME=]projects/P/subscriptions/S[,...] (one subscription per source; '
+        'NAME defaults to S) or kafka:BOOTSTRAP/TOPIC[,NAME=TOPIC...] (a topic per '
+        'source). Default: the bundled incident replay.',
+        metavar='KIND:TARGET',
+        template_help=(
+            'Where events come from: '
+            'pubsub:[NAME=]projects/PROJECT/subscriptions/ID[,...] or '
+            'kafka:HOST:PORT[,HOST:PORT]/TOPIC[,TOPIC] (replay:PATH is for local runs).')),
+    Option(
+        'window_size', 'Window size (s)', '^[1-9][0-9]{0,5}$',
+        'Fixed window size in whole seconds, at most 100 years (the span of valid event '
+        'times). Default: 60.',
+        number=True, metavar='SECONDS'),
+    Option(
+        'allowed_lateness', 'Allowed lateness (s)', '^[0-9]{1,6}$',
+        'Allowed lateness in whole seconds, at most 100 years. Default: 30.',
+        number=True, metavar='SECONDS'),
+    Option(
+        'early_firing', 'Early firing (s)', '^[0-9]{1,5}$',
+        'Emit an EARLY pane this many seconds of processing time after the first event of'
+        ' a window; 0 turns early panes off. Default: 10.',
+        number=True, metavar='SECONDS'),
+    Option(
+        'rollup', 'Rollups (size:lateness s)', '^[1-9][0-9]{0,6}:[0-9]{1,6}(,[1-9][0-9]{0,6}:[0-9]{1,6})*$',
+        'SIZE:LATENESS (whole seconds): also aggregate the same events in windows of '
+        'SIZE, a multiple of --window-size, with their own allowed lateness, into '
+        'OUTPUT_DIR/rollup-SIZEs/; OUTPUT_DIR/reconciliation.json then shows each rollup '
+        'window equals the windows inside it, event by event. Repeat the flag or separate'
+        ' with commas for several.',
+        metavar='SIZE:LATENESS', repeated=True),
+    Option(
+        'output_dir', 'Local output folder', '^/[^,]*$',
+        'Folder for aggregates.jsonl, dead_letter.jsonl and accounting.json (default: '
+        'tidemark-output).',
+        metavar='DIR'),
+    Option(
+        'sqlite', 'Local SQLite file', '^(none|/\\S+)$',
+        'SQLite file of final aggregates (default: OUTPUT_DIR/aggregates.sqlite; "none" '
+        'to skip). An existing file is replaced only if it is a Tidemark database.',
+        metavar='PATH'),
+    Option(
+        'sample_memory_every', 'Memory sampling period', '^[1-9][0-9]{0,6}$',
+        'Write the worker RSS to OUTPUT_DIR/memory.jsonl each time the watermark passes a'
+        ' multiple of this many seconds of event time (soak benchmarks).',
+        number=True, metavar='SECONDS'),
+    Option(
+        'shards', 'Shards', '^[1-9][0-9]{0,3}$',
+        'Keys per window for too-late routing and dedup (parallelism). Default: 4.',
+        number=True),
+    Option(
+        'sink', 'Database sink', '^(files|postgres|bigquery)$',
+        'Database for final aggregates and dead letters, besides the local files: files '
+        '(none, the default), postgres or bigquery.'),
+    Option(
+        'customer_id', 'Customer id', '^[A-Za-z0-9_.-]{1,64}$',
+        'Scope the database sink to this customer: rows of any other customer are refused'
+        ' (not written, listed in OUTPUT_DIR/refused.jsonl).'),
+    Option(
+        'postgres_dsn', 'PostgreSQL DSN', '^postgres(ql)?://\\S+$',
+        '--sink postgres: libpq connection string or URI (a password may come from '
+        'PGPASSWORD or ~/.pgpass instead).'),
+    Option(
+        'postgres_table', 'PostgreSQL aggregates table', '^[A-Za-z_][A-Za-z0-9_]{0,62}$',
+        '--sink postgres: aggregates table (default aggregates), created if missing.'),
+    Option(
+        'postgres_dead_letter_table', 'PostgreSQL dead-letter table', '^[A-Za-z_][A-Za-z0-9_]{0,62}$',
+        '--sink postgres: dead-letter table (default dead_letters), created if missing.'),
+    Option(
+        'bigquery_table', 'BigQuery aggregates table', '^([a-z][a-z0-9-]{4,28}[a-z0-9][:.])?[A-Za-z0-9_]{1,1024}\\.[A-Za-z0-9_-]{1,1024}$',
+        '--sink bigquery: aggregates table [PROJECT:]DATASET.TABLE.'),
+    Option(
+        'bigquery_dead_letter_table', 'BigQuery dead-letter table', '^([a-z][a-z0-9-]{4,28}[a-z0-9][:.])?[A-Za-z0-9_]{1,1024}\\.[A-Za-z0-9_-]{1,1024}$',
+        '--sink bigquery: dead-letter table [PROJECT:]DATASET.TABLE (also gets rows '
+        'BigQuery refuses).'),
+    Option(
+        'bigquery_expansion_service', 'BigQuery expansion service', '^[A-Za-z0-9.-]+:[0-9]{1,5}$',
+        '--sink bigquery: host:port of a running GCP expansion service (default: Beam '
+        'starts its own).'),
+    Option(
+        'aggregates_topic', 'Aggregates topic', '^(kafka:[A-Za-z0-9.,:\\-]+/[A-Za-z0-9._\\-]{1,249}|pubsub:projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/topics/[A-Za-z][A-Za-z0-9._~+%\\-]{2,254})$',
+        'Also publish every pane (early, on time, late) as contract JSON to a topic: '
+        'kafka:BOOTSTRAP/TOPIC (record key the customer id) or pubsub:projects/P/topics/T'
+        ' (attributes customer_id, pane_index, window_start). A pane log: consumers keep '
+        'the highest pane_index per window.'),
+    Option(
+        'pubsub_id_label', 'Pub/Sub id attribute', '^[A-Za-z][A-Za-z0-9_.-]{0,255}$',
+        'Pub/Sub attribute for runner-side redelivery dedup (default: event_id on runners'
+        ' that support it, off on the DirectRunner; "none" to turn off).'),
+    Option(
+        'expected_skew', 'Expected skew (s)', '^[0-9]{1,7}$',
+        'pubsub: how many seconds behind the wall clock event times may be when they '
+        "arrive (lagging sources, publish delays). The DirectRunner's Pub/Sub watermark "
+        'is the wall clock, so a skew above the allowed lateness loses events to '
+        'too_late.',
+        number=True, metavar='SECONDS'),
+    Option(
+        'run_seconds', 'Run for (s)', '^[1-9][0-9]{0,8}$',
+        'Unbounded sources: stop the run after this many seconds of wall time (default: '
+        'run until interrupted).',
+        number=True, metavar='SECONDS'),
+    Option(
+        'replay_mode', 'Replay mode', '^(stream|bulk)$',
+        'replay sources: stream (the file as a TestStream on a streaming runner: '
+        'watermarks advance and triggers fire as they would live) or bulk (the whole file'
+        ' at once, in chunks, on a batch runner, the same rules applied along the '
+        "replay's timeline: the same outputs, much faster). Default: bulk on the "
+        'DirectRunner (stream when --sample-memory-every or --rollup need it), stream on '
+        'other runners.'),
+    Option(
+        'kafka_expansion_service', 'Kafka expansion service', '^[A-Za-z0-9.-]+:[0-9]{1,5}$',
+        'HOST:PORT of the Java expansion service for Kafka IO (default: the one '
+        'scripts/flink.sh starts, localhost:18096).'),
+    Option(
+        'kafka_max_records', 'Kafka records per topic', '^[1-9][0-9]{0,11}$',
+        "Stop each Kafka topic's read after this many records (a bounded read).",
+        number=True),
+    Option(
+        'kafka_consumer_group', 'Kafka consumer group', '^[A-Za-z0-9._-]{1,249}$',
+        'Kafka consumer group (group.id): offsets are committed to it when a checkpoint '
+        'completes, so a new job of the same group starts where the last one stopped (a '
+        'job restored from a checkpoint or savepoint starts from the offsets in it).'),
+)
+
+
 class TidemarkOptions(PipelineOptions):
 
   @classmethod
   def _add_argparse_args(cls, parser):
+    for option in OPTIONS:
+      # --dest-with-dashes, also spelled --dest_with_underscores as Beam's own are
+      flags = ['--' + option.dest.replace('_', '-')]
+      if '_' in option.dest:
+        flags.append('--' + option.dest)
+      kwargs = {'dest': option.dest, 'help': option.help}
+      if option.number:
+        kwargs.update(type=whole_number, metavar=option.metavar or 'N')
+      elif option.metavar:
+        kwargs['metavar'] = option.metavar
+      if option.repeated:
+        kwargs['action'] = 'append'
+      parser.add_argument(*flags, **kwargs)
 
-    def option(dest: str, **kwargs) -> None:
-      """``--dest-with-dashes``, also spelled ``--dest_with_underscores`` as Beam's
-      own options are."""
-      flags = ['--' + dest.replace('_', '-')]
-      if '_' in dest:
-        flags.append('--' + dest)
-      if kwargs.get('type') is whole_number:
-        kwargs.setdefault('metavar', 'N')
-      parser.add_argument(*flags, dest=dest, **kwargs)
 
-    option('source', metavar='KIND:TARGET',
-        help='Where events come from: replay:PATH (a replay file, contract section 2), '
-        'pubsub:[NAME=]projects/P/subscriptions/S[,...] (one subscription per source; '
-        'NAME defaults to S) or kafka:BOOTSTRAP/TOPIC[,NAME=TOPIC...] (a topic per source). '
-        'Default: the bundled incident replay.')
-    option('window_size', type=whole_number, metavar='SECONDS',
-        help='Fixed window size in whole seconds, at most 100 years (the span of '
-        'valid event times). Default: 60.')
-    option('allowed_lateness', type=whole_number, metavar='SECONDS',
-        help='Allowed lateness in whole seconds, at most 100 years. Default: 30.')
-    option('early_firing', type=whole_number, metavar='SECONDS',
-        help='Emit an EARLY pane this many seconds of processing time after the '
-        'first event of a window; 0 turns early panes off. Default: 10.')
-    option('rollup', action='append', metavar='SIZE:LATENESS',
-        help='SIZE:LATENESS (whole seconds): also aggregate the same events in windows of '
-        'SIZE, a multiple of --window-size, with their own allowed lateness, into '
-        'OUTPUT_DIR/rollup-SIZEs/; OUTPUT_DIR/reconciliation.json then shows each rollup '
-        'window equals the windows inside it, event by event. Repeat the flag or '
-        'separate with commas for several.')
-    option('output_dir', metavar='DIR',
-        help='Folder for aggregates.jsonl, dead_letter.jsonl and accounting.json '
-        '(default: tidemark-output).')
-    option('sqlite', metavar='PATH', help='SQLite file of final aggregates (default: '
-        'OUTPUT_DIR/aggregates.sqlite; "none" to skip). An existing file is replaced only '
-        'if it is a Tidemark database.')
-    option('sample_memory_every', type=whole_number, metavar='SECONDS',
-        help='Write the worker RSS to OUTPUT_DIR/memory.jsonl each time the watermark '
-        'passes a multiple of this many seconds of event time (soak benchmarks).')
-    option('shards', type=whole_number,
-        help='Keys per window for too-late routing and dedup (parallelism). Default: 4.')
-    # Sinks: where final aggregates and dead letters go besides the local files.
-    option('sink', help='Database for final aggregates and dead letters, besides the local files: '
-        'files (none, the default), postgres or bigquery.')
-    option('customer_id', help='Scope the database sink to this customer: rows of any other customer are '
-        'refused (not written, listed in OUTPUT_DIR/refused.jsonl).')
-    option('postgres_dsn', help='--sink postgres: libpq connection string or URI (a password may come '
-        'from PGPASSWORD or ~/.pgpass instead).')
-    option('postgres_table', help='--sink postgres: aggregates table (default aggregates), created if missing.')
-    option('postgres_dead_letter_table', help='--sink postgres: dead-letter table (default dead_letters), created if missing.')
-    option('bigquery_table', help='--sink bigquery: aggregates table [PROJECT:]DATASET.TABLE.')
-    option('bigquery_dead_letter_table', help='--sink bigquery: dead-letter table [PROJECT:]DATASET.TABLE (also gets rows '
-        'BigQuery refuses).')
-    option('bigquery_expansion_service', help='--sink bigquery: host:port of a running GCP expansion service (default: '
-        'Beam starts its own).')
-    option('aggregates_topic', help='Also publish every pane (early, on time, late) as contract JSON to a topic: '
-        'kafka:BOOTSTRAP/TOPIC (record key the customer id) or '
-        'pubsub:projects/P/topics/T (attributes customer_id, pane_index, window_start). '
-        'A pane log: consumers keep the highest pane_index per window.')
-    option('pubsub_id_label', help='Pub/Sub attribute for runner-side redelivery dedup (default: event_id '
-        'on runners that support it, off on the DirectRunner; "none" to turn off).')
-    option('expected_skew', type=whole_number, metavar='SECONDS',
-        help='pubsub: how many seconds behind the wall clock event times may be when '
-        'they arrive (lagging sources, publish delays). The DirectRunner\'s Pub/Sub '
-        'watermark is the wall clock, so a skew above the allowed lateness loses '
-        'events to too_late.')
-    option('run_seconds', type=whole_number, metavar='SECONDS',
-        help='Unbounded sources: stop the run after this many seconds of wall time '
-        '(default: run until interrupted).')
-    option('replay_mode',
-        help='replay sources: stream (the file as a TestStream on a streaming runner: '
-        'watermarks advance and triggers fire as they would live) or bulk (the whole file '
-        'at once, in chunks, on a batch runner, the same rules applied along the '
-        'replay\'s timeline: the same outputs, much faster). Default: bulk on the '
-        'DirectRunner (stream when --sample-memory-every or --rollup need it), stream '
-        'on other runners.')
-    option('kafka_expansion_service', help='HOST:PORT of the Java expansion service for Kafka IO (default: the '
-        'one scripts/flink.sh starts, localhost:18096).')
-    option('kafka_max_records', type=whole_number,
-        help='Stop each Kafka topic\'s read after this many records (a bounded read).')
-    option('kafka_consumer_group',
-        help='Kafka consumer group (group.id): offsets are committed to it when a checkpoint '
-        'completes, so a new job of the same group starts where the last one stopped '
-        '(a job restored from a checkpoint or savepoint starts from the offsets in it).')
+#: The Flex Template's description (templates/metadata.json).
+TEMPLATE = {
+    'name': 'Tidemark',
+    'description': 'Exact event-time windowed aggregation: every event is aggregated, deduplicated or dead-lettered (invalid, too late), and accounted for. Pane-aware upserts into BigQuery or PostgreSQL.',
+    'streaming': True,
+    'supportsAtLeastOnce': False,
+    'supportsExactlyOnce': True,
+}
+
+
+def template_metadata() -> dict:
+  """``templates/metadata.json``: the template and one parameter per option."""
+  return {**TEMPLATE, 'parameters': [
+      {'name': o.dest, 'label': o.label, 'helpText': o.template_help or o.help,
+       'isOptional': o.dest != 'source', 'regexes': [o.regex]} for o in OPTIONS]}
 
 
 #: Beam Java's ``FlinkPipelineOptions`` (Beam 2.62.0) that Beam Python does not

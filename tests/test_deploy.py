@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import shlex
 import stat
 import subprocess
@@ -71,7 +72,11 @@ def test_every_customer_file_validates_and_maps_to_known_options(path):
     assert launch_command(c, target)
 
 
-def test_the_flex_template_metadata_lists_every_pipeline_option():
+def test_the_flex_template_metadata_is_generated_from_the_option_definitions():
+  from tools import template_metadata
+  with open(template_metadata.PATH, encoding='utf-8') as f:
+    assert f.read() == template_metadata.render(), (
+        'templates/metadata.json differs from the options: python -m tools.template_metadata')
   assert set(METADATA) == option_dests()
   for name, p in METADATA.items():
     assert p['label'] and len(p['helpText']) > 20, name
@@ -307,3 +312,56 @@ def test_the_template_entry_point_loads():
   assert 'FROM apache/beam_python3.11_sdk:2.62.0' in dockerfile
   assert 'FLEX_TEMPLATE_PYTHON_PY_FILE=${WORKDIR}/templates/main.py' in dockerfile
   assert 'FLEX_TEMPLATE_PYTHON_SETUP_FILE=${WORKDIR}/setup.py' in dockerfile
+
+
+#: Customer-file fields (JSON pointers into pipeline/customer.schema.json) and
+#: the option each becomes (customer.run_parameters).
+SCHEMA_FIELDS = {
+    '/properties/customer_id': ('customer_id',),
+    '/properties/source/allOf/1/then/properties/consumer_group': ('kafka_consumer_group',),
+    '/$defs/sql_identifier': ('postgres_table', 'postgres_dead_letter_table'),
+    '/$defs/bigquery_table': ('bigquery_table', 'bigquery_dead_letter_table'),
+    '/properties/window/properties/size_s': ('window_size',),
+    '/properties/window/properties/allowed_lateness_s': ('allowed_lateness',),
+    '/properties/window/properties/early_firing_s': ('early_firing',),
+    '/properties/shards': ('shards',),
+}
+
+
+def test_the_customer_schema_accepts_nothing_the_options_refuse():
+  with open(customers.SCHEMA_PATH, encoding='utf-8') as f:
+    schema = json.load(f)
+  for pointer, dests in SCHEMA_FIELDS.items():
+    field = schema
+    for part in pointer.strip('/').split('/'):
+      field = field[int(part)] if isinstance(field, list) else field[part]
+    for dest in dests:
+      regex = METADATA[dest]['regexes'][0]
+      if 'pattern' in field:  # the same rule, written once per file: kept equal
+        assert field['pattern'] == regex, (pointer, dest)
+      else:  # the schema's range lies inside what the option accepts
+        for bound in (field['minimum'], field['maximum']):
+          assert re.match(regex, str(bound)), (pointer, dest, bound)
+  rollup = schema['properties']['window']['properties']['rollups']['items']['properties']
+  for size in (rollup['size_s']['minimum'], rollup['size_s']['maximum']):
+    for lateness in (rollup['allowed_lateness_s']['minimum'],
+                     rollup['allowed_lateness_s']['maximum']):
+      assert re.match(METADATA['rollup']['regexes'][0], f'{size}:{lateness}')
+
+
+def test_customer_files_are_found_from_the_working_directory_or_the_environment(tmp_path):
+  """An installed Tidemark deploys from the operator's folder of customer files."""
+  folder = tmp_path / 'ops' / 'templates' / 'customers'
+  folder.mkdir(parents=True)
+  shutil.copy(os.path.join(REPO, 'templates', 'customers', 'finserve.yaml'), folder)
+
+  def dry_run(cwd, env=None):
+    return subprocess.run(
+        [sys.executable, '-m', 'pipeline', 'deploy', '--customer', 'finserve',
+         '--target', 'dataflow', '--dry-run'], cwd=str(cwd), capture_output=True, text=True,
+        timeout=300, env={**os.environ, 'PYTHONPATH': REPO, **(env or {})})
+  assert dry_run(tmp_path / 'ops').returncode == 0
+  elsewhere = dry_run(tmp_path, {'TIDEMARK_CUSTOMERS_DIR': str(folder)})
+  assert elsewhere.returncode == 0, elsewhere.stderr
+  missing = dry_run(tmp_path)
+  assert missing.returncode == 2 and 'templates/customers' in missing.stderr
