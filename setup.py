@@ -26,7 +26,8 @@ setuptools.setup(
         'prometheus-client>=0.17,<1',
     ],
     extras_require={
-        'test': ['pytest>=8', 'hypothesis>=6.100', 'confluent-kafka>=2.3,<3', 'ruff>=0.6,<1'],
+        'test': ['pytest>=8', 'hypothesis>=6.100', 'confluent-kafka>=2.3,<3', 'ruff>=0.6,<1',
+                 'mypy>=1.10,<3'],
         # `python -m pipeline bench stream --py-spy PATH` profiles the SDK worker.
         'bench': ['py-spy>=0.3.14'],
     },

@@ -60,10 +60,13 @@ def database_sinks(
     config: RunConfig) -> Tuple[Optional[beam.PTransform], Optional[beam.PTransform]]:
   """``(aggregates writer, dead-letter writer)`` of ``--sink`` (None, None for files)."""
   if config.sink == 'postgres':
+    assert config.postgres_dsn is not None  # RunConfig requires it for this sink
     return (UpsertPostgres(config.postgres_dsn, config.postgres_table, config.customer_id),
             WriteDeadLettersToPostgres(config.postgres_dsn, config.postgres_dead_letter_table,
                                        config.customer_id))
   if config.sink == 'bigquery':
+    # RunConfig requires both tables for this sink
+    assert config.bigquery_table is not None and config.bigquery_dead_letter_table is not None
     return (WriteAggregatesToBigQuery(
         config.bigquery_table, config.bigquery_dead_letter_table, config.customer_id,
         config.bigquery_expansion_service),
@@ -110,9 +113,10 @@ class WriteWindowOutputs(beam.PTransform):
     outputs['accounting'] | 'WriteAccounting' >> WriteLatestJson(config.accounting_path)
     if self._duplicates:
       outputs['duplicates'] | 'WriteDuplicates' >> WriteJsonLines(config.duplicates_path)
-    if self._upsert is not None:
-      refused = aggregates | f'Upsert{config.sink.title()}' >> self._upsert
-      letters = dead_letters | f'DeadLetters{config.sink.title()}' >> self._append
+    upsert, append = self._upsert, self._append
+    if upsert is not None and append is not None:
+      refused = aggregates | f'Upsert{config.sink.title()}' >> upsert
+      letters = dead_letters | f'DeadLetters{config.sink.title()}' >> append
       if config.sink == 'postgres':  # and other customers' dead letters, refused
         refused = (refused, letters) | 'AllRefused' >> beam.Flatten()
       refused | 'WriteRefused' >> WriteJsonLines(config.refused_path)

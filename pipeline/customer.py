@@ -207,8 +207,9 @@ def _syntax_error(kind: str, error: Exception) -> str:
   mark = getattr(error, 'problem_mark', None)
   problem = re.sub(r"'[^']*'|\"[^\"]*\"", '...', getattr(error, 'problem', None) or '')
   where = f' (line {mark.line + 1}, column {mark.column + 1})' if mark else ''
-  if mark is None and isinstance(getattr(error, 'position', None), int):
-    where = f' (character {error.position + 1})'
+  position = getattr(error, 'position', None)
+  if mark is None and isinstance(position, int):
+    where = f' (character {position + 1})'
   return f'not valid {kind}' + (f': {problem}' if problem else '') + where
 
 

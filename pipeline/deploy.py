@@ -158,10 +158,10 @@ def launch_command(customer: customers.Customer, target: str) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m pipeline deploy', description=__doc__.split('\n\n')[0])
-  customer = parser.add_mutually_exclusive_group(required=True)
-  customer.add_argument('--customer', metavar='NAME',
+  which = parser.add_mutually_exclusive_group(required=True)
+  which.add_argument('--customer', metavar='NAME',
                         help='customer name: its file NAME.yaml|.yml|.json in --customers-dir')
-  customer.add_argument('--customer-file', metavar='PATH',
+  which.add_argument('--customer-file', metavar='PATH',
                         help='a customer file elsewhere, by its path')
   parser.add_argument('--target', required=True, choices=TARGETS)
   action = parser.add_mutually_exclusive_group()

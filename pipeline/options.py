@@ -302,17 +302,17 @@ def parse_args(argv: Sequence[str]) -> PipelineOptions:
   class Beam registers (TidemarkOptions among them) and with no abbreviations;
   ConfigError names the first unknown or malformed one. (Beam itself drops an
   unknown option with a warning and runs on the defaults.)"""
-  argv: List[str] = list(argv)
+  arguments: List[str] = list(argv)
   parser = _StrictParser(allow_abbrev=False, add_help=False, exit_on_error=False)
   # As PipelineOptions.get_all_options does: the last class of each name.
   classes = {str(cls): cls for cls in PipelineOptions.__subclasses__()}
   for cls in classes.values():
     cls._add_argparse_args(parser)  # pylint: disable=protected-access
   try:
-    _, unknown = parser.parse_known_args(argv)
+    _, unknown = parser.parse_known_args(arguments)
   except argparse.ArgumentError as e:
     field = (e.argument_name or 'arguments').split('/')[0]
     raise ConfigError(field, e.message) from None
   if unknown:
     raise parser.unknown(unknown[0])
-  return PipelineOptions(argv)
+  return PipelineOptions(arguments)

@@ -33,11 +33,14 @@ import json
 import math
 import os
 import sys
-from typing import Counter, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Counter, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from transforms.files import COMMITTED, MANIFEST, RUNNING, STAGING_PREFIX, read_json
 from transforms.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.parse import InvalidPayload, parse_payload
+
+if TYPE_CHECKING:  # the settings' type only: reading outputs back loads no Beam
+  from pipeline.config import RunConfig
 
 #: (customer_id, key, window_start, window_end)
 Window = Tuple[str, str, int, int]
@@ -151,7 +154,7 @@ def _exact_sum(parts: List[float]) -> float:
   try:
     return math.fsum(parts)
   except OverflowError:
-    exact = sum(fractions.Fraction(v) for v in parts)
+    exact = sum((fractions.Fraction(v) for v in parts), fractions.Fraction(0))
     return math.copysign(sys.float_info.max, exact) if abs(exact) > sys.float_info.max else float(exact)
 
 
@@ -346,7 +349,7 @@ def reconcile(config) -> Dict[str, int]:
 
 
 #: each rollup's settings and accounting
-RollupAccounting = List[Tuple[object, Dict[str, int]]]
+RollupAccounting = List[Tuple['RunConfig', Dict[str, int]]]
 
 
 def reconcile_run(config) -> Tuple[Dict[str, int], RollupAccounting]:

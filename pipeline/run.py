@@ -30,6 +30,7 @@ from pipeline.reconciliation import (  # noqa: F401  (reconcile* are imported fr
     Reconciliation, RollupAccounting, final_panes, reconcile, reconcile_run, refused_lines,
     rollup_lines)
 from transforms.accounting import LAUNCHER_PID
+from transforms.bulk import ReadReplayInChunks
 from transforms.files import (
     COMPLETE, FAILED, INCOMPLETE, STOPPED, RunFolder, create_empty, write_json_atomically)
 from transforms.model import CATEGORIES
@@ -236,6 +237,7 @@ def finish(run: StagedRun, config: RunConfig, groups_in_java: bool) -> int:
   them aside saying why. Returns the exit code."""
   seconds = time.monotonic() - run.started
   staged, result, folder = run.config, run.result, run.folder
+  assert result is not None  # finish() follows the job
   done = result.state == beam.runners.runner.PipelineState.DONE
   if not done and not config.unbounded:
     folder.abandon(INCOMPLETE, **run.ended(detail='the job was cancelled before its input ended'))
@@ -348,7 +350,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   standard.streaming = is_streaming(config)
   if not standard.runner:
     standard.runner = 'DirectRunner'
-  if not standard.streaming:
+  if isinstance(source, ReadReplayInChunks):  # a bulk replay
     use_every_core(options, argv, source.index.messages)
     os.environ[LAUNCHER_PID] = str(os.getpid())
   tune_live_bundles(options, config)
@@ -369,7 +371,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   if master is not None and config.unbounded:
     name = detach(options, config.customer_id)
     p = beam.Pipeline(options=options)
-    build(p, run.config, source)
+    build_run(p, run.config, source)
     return submit_detached(options, p, master, name, run.folder.staging)
   # A bounded run stops at once; an unbounded one stops its stream and commits it.
   signals = StopSignals(

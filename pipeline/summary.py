@@ -82,7 +82,7 @@ def print_metrics(result, groups_in_java: bool, out=sys.stdout) -> None:
     metrics = result.metrics().query()
   except Exception:  # pylint: disable=broad-except
     return  # some runners do not report metrics
-  counters = {}
+  counters: Dict[str, int] = {}
   for counter in metrics['counters']:
     if (counter.key.step or '').startswith(ROLLUP_PREFIX):
       continue  # the table above is the primary window size's

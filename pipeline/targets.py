@@ -12,7 +12,7 @@ import re
 import sqlite3
 import tempfile
 import urllib.parse
-from typing import TYPE_CHECKING, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 from pipeline.checks import ConfigError
 from pipeline.options import TidemarkOptions
@@ -124,13 +124,13 @@ def _flag(dest: str) -> str:
   return '--' + dest.replace('_', '-')
 
 
-def sink_settings(opts: TidemarkOptions) -> Dict[str, object]:
+def sink_settings(opts: TidemarkOptions) -> Dict[str, Any]:
   """The sink fields of RunConfig from the options, checked."""
   from transforms import bigquery, sinks  # the sinks' own checks, one rule in one place
   sink = opts.sink or 'files'
   if sink not in SINKS:
     raise ConfigError('--sink', f'unknown sink {sink!r}; known: {", ".join(SINKS)}')
-  settings: Dict[str, object] = {'sink': sink}
+  settings: Dict[str, Any] = {'sink': sink}
   for kind, dests in _SINK_OPTIONS.items():
     for dest in dests:
       value = getattr(opts, dest)

@@ -15,7 +15,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.transforms import trigger
-from apache_beam.transforms.window import GlobalWindow
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -93,7 +93,7 @@ class CountOutcomes(beam.PTransform):
         counted
         | 'AllOutcomes' >> beam.Flatten()
         | 'WholeRun' >> beam.WindowInto(
-            beam.window.GlobalWindows(),
+            GlobalWindows(),
             trigger=trigger.AfterWatermark(early=early),
             accumulation_mode=trigger.AccumulationMode.ACCUMULATING)
         | 'Sum' >> beam.CombineGlobally(_SumCategories()).without_defaults())

@@ -76,7 +76,7 @@ from apache_beam.transforms.userstate import BagStateSpec
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.transforms.userstate import TimerSpec
 from apache_beam.transforms.userstate import on_timer
-from apache_beam.transforms.window import GlobalWindow, TimestampedValue
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows, TimestampedValue
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -163,9 +163,6 @@ class Grid(NamedTuple):
   def rungs(self) -> int:
     """How many rungs reach from the first window to the last."""
     return (self.last - self.first).bit_length() + 1
-
-  def index(self, event_time: int) -> int:
-    return event_time // self.spec.size_ms
 
   def closing(self, index: int) -> int:
     """The closing instant (ms) of window ``index``."""
@@ -361,6 +358,7 @@ class _AdmitFn(beam.DoFn):
         yield pvalue.TaggedOutput(TOO_LATE_TAG, rules.too_late_letter(event))
       else:
         duplicates += 1
+        assert first is not None  # a duplicate has a first copy
         yield pvalue.TaggedOutput(
             DUPLICATE_TAG, rules.duplicate_record(event, first * size_ms))
     if admitted:
@@ -421,8 +419,8 @@ class RouteAndDeduplicate(beam.PTransform):
 
   def expand(self, events: beam.PCollection[Event]) -> AdmittedEvents:
     shards = self._shards
-    if events.windowing.windowfn != beam.window.GlobalWindows():
-      events = events | 'InGlobalWindow' >> beam.WindowInto(beam.window.GlobalWindows())
+    if events.windowing.windowfn != GlobalWindows():
+      events = events | 'InGlobalWindow' >> beam.WindowInto(GlobalWindows())
     batches = events | 'BatchByShard' >> beam.ParDo(
         _BatchByShardFn(shards)).with_output_types(Batch)
     seeds = (

@@ -239,8 +239,8 @@ def evaluated_early_firing(declared: trigger.TriggerFn,
   the one parameter ``fire_panes`` evaluates it by. Raises ValueError for a
   trigger of any other shape: ``fire_panes`` evaluates accumulating
   ``AfterWatermark(early=AfterProcessingTime(s) or none, late=AfterCount(1))``."""
-  early = declared.early.underlying if getattr(declared, 'early', None) else None
-  late = declared.late.underlying if getattr(declared, 'late', None) else None
+  early, late = (getattr(getattr(declared, part, None), 'underlying', None)
+                 for part in ('early', 'late'))
   if (type(declared) is not trigger.AfterWatermark or late != trigger.AfterCount(1)
       or accumulation != trigger.AccumulationMode.ACCUMULATING
       or (early is not None and type(early) is not trigger.AfterProcessingTime)):

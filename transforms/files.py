@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Dict, Iterable, List, Optional, Pattern, Sequence
+from typing import Dict, Iterable, List, Optional, Pattern, Sequence, overload
 
 import apache_beam as beam
 
@@ -270,6 +270,12 @@ class RunFolder:
 
   def owns(self, name: str) -> bool:
     return name in self._owned_names or bool(self._owned_folders.fullmatch(name))
+
+  @overload
+  def path(self, final_path: str) -> str: ...
+
+  @overload
+  def path(self, final_path: None) -> None: ...
 
   def path(self, final_path: Optional[str]) -> Optional[str]:
     """Where the run writes what ends up at ``final_path``."""

@@ -71,7 +71,7 @@ class WindowAggregate(NamedTuple):
   key: str
   window_start: int
   window_end: int
-  count: int
+  count: int  # type: ignore[assignment]  # the contract's name; shadows tuple.count
   sum: float
   min: float
   max: float

@@ -6,7 +6,7 @@ import datetime
 import json
 import math
 import re
-from typing import Annotated, Iterable, Union
+from typing import Annotated, Iterable, Tuple, Union
 
 import apache_beam as beam
 import msgspec
@@ -14,6 +14,7 @@ import numpy as np
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import Timestamp
+from apache_beam.transforms.window import TimestampedValue
 
 from transforms.model import (
     INVALID, MAX_EVENT_TIME, MIN_EVENT_TIME, DeadLetter, Event, RawMessage)
@@ -136,7 +137,7 @@ def _check_members(raw: bytes) -> None:
     _check_fields_given_once(raw)
 
 
-def parse_payload(data: Union[str, bytes]) -> tuple:
+def parse_payload(data: Union[str, bytes]) -> Tuple[str, str, str, float, int]:
   """Returns ``(event_id, customer_id, key, value, event_time_ms)``.
 
   Raises InvalidPayload with a readable reason naming the field. Besides the
@@ -220,7 +221,7 @@ class _ParseFn(beam.DoFn):
           INVALID_TAG, DeadLetter(INVALID, message.source, message.data, str(e)))
       return
     event = Event(*fields, message.source, message.data, message.arrival_watermark)
-    yield beam.window.TimestampedValue(event, millis_to_timestamp(event.event_time))
+    yield TimestampedValue(event, millis_to_timestamp(event.event_time))
 
 
 class ParseEvents(beam.PTransform):

@@ -205,7 +205,12 @@ class Timeline:
     self.arrive()
     if self.watermark is None:
       return None
-    return max(self.source_marks.values()) - self.source_marks[source]
+    marks = self._every_mark()
+    return max(marks.values()) - marks[source]
+
+  def _every_mark(self) -> Dict[str, int]:
+    """Each source's watermark, once every source has one."""
+    return {s: m for s, m in self.source_marks.items() if m is not None}
 
   def advance_processing_time(self, seconds: float) -> bool:
     """Returns whether this is a step (it moved processing time on)."""
@@ -226,9 +231,10 @@ class Timeline:
     self.source_marks[source] = millis
     if any(m is None for m in self.source_marks.values()):
       return False
-    lowest = min(self.source_marks.values())
-    highest = max(self.source_marks.values())
-    for s, m in self.source_marks.items():
+    marks = self._every_mark()
+    lowest = min(marks.values())
+    highest = max(marks.values())
+    for s, m in marks.items():
       self.max_lag[s] = max(self.max_lag[s], highest - m)
     if self.watermark is not None and lowest <= self.watermark:
       return False

@@ -4,7 +4,7 @@ event-time watermarks from the source, never from processing time."""
 from __future__ import annotations
 
 import re
-from typing import Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.coders import coders
@@ -13,6 +13,7 @@ from apache_beam.io.kafka import ReadFromKafka
 from apache_beam.metrics import Metrics
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
+from apache_beam.transforms.window import TimestampedValue
 
 from transforms.model import RawMessage
 from transforms.replay import (
@@ -48,7 +49,7 @@ def replay_to_test_stream(replay: Replay, processing_time: bool = True) -> TestS
   for step in replay.steps:
     if isinstance(step, Messages):
       stream.add_elements([
-          beam.window.TimestampedValue(
+          TimestampedValue(
               (m.source, (m.data.encode('utf-8', 'surrogatepass'),
                           (-1 if m.source_lag_ms is None else m.source_lag_ms,
                            BEGINNING_OF_TIME_MS if m.watermark is None else m.watermark))),
@@ -70,7 +71,7 @@ class _ToRawMessageFn(beam.DoFn):
 
   def __init__(self, arrival_watermarks: bool):
     self._arrival_watermarks = arrival_watermarks
-    self._lags = {}
+    self._lags: Dict[str, Any] = {}  # source → its lag distribution
 
   def process(self, element: Tuple[str, Tuple[bytes, Tuple[int, int]]]) -> Iterable[RawMessage]:
     source, (data, (lag_ms, watermark)) = element
@@ -203,7 +204,7 @@ class _StampFromAttributeFn(beam.DoFn):
       self.unstamped.inc()
       yield raw
     else:
-      yield beam.window.TimestampedValue(raw, stamp)
+      yield TimestampedValue(raw, stamp)
 
 
 class ReadPubSubEvents(EventSource):
