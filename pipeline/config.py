@@ -7,6 +7,7 @@ topics, sinks and local paths are parsed and checked in pipeline/targets.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from typing import Dict, List, Optional, Tuple
@@ -81,6 +82,8 @@ class RunConfig:
   expected_skew_s: Optional[int] = None
   #: unbounded sources: stop (cancel) the run after this many seconds
   run_seconds: Optional[int] = None
+  #: HOST:PORT to serve the live metrics at while the run runs
+  serve_metrics: Optional[str] = None
   #: 'kafka:BOOTSTRAP/TOPIC' or 'pubsub:projects/P/topics/T': every pane published
   aggregates_topic: Optional[str] = None
   #: replays: 'stream' (a TestStream on a streaming runner) or 'bulk' (the whole
@@ -112,23 +115,40 @@ class RunConfig:
   #: leaves a sink with panes of a history that was rolled back
   checkpointed: bool = False
 
-  @property
-  def kafka(self) -> Tuple[str, Dict[str, str]]:
-    """``(bootstrap servers, {source name: topic})`` of a ``kafka:`` source."""
-    return parse_kafka_target(self.source_target)
+  @functools.cached_property
+  def _source(self) -> Tuple[str, str, Optional[Tuple[str, Dict[str, str]]],
+                             Optional[Dict[str, str]]]:
+    """``source`` parsed, once: (kind, target, Kafka's (bootstrap, topics),
+    Pub/Sub's subscriptions). ``source`` itself stays as the operator wrote it
+    (run.json records it)."""
+    kind, _, target = self.source.partition(':')
+    topics = parse_kafka_target(target) if kind == 'kafka' else None
+    subscriptions = dict(parse_pubsub_target(target)) if kind == 'pubsub' else None
+    return kind, target, topics, subscriptions
 
   @property
   def source_kind(self) -> str:
-    return self.source.split(':', 1)[0]
+    return self._source[0]
 
   @property
   def source_target(self) -> str:
-    return self.source.split(':', 1)[1]
+    """What follows ``KIND:`` (a replay's path)."""
+    return self._source[1]
+
+  @property
+  def kafka(self) -> Tuple[str, Dict[str, str]]:
+    """``(bootstrap servers, {source name: topic})`` of a ``kafka:`` source."""
+    if self._source[2] is None:
+      raise ValueError(f'{self.source!r} is not a kafka source')
+    bootstrap, topics = self._source[2]
+    return bootstrap, dict(topics)
 
   @property
   def pubsub_subscriptions(self) -> Dict[str, str]:
     """``{source name: subscription path}`` of a pubsub source."""
-    return dict(parse_pubsub_target(self.source_target))
+    if self._source[3] is None:
+      raise ValueError(f'{self.source!r} is not a pubsub source')
+    return dict(self._source[3])
 
   @property
   def aggregates_path(self) -> str:
@@ -292,6 +312,8 @@ class RunConfig:
         pubsub_id_label=id_label if kind == 'pubsub' else None,
         expected_skew_s=skew,
         run_seconds=run_seconds,
+        serve_metrics=None if opts.serve_metrics is None else check_host_port(
+            '--serve-metrics', opts.serve_metrics),
         replay_processing_time=capabilities(runner).test_stream_processing_time,
         kafka_expansion_service=expansion,
         kafka_max_records=max_records,

@@ -165,6 +165,12 @@ OPTIONS: Tuple[Option, ...] = (
         'DirectRunner (stream when --sample-memory-every or --rollup need it), stream on '
         'other runners.'),
     Option(
+        'serve_metrics', 'Serve live metrics at', '^[A-Za-z0-9.-]*:[0-9]{1,5}$',
+        'HOST:PORT: while the run runs, serve its metrics at http://HOST:PORT/metrics and '
+        'its report at /, read afresh from the run\'s files at every request (local runs; '
+        'an unbounded run rewrites its accounting every 2 s).',
+        metavar='HOST:PORT'),
+    Option(
         'kafka_expansion_service', 'Kafka expansion service', '^[A-Za-z0-9.-]+:[0-9]{1,5}$',
         'HOST:PORT of the Java expansion service for Kafka IO (default: the one '
         'scripts/flink.sh starts, localhost:18096).'),

@@ -30,7 +30,8 @@ import base64
 import html
 import os
 import sys
-from typing import Iterable, List, Optional, Tuple
+import threading
+from typing import Callable, Iterable, List, Optional, Tuple
 
 from pipeline.charts import Chart, charts
 from pipeline.metrics import METRICS_NAME, run_metrics
@@ -129,9 +130,10 @@ def write(output_dir: str, out: Optional[str] = None) -> Tuple[str, str]:
   return page, textfile
 
 
-def serve(output_dir: str, address: str) -> None:
-  """Serves the folder's metrics at ``/metrics`` (from its files as they are at
-  each request) and its report at ``/``, until interrupted."""
+def start_server(folder: Callable[[], str], address: str):
+  """Serves ``folder()``'s metrics at ``/metrics`` and its report at ``/``,
+  each read from its files as they are at the request, from a daemon thread;
+  returns the server (``shutdown()`` stops it)."""
   import http.server
   import prometheus_client
   host, _, port = address.rpartition(':')
@@ -139,7 +141,7 @@ def serve(output_dir: str, address: str) -> None:
   class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (the http.server name)
       try:
-        outputs = load(output_dir)
+        outputs = load(folder())
         if self.path.split('?')[0] == '/metrics':
           body = prometheus_client.generate_latest(run_metrics(outputs))
           kind = prometheus_client.CONTENT_TYPE_LATEST
@@ -161,12 +163,22 @@ def serve(output_dir: str, address: str) -> None:
       pass
 
   server = http.server.ThreadingHTTPServer((host or '127.0.0.1', int(port)), Handler)
+  server.daemon_threads = True
+  threading.Thread(target=server.serve_forever, name='tidemark-metrics', daemon=True).start()
+  return server
+
+
+def serve(output_dir: str, address: str) -> None:
+  """Serves the folder's metrics and report (``start_server``) until interrupted."""
+  server = start_server(lambda: output_dir, address)
+  host, _, port = address.rpartition(':')
   print(f'serving {output_dir}: http://{host or "127.0.0.1"}:{port}/metrics and /', flush=True)
   try:
-    server.serve_forever()
+    threading.Event().wait()
   except KeyboardInterrupt:
     pass
   finally:
+    server.shutdown()
     server.server_close()
 
 

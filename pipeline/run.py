@@ -327,6 +327,25 @@ def tune_live_bundles(options: PipelineOptions, config: RunConfig) -> None:
     flink.max_bundle_time_mills = LIVE_MAX_BUNDLE_TIME_MS
 
 
+class LiveMetrics:
+  """The run's metrics and report, served while it runs (``--serve-metrics``):
+  from its staging folder, then from OUTPUT_DIR once committed, until the
+  launcher exits. Listens before the run starts, so a taken port stops it."""
+
+  def __init__(self, address: str):
+    self.run: Optional[StagedRun] = None
+    self._server = report.start_server(self._folder, address)
+    host, _, port = address.rpartition(':')
+    print(f'metrics: http://{host or "127.0.0.1"}:{port}/metrics (live), report at /',
+          flush=True)
+
+  def _folder(self) -> str:
+    if self.run is None:
+      raise OSError('the run has not started yet')
+    folder = self.run.folder
+    return folder.staging if os.path.isdir(folder.staging) else folder.output_dir
+
+
 def main(argv: Optional[List[str]] = None) -> int:
   """``python -m pipeline run``: run, reconcile, print the accounting."""
   from pipeline.options import parse_args, tidemark_parser
@@ -367,7 +386,17 @@ def main(argv: Optional[List[str]] = None) -> int:
   master = cluster_master(options)
   if master is not None and config.unbounded:  # a live job on a cluster runs detached
     config = detached_config(config)
+  live = None
+  if config.serve_metrics:
+    try:
+      live = LiveMetrics(config.serve_metrics)
+    except OSError as e:
+      print(f'tidemark: error: --serve-metrics: cannot listen on {config.serve_metrics}: '
+            f'{e.strerror or e}', file=sys.stderr)
+      return 2
   run = prepare_output(config, options, source)
+  if live is not None:
+    live.run = run
   if master is not None and config.unbounded:
     name = detach(options, config.customer_id)
     p = beam.Pipeline(options=options)

@@ -12,8 +12,12 @@ import collections
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 import xml.etree.ElementTree as ElementTree
 
 import pytest
@@ -153,3 +157,54 @@ def test_report_on_a_folder_that_is_not_a_run_is_refused_writing_nothing(tmp_pat
   assert result.returncode == 2
   assert f'{tmp_path}: no run.json' in result.stderr
   assert os.listdir(tmp_path) == []
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_a_run_serves_its_live_metrics_while_it_runs(tmp_path):
+  lines = [data('A', payload(f'e{i}', T0 + i * 1000)) for i in range(120)]
+  lines += [mark('A', T0 + 5 * MINUTE)]
+  replay = write_replay(str(tmp_path / 'replay.jsonl'), lines)
+  port = _free_port()
+  run = subprocess.Popen(
+      [sys.executable, '-m', 'pipeline', 'run', '--source', f'replay:{replay}',
+       '--replay-mode', 'stream', '--output-dir', str(tmp_path / 'out'),
+       '--serve-metrics', f'127.0.0.1:{port}'],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  scraped = []
+  while run.poll() is None:
+    try:
+      with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=5) as response:
+        scraped.append(response.read().decode())
+    except (OSError, urllib.error.HTTPError):
+      pass
+    time.sleep(0.2)
+  out, err = run.communicate()
+  assert run.returncode == 0, err[-2000:]
+  assert f'metrics: http://127.0.0.1:{port}/metrics (live)' in out
+  assert scraped, 'no scrape answered while the run ran'
+  scrapes = [{s.name: s.value for family in text_string_to_metric_families(text)
+              for s in family.samples} for text in scraped]
+  complete = [int(samples['tidemark_run_complete']) for samples in scrapes]
+  # running: never complete; once committed (before the launcher exits): complete
+  assert complete[0] == 0 and complete == sorted(complete), complete
+  assert all('tidemark_events_total' in samples and samples['tidemark_unaccounted_events'] == 0
+             for samples in scrapes)
+
+
+def test_a_taken_metrics_port_stops_the_run_before_it_starts(tmp_path):
+  with socket.socket() as taken:
+    taken.bind(('127.0.0.1', 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, '-m', 'pipeline', 'run', '--output-dir', str(tmp_path / 'out'),
+         '--serve-metrics', f'127.0.0.1:{port}'],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert f'--serve-metrics: cannot listen on 127.0.0.1:{port}' in result.stderr
+  assert not os.path.exists(tmp_path / 'out')
