@@ -52,6 +52,12 @@ class Option(NamedTuple):
   template_help: Optional[str] = None
 
 
+#: Template regexes that several options share.
+_HOST_PORT = '^[A-Za-z0-9.-]+:[0-9]{1,5}$'
+_SQL_IDENTIFIER = '^[A-Za-z_][A-Za-z0-9_]{0,62}$'
+_BIGQUERY_TABLE = (
+    '^([a-z][a-z0-9-]{4,28}[a-z0-9][:.])?[A-Za-z0-9_]{1,1024}\\.[A-Za-z0-9_-]{1,1024}$')
+
 OPTIONS: Tuple[Option, ...] = (
     Option(
         'source', 'Event source', '^(pubsub|kafka|replay):\\S+$',
@@ -118,20 +124,20 @@ OPTIONS: Tuple[Option, ...] = (
         '--sink postgres: libpq connection string or URI (a password may come from '
         'PGPASSWORD or ~/.pgpass instead).'),
     Option(
-        'postgres_table', 'PostgreSQL aggregates table', '^[A-Za-z_][A-Za-z0-9_]{0,62}$',
+        'postgres_table', 'PostgreSQL aggregates table', _SQL_IDENTIFIER,
         '--sink postgres: aggregates table (default aggregates), created if missing.'),
     Option(
-        'postgres_dead_letter_table', 'PostgreSQL dead-letter table', '^[A-Za-z_][A-Za-z0-9_]{0,62}$',
+        'postgres_dead_letter_table', 'PostgreSQL dead-letter table', _SQL_IDENTIFIER,
         '--sink postgres: dead-letter table (default dead_letters), created if missing.'),
     Option(
-        'bigquery_table', 'BigQuery aggregates table', '^([a-z][a-z0-9-]{4,28}[a-z0-9][:.])?[A-Za-z0-9_]{1,1024}\\.[A-Za-z0-9_-]{1,1024}$',
+        'bigquery_table', 'BigQuery aggregates table', _BIGQUERY_TABLE,
         '--sink bigquery: aggregates table [PROJECT:]DATASET.TABLE.'),
     Option(
-        'bigquery_dead_letter_table', 'BigQuery dead-letter table', '^([a-z][a-z0-9-]{4,28}[a-z0-9][:.])?[A-Za-z0-9_]{1,1024}\\.[A-Za-z0-9_-]{1,1024}$',
+        'bigquery_dead_letter_table', 'BigQuery dead-letter table', _BIGQUERY_TABLE,
         '--sink bigquery: dead-letter table [PROJECT:]DATASET.TABLE (also gets rows '
         'BigQuery refuses).'),
     Option(
-        'bigquery_expansion_service', 'BigQuery expansion service', '^[A-Za-z0-9.-]+:[0-9]{1,5}$',
+        'bigquery_expansion_service', 'BigQuery expansion service', _HOST_PORT,
         '--sink bigquery: host:port of a running GCP expansion service (default: Beam '
         'starts its own).'),
     Option(
@@ -171,7 +177,7 @@ OPTIONS: Tuple[Option, ...] = (
         'an unbounded run rewrites its accounting every 2 s).',
         metavar='HOST:PORT'),
     Option(
-        'kafka_expansion_service', 'Kafka expansion service', '^[A-Za-z0-9.-]+:[0-9]{1,5}$',
+        'kafka_expansion_service', 'Kafka expansion service', _HOST_PORT,
         'HOST:PORT of the Java expansion service for Kafka IO (default: the one '
         'scripts/flink.sh starts, localhost:18096).'),
     Option(
