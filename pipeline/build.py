@@ -7,9 +7,9 @@ from typing import Dict, NamedTuple, Optional, Tuple, Union
 import apache_beam as beam
 
 from pipeline.config import RunConfig, parse_aggregates_topic
-from transforms.accounting import CountOutcomes, ReportProgress
+from transforms.accounting import CountChunkOutcomes, CountOutcomes, ReportProgress
 from transforms.bulk import (
-    AdmitChunks, AggregateWindowsInBulk, CountChunkOutcomes, ParseChunks, ReadReplayInChunks)
+    AdmitChunks, AggregateWindowsInBulk, ParseChunks, ReadReplayInChunks)
 from transforms.diagnostics import SampleMemory
 from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.parse import ParseEvents

@@ -99,6 +99,25 @@ class CountOutcomes(beam.PTransform):
         | 'Sum' >> beam.CombineGlobally(_SumCategories()).without_defaults())
 
 
+class CountChunkOutcomes(beam.PTransform):
+  """The accounting of a bulk run, as one dict of every category.
+
+  Takes a dict from category to a PCollection whose elements are either lists
+  (each item one message) or, for ``aggregated``, counts.
+  """
+
+  def expand(self, outcomes: Dict[str, beam.PCollection]) -> beam.PCollection[Dict[str, int]]:
+    counted = [
+        pcoll | f'Count{category.title()}' >> beam.Map(
+            lambda x, c=category: (c, x if isinstance(x, int) else len(x)))
+        for category, pcoll in outcomes.items()
+    ]
+    return (
+        counted
+        | 'All' >> beam.Flatten()
+        | 'Sum' >> beam.CombineGlobally(_SumCategories()))
+
+
 #: The launcher's pid, in the environment its worker processes inherit.
 LAUNCHER_PID = 'TIDEMARK_LAUNCHER_PID'
 

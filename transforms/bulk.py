@@ -40,7 +40,7 @@ from transforms.admission import DUPLICATE_TAG, TOO_LATE_TAG, AdmissionRules
 from transforms import aggregate
 from transforms.aggregate import Stats
 from transforms.model import (
-    AGGREGATED, CATEGORIES, INVALID, DeadLetter, Event, WindowAggregate, check_early_firing,
+    AGGREGATED, INVALID, DeadLetter, Event, WindowAggregate, check_early_firing,
     stable_shard, window_spec)
 from transforms.parse import INVALID_TAG, InvalidPayload, parse_payload
 from transforms.replay import ReplayIndex, read_chunk
@@ -354,43 +354,4 @@ class AggregateWindowsInBulk(beam.PTransform):
         | 'FirePanes' >> beam.ParDo(_AggregateWindowFn(
             self._size, self._early, self._watermark_steps,
             self._processing_time_steps)).with_output_types(WindowAggregate))
-
-
-class CountChunkOutcomes(beam.PTransform):
-  """The accounting of a bulk run, as one dict of every category.
-
-  Takes a dict from category to a PCollection whose elements are either lists
-  (each item one message) or, for ``aggregated``, counts.
-  """
-
-  def expand(self, outcomes: Dict[str, beam.PCollection]) -> beam.PCollection[Dict[str, int]]:
-    counted = [
-        pcoll | f'Count{category.title()}' >> beam.Map(
-            lambda x, c=category: (c, x if isinstance(x, int) else len(x)))
-        for category, pcoll in outcomes.items()
-    ]
-    return (
-        counted
-        | 'All' >> beam.Flatten()
-        | 'Sum' >> beam.CombineGlobally(_SumByCategory()))
-
-
-class _SumByCategory(beam.CombineFn):
-
-  def create_accumulator(self) -> Dict[str, int]:
-    return dict.fromkeys(CATEGORIES, 0)
-
-  def add_input(self, acc, item: Tuple[str, int]):
-    acc[item[0]] += item[1]
-    return acc
-
-  def merge_accumulators(self, accumulators):
-    total = self.create_accumulator()
-    for acc in accumulators:
-      for category, n in acc.items():
-        total[category] += n
-    return total
-
-  def extract_output(self, acc) -> Dict[str, int]:
-    return dict(acc)
 
