@@ -369,6 +369,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   standard.streaming = is_streaming(config)
   if not standard.runner:
     standard.runner = 'DirectRunner'
+  # Read now: the portable runner clears the runner option when it submits the job.
+  runner_caps = capabilities(options)
   if isinstance(source, ReadReplayInChunks):  # a bulk replay
     use_every_core(options, argv, source.index.messages)
     os.environ[LAUNCHER_PID] = str(os.getpid())
@@ -420,5 +422,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     raise
   with signals.deferred():
     # Beam Java's GroupByKey counts what it drops as expired; the Python runners' do not.
-    code = finish(run, config, groups_in_java=not capabilities(options).in_process)
+    code = finish(run, config, groups_in_java=not runner_caps.in_process)
   return code or (128 + signals.received if signals.received else 0)
