@@ -71,16 +71,17 @@ start() {
     stop_service kafka "$PORT" "$CONTROLLER_PORT" || true
     return 1
   fi
-  # The listener opens before the broker is unfenced; wait for the log line.
+  # The listener opens before the broker is unfenced; wait for the log line
+  # (up to 2 min: with many topics on a busy machine it loads logs for long).
   local i
-  for i in $(seq 1 120); do
+  for i in $(seq 1 240); do
     if tail -c +"$((offset + 1))" "$LOG" | grep -q 'Kafka Server started'; then
       echo "kafka: running (pid $(pid_of kafka)) on 127.0.0.1:$PORT"
       return 0
     fi
     sleep 0.5
   done
-  echo "kafka: listening but not started after 60 s; see $LOG" >&2
+  echo "kafka: listening but not started after 120 s; see $LOG" >&2
   return 1
 }
 
