@@ -47,15 +47,16 @@ def run_metrics(outputs: RunOutputs):
   panes = Counter('tidemark_panes', 'Panes written, by timing', ['timing'], registry=registry)
   for timing, count in collections.Counter(p['timing'] for p in outputs.panes).items():
     panes.labels(timing=timing).inc(count)
-  windows = len(outputs.final_panes())
+  finals = outputs.final_panes().values()
+  # once a bounded input ended every window is closed; a stopped run's open
+  # windows are those whose last pane is EARLY
   complete = outputs.status == 'complete'
+  still_open = 0 if complete else sum(
+      1 for p in finals if p['timing'] == 'EARLY')
   Gauge('tidemark_open_windows', 'Windows not closed yet (0 once a bounded input ended; '
-        'a stopped run: windows whose last pane is EARLY)', registry=registry).set(
-            0 if complete else sum(1 for p in outputs.final_panes().values()
-                                   if p['timing'] == 'EARLY'))
+        'a stopped run: windows whose last pane is EARLY)', registry=registry).set(still_open)
   Counter('tidemark_windows_closed', 'Windows that fired their final pane',
-          registry=registry).inc(windows if complete else sum(
-              1 for p in outputs.final_panes().values() if p['timing'] != 'EARLY'))
+          registry=registry).inc(len(finals) - still_open)
   if outputs.replay_watermarks:
     lag = Gauge('tidemark_watermark_lag_seconds',
                 "How far a source's watermark is behind the most advanced source's",
