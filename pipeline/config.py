@@ -21,6 +21,7 @@ from pipeline.runners import capabilities, runner_name
 from pipeline.targets import (
     SOURCE_KINDS, check_host_port, check_outputs, check_replay_file,
     parse_aggregates_topic, parse_kafka_target, parse_pubsub_target, sink_settings)
+from transforms.files import is_local
 
 #: The embedded default: a bundled incident-like replay.
 BUNDLED_REPLAY = os.path.join(os.path.dirname(__file__), 'data', 'incident-replay.jsonl')
@@ -258,11 +259,21 @@ class RunConfig:
       check_seconds('--sample-memory-every', sample_memory, positive=True)
 
     output_dir = opts.output_dir or DEFAULT_OUTPUT_DIR
+    on_disk = is_local(output_dir)
     sqlite = opts.sqlite
     if sqlite is None:
-      sqlite = os.path.join(output_dir, 'aggregates.sqlite')
+      sqlite = os.path.join(output_dir, 'aggregates.sqlite') if on_disk else None
     elif sqlite.lower() == 'none':
       sqlite = None
+    elif not on_disk:
+      raise ConfigError('--sqlite', 'a SQLite file is written to a local disk, and '
+                        f'--output-dir {output_dir} is not one: leave --sqlite unset')
+    if on_disk and capabilities(runner).remote_workers:
+      raise ConfigError('--output-dir', f'the {runner}\'s workers run on other machines, each '
+                        f'with its own disk: give a bucket (gs://BUCKET/PATH), not {output_dir}')
+    if opts.serve_metrics is not None and not on_disk:
+      raise ConfigError('--serve-metrics', 'serves a local output folder while it is written; '
+                        f'--output-dir {output_dir} is not one')
     id_label = opts.pubsub_id_label
     if id_label is None:
       id_label = (

@@ -32,8 +32,11 @@ from pipeline import customer as customers
 from pipeline.flink_cluster import FlinkCluster, FlinkClusterError, savepoint_request
 
 TARGETS = ('dataflow', 'flink')
-#: Dataflow workers have no use for the local outputs; keep them off the way.
-DATAFLOW_LOCAL_OUTPUTS = (('output_dir', '/tmp/tidemark-output'), ('sqlite', 'none'))
+
+def dataflow_outputs(target: dict) -> List[Tuple[str, str]]:
+  """The output parameters of a Dataflow job: its bucket (``output_dir``,
+  written through Beam's filesystems); no SQLite file."""
+  return [('output_dir', target['output_dir']), ('sqlite', 'none')]
 
 
 #: Delimiters tried, in order, for a gcloud dict flag whose values hold commas.
@@ -63,7 +66,7 @@ def _gcloud_dict(params: Sequence[Tuple[str, str]]) -> str:
 
 def dataflow_command(customer: customers.Customer) -> List[str]:
   target = customer.spec['deploy']['dataflow']
-  params = customers.run_parameters(customer) + list(DATAFLOW_LOCAL_OUTPUTS)
+  params = customers.run_parameters(customer) + dataflow_outputs(target)
   command = [
       'gcloud', 'dataflow', 'flex-template', 'run', target['job_name'],
       f'--project={target["project"]}',

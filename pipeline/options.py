@@ -93,9 +93,9 @@ OPTIONS: Tuple[Option, ...] = (
         ' with commas for several.',
         metavar='SIZE:LATENESS', repeated=True),
     Option(
-        'output_dir', 'Local output folder', '^/[^,]*$',
-        'Folder for aggregates.jsonl, dead_letter.jsonl and accounting.json (default: '
-        'tidemark-output).',
+        'output_dir', 'Output folder', '^(/|gs://)[^,]*$',
+        'Folder for aggregates.jsonl, dead_letter.jsonl and accounting.json: a local '
+        'path or any Beam filesystem\'s (gs://BUCKET/PATH; default: tidemark-output).',
         metavar='DIR'),
     Option(
         'sqlite', 'Local SQLite file', '^(none|/\\S+)$',

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (
@@ -32,8 +32,10 @@ from pipeline.reconciliation import (  # noqa: F401  (reconcile* are imported fr
 from transforms.accounting import LAUNCHER_PID
 from transforms.bulk import ReadReplayInChunks
 from transforms.files import (
-    COMPLETE, FAILED, INCOMPLETE, STOPPED, RunFolder, create_empty, write_json_atomically)
+    COMPLETE, FAILED, INCOMPLETE, STOPPED, RunFolder, create_empty, is_local,
+    write_json_atomically)
 from transforms.model import CATEGORIES
+from transforms.objects import ObjectRunFolder
 from transforms.replay import ReplayError
 from pipeline.submit import (
     check_flink_job_server, cluster_master, detach, detached_config, submit_detached)
@@ -75,8 +77,11 @@ def describe_input(config: RunConfig, source=None) -> dict:
 class StagedRun:
   """A run in progress: its folder (transforms/files.py), the config whose
   paths point into the staging folder, and the job once it started."""
-  folder: RunFolder
+  folder: Union[RunFolder, ObjectRunFolder]
   config: RunConfig
+  #: The config whose paths the launcher reads the staged files at (``config``
+  #: itself, unless OUTPUT_DIR is on an object store: then a local copy).
+  reading: RunConfig
   result: Optional[beam.runners.runner.PipelineResult] = None
   started: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -95,20 +100,27 @@ def prepare_output(config: RunConfig, options: Optional[PipelineOptions] = None,
   # Workers write here on the DirectRunner and LOOPBACK; elsewhere on their own disks.
   here = capabilities(runner).in_process or (environment or '').upper() == 'LOOPBACK'
   settings = {**dataclasses.asdict(config), 'postgres_dsn': _redact(config.postgres_dsn)}
-  folder = RunFolder(
-      config.output_dir, output_names(config), re.compile(ROLLUP_DIR.format(size='[0-9]+')),
-      here, {'runner': runner, 'settings': settings, 'input': describe_input(config, source)}
-  ).open()
+  owned = (output_names(config), re.compile(ROLLUP_DIR.format(size='[0-9]+')))
+  manifest = {'runner': runner, 'settings': settings, 'input': describe_input(config, source)}
+  folder: Union[RunFolder, ObjectRunFolder]
+  if is_local(config.output_dir):
+    folder = RunFolder(config.output_dir, *owned, here, manifest).open()
+  else:
+    try:
+      folder = ObjectRunFolder(config.output_dir, *owned, manifest).open()
+    except Exception as e:  # pylint: disable=broad-except  # each filesystem fails its own way
+      raise ConfigError('--output-dir', f'cannot write to {config.output_dir}: {e}') from None
   staged = dataclasses.replace(config, output_dir=folder.path(config.output_dir),
                                sqlite_path=folder.path(config.sqlite_path))
-  for size_config in (staged,) + staged.rollup_configs:
+  reading = dataclasses.replace(staged, output_dir=folder.local_path(staged.output_dir))
+  for size_config in (reading,) + reading.rollup_configs:
     for path in (size_config.aggregates_path, size_config.dead_letter_path) + (
         (size_config.duplicates_path,) if config.rollups else ()):
       create_empty(path)
     write_json_atomically(size_config.accounting_path, dict.fromkeys(CATEGORIES, 0))
   if config.source_kind == 'replay':
     folder.identify_input(config.source_target)
-  return StagedRun(folder, staged)
+  return StagedRun(folder, staged, reading)
 
 
 class StopSignals:
@@ -236,7 +248,7 @@ def finish(run: StagedRun, config: RunConfig, groups_in_java: bool) -> int:
   (``complete``; ``stopped`` for an unbounded run stopped mid-way) or leaves
   them aside saying why. Returns the exit code."""
   seconds = time.monotonic() - run.started
-  staged, result, folder = run.config, run.result, run.folder
+  result, folder = run.result, run.folder
   assert result is not None  # finish() follows the job
   done = result.state == beam.runners.runner.PipelineState.DONE
   if not done and not config.unbounded:
@@ -247,7 +259,8 @@ def finish(run: StagedRun, config: RunConfig, groups_in_java: bool) -> int:
   rollups: RollupAccounting = []
   note = None
   try:
-    accounting, rollups = reconcile_run(staged)
+    folder.gather()
+    accounting, rollups = reconcile_run(run.reading)
     dropped = runner_late_drops(result) if groups_in_java else None
     if dropped:
       raise Reconciliation(
@@ -261,7 +274,7 @@ def finish(run: StagedRun, config: RunConfig, groups_in_java: bool) -> int:
       return 3
     # A stream stopped mid-way: the accounting is its last snapshot (rewritten
     # every few seconds) and windows still open have no final pane yet.
-    with open(staged.accounting_path, encoding='utf-8') as f:
+    with open(run.reading.accounting_path, encoding='utf-8') as f:
       accounting = json.load(f)
     note = (f'stopped mid-stream, so messages in flight and windows not yet closed are '
             f'not final: {e}')
@@ -272,19 +285,29 @@ def finish(run: StagedRun, config: RunConfig, groups_in_java: bool) -> int:
       rollups=[{'window_size_s': r.window_size_s, 'allowed_lateness_s': r.allowed_lateness_s,
                 'folder': os.path.basename(r.output_dir), 'accounting': a}
                for r, a in rollups]))
+  committed = dataclasses.replace(config, output_dir=folder.readable_dir)
   print_accounting(accounting, seconds)
-  for line in rollup_lines(config, list(zip(config.rollup_configs, (a for _, a in rollups)))):
-    print(line)
+  for line in rollup_lines(committed, list(zip(committed.rollup_configs,
+                                               (a for _, a in rollups)))):
+    print(line.replace(folder.readable_dir, config.output_dir))
   print_metrics(result, groups_in_java)
-  for line in refused_lines(config):
-    print(line)
+  for line in refused_lines(committed):
+    print(line.replace(folder.readable_dir, config.output_dir))
   try:
-    page, _ = report.write(config.output_dir)
-    print(f'report: {os.path.abspath(page)} (metrics: {METRICS_NAME})')
+    page, _ = report.write(folder.readable_dir)
+    print(f'report: {_shown(config.output_dir, page)} (metrics: {METRICS_NAME})')
   except (OSError, ValueError) as e:  # the outputs are committed; say what is missing
     print(f'tidemark: warning: no report was written: {e!r}', file=sys.stderr)
-  print(f'outputs in {os.path.abspath(config.output_dir)} (run.json: {status})')
+  folder.publish()
+  print(f'outputs in {_shown(config.output_dir)} (run.json: {status})')
   return 0
+
+
+def _shown(output_dir: str, path: Optional[str] = None) -> str:
+  """Where a committed file (or OUTPUT_DIR itself) is, as the user named it."""
+  if not is_local(output_dir):
+    return output_dir if path is None else f'{output_dir}/{os.path.basename(path)}'
+  return os.path.abspath(output_dir if path is None else path)
 
 
 def peak_rss_bytes() -> int:
@@ -396,7 +419,11 @@ def main(argv: Optional[List[str]] = None) -> int:
       print(f'tidemark: error: --serve-metrics: cannot listen on {config.serve_metrics}: '
             f'{e.strerror or e}', file=sys.stderr)
       return 2
-  run = prepare_output(config, options, source)
+  try:
+    run = prepare_output(config, options, source)
+  except ConfigError as e:
+    print(f'tidemark: error: {e}', file=sys.stderr)
+    return 2
   if live is not None:
     live.run = run
   if master is not None and config.unbounded:

@@ -27,18 +27,22 @@ class Capabilities(NamedTuple):
   #: A TestStream may advance processing time (Flink refuses: "Advancing
   #: Processing time is not supported by the Flink Runner").
   test_stream_processing_time: bool
+  #: Its workers may run on other machines (Dataflow): a local OUTPUT_DIR would
+  #: be a different folder on each, so the outputs go to an object store.
+  remote_workers: bool
 
 
 _DIRECT = Capabilities(
     in_process=True, bulk_replays=True, pubsub_id_label=False,
-    wall_clock_pubsub_watermark=True, test_stream_processing_time=True)
+    wall_clock_pubsub_watermark=True, test_stream_processing_time=True, remote_workers=False)
 _FLINK = Capabilities(
     in_process=False, bulk_replays=False, pubsub_id_label=True,
-    wall_clock_pubsub_watermark=False, test_stream_processing_time=False)
+    wall_clock_pubsub_watermark=False, test_stream_processing_time=False,
+    remote_workers=False)  # a Flink cluster here, or one that mounts OUTPUT_DIR
 #: Any runner not named here (Dataflow, ...).
 OTHER = Capabilities(
     in_process=False, bulk_replays=False, pubsub_id_label=True,
-    wall_clock_pubsub_watermark=False, test_stream_processing_time=True)
+    wall_clock_pubsub_watermark=False, test_stream_processing_time=True, remote_workers=True)
 
 RUNNERS: Dict[str, Capabilities] = {
     'DirectRunner': _DIRECT,

@@ -268,7 +268,18 @@ def check_outputs(config: RunConfig) -> None:
   """That the run can write every local output, its rollups' too, and that
   what it would replace is its own: folders writable (or creatable), no
   folder where a file goes, an existing SQLite file a Tidemark database.
-  Writes nothing; ConfigError names the option."""
+  Writes nothing; ConfigError names the option. An OUTPUT_DIR on an object
+  store (``gs://...``) is checked for a filesystem that serves its scheme;
+  the run finds out whether it may write there when it opens its folder."""
+  from apache_beam.io.filesystems import FileSystems
+
+  from transforms.files import is_local
+  if not is_local(config.output_dir):
+    try:
+      FileSystems.get_filesystem(config.output_dir)
+    except ValueError as e:
+      raise ConfigError('--output-dir', str(e)) from None
+    return
   for size_config in (config,) + config.rollup_configs:
     check_folder('--output-dir', size_config.output_dir)
     for path in size_config.output_paths:

@@ -115,7 +115,7 @@ def test_finserve_dry_run_prints_the_complete_flex_template_launch():
       'customer_id': 'finserve', 'sink': 'bigquery',
       'bigquery_table': spec['sink']['table'],
       'bigquery_dead_letter_table': spec['sink']['dead_letter_table'],
-      'output_dir': '/tmp/tidemark-output', 'sqlite': 'none'}
+      'output_dir': target['output_dir'], 'sqlite': 'none'}
   for name, value in params.items():  # what Dataflow checks before launching
     assert any(re.match(r, value) for r in METADATA[name]['regexes']), (name, value)
   config = checked_config(params)

@@ -422,3 +422,42 @@ def test_the_flink_runner_without_its_job_server_jar_is_refused_naming_the_fix(
   assert_refused(result, '--runner', 'scripts/stage-java.sh')
   assert str(tmp_path / '.apache_beam' / 'cache' / 'jars') in result.stderr
   assert not out.exists()
+
+
+# ---------------------------------------------------------------------------
+# An OUTPUT_DIR on an object store.
+
+def test_sqlite_with_an_object_store_output_folder_is_refused_naming_it(tmp_path, replay):
+  result = cli(*run_args(replay, 'gs://tidemark-bucket/run', '--sqlite', str(tmp_path / 'a.db')))
+  assert_refused(result, 'tidemark: error: --sqlite', 'gs://tidemark-bucket/run is not one')
+  assert not (tmp_path / 'a.db').exists()
+
+
+def test_an_object_store_output_folder_has_no_sqlite_by_default(replay):
+  assert config('--source', f'replay:{replay}', '--output-dir', 'gs://b/run').sqlite_path is None
+
+
+def test_serving_live_metrics_of_an_object_store_output_folder_is_refused(replay):
+  with pytest.raises(ConfigError, match='--serve-metrics'):
+    config('--source', f'replay:{replay}', '--output-dir', 'gs://b/run',
+           '--serve-metrics', '127.0.0.1:19999')
+
+
+def test_an_output_folder_on_an_unknown_filesystem_is_refused_naming_it(replay):
+  result = cli(*run_args(replay, 'nosuchfs://bucket/run'))
+  assert_refused(result, 'tidemark: error: --output-dir', 'nosuchfs')
+
+
+def test_a_dataflow_job_writes_into_the_bucket_its_customer_file_names(tmp_path):
+  spec = dataflow_inc_on_dataflow()
+  spec['deploy']['dataflow']['output_dir'] = 'gs://dataflow-inc-tidemark/live'
+  (tmp_path / 'dataflow-inc.yaml').write_text(yaml.safe_dump(spec))
+  params = parse_gcloud_dict(dict(
+      arg[2:].split('=', 1) for arg in dataflow_command(
+          customers.load('dataflow-inc', str(tmp_path)))[5:])['parameters'])
+  assert (params['output_dir'], params['sqlite']) == ('gs://dataflow-inc-tidemark/live', 'none')
+  del spec['deploy']['dataflow']['output_dir']
+  (tmp_path / 'dataflow-inc.yaml').write_text(yaml.safe_dump(spec))
+  result = deploy('--customer', 'dataflow-inc', '--customers-dir', str(tmp_path),
+                  '--target', 'dataflow', '--dry-run')
+  assert_refused(result, '/deploy/dataflow', 'output_dir')

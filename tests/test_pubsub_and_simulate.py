@@ -14,6 +14,7 @@ from apache_beam.utils.timestamp import Timestamp
 from conftest import T0, payload
 from tools import reference, simulate, traffic
 from pipeline.config import ConfigError, RunConfig, watermark_risks
+from pipeline.runners import capabilities
 from transforms.sources import (
     ReadPubSubEvents, check_subscription_path, decode_payload, timestamp_from_attribute)
 
@@ -22,7 +23,10 @@ SUB = 'projects/tidemark-local/subscriptions/orders-a'
 
 
 def config(*args, runner='DirectRunner'):
-  return RunConfig.from_options(PipelineOptions([f'--runner={runner}', *args]))
+  """A run's config on ``runner``; its outputs in a bucket where its workers are remote."""
+  remote = capabilities(runner).remote_workers
+  return RunConfig.from_options(PipelineOptions(
+      [f'--runner={runner}', *(['--output-dir=gs://tidemark-test/out'] if remote else []), *args]))
 
 
 # --- source pieces --------------------------------------------------------------

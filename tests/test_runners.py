@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.checks import ConfigError
 from pipeline.config import RunConfig
 from pipeline.runners import OTHER, RUNNERS, capabilities, runner_name
 
@@ -19,7 +21,8 @@ def test_a_runner_is_known_by_its_class_name_however_it_is_given():
 
 def test_the_choices_follow_the_table():
   def config(runner, *args):
-    return RunConfig.from_options(PipelineOptions([f'--runner={runner}', *args]))
+    outputs = ['--output-dir=gs://tidemark-test/out'] if capabilities(runner).remote_workers else []
+    return RunConfig.from_options(PipelineOptions([f'--runner={runner}', *outputs, *args]))
   # a replay runs in bulk only where the table says so
   assert config('DirectRunner').replay_mode == 'bulk'
   assert config('FlinkRunner').replay_mode == 'stream'
@@ -30,3 +33,12 @@ def test_the_choices_follow_the_table():
   pubsub = ('--source=pubsub:projects/p-123456/subscriptions/events', '--allowed-lateness=0')
   assert config('DataflowRunner', *pubsub).pubsub_id_label == 'event_id'
   assert config('DirectRunner', *pubsub).pubsub_id_label is None
+
+
+def test_a_runner_whose_workers_are_elsewhere_writes_to_a_bucket_not_a_local_folder():
+  with pytest.raises(ConfigError) as e:
+    RunConfig.from_options(PipelineOptions(['--runner=DataflowRunner', '--output-dir=/tmp/out']))
+  assert e.value.field == '--output-dir' and 'gs://BUCKET/PATH' in str(e.value)
+  assert RunConfig.from_options(PipelineOptions(
+      ['--runner=DataflowRunner', '--output-dir=gs://b/out'])).output_dir == 'gs://b/out'
+  assert RunConfig.from_options(PipelineOptions(['--output-dir=/tmp/out'])).output_dir == '/tmp/out'

@@ -41,6 +41,7 @@ import uuid
 from typing import Dict, Iterable, List, Optional, Pattern, Sequence, overload
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 #: The manifest of a run, in OUTPUT_DIR and in each staging folder.
 MANIFEST = 'run.json'
@@ -64,6 +65,17 @@ def _to_json_line(record) -> str:
   obj = record.to_json_dict() if hasattr(record, 'to_json_dict') else record
   # ensure_ascii keeps payloads with lone surrogates representable, exactly.
   return json.dumps(obj, separators=(',', ':'), allow_nan=False) + '\n'
+
+
+def is_local(path: str) -> bool:
+  """Whether ``path`` is on a local disk (no Beam filesystem scheme such as
+  ``gs://``)."""
+  return FileSystems.get_scheme(path) in (None, 'file')
+
+
+#: Where the part objects of a JSON-lines file on an object store are: the
+#: launcher joins them into the file (transforms/objects.py).
+PARTS_SUFFIX = '.parts'
 
 
 def _make_parent(path: str) -> None:
@@ -105,9 +117,45 @@ class _AppendLinesFn(beam.DoFn):
       self._lines = []
 
 
-class _LocalFileSink(beam.PTransform):
-  """A writer of one local file: ``_WRITER`` is its DoFn, ``_STEP`` its label."""
+class _WritePartFn(beam.DoFn):
+  """A bundle's lines as one new object under ``PATH.parts/`` (object stores
+  do not append); the launcher joins the parts after the job."""
+
+  def __init__(self, path: str):
+    self._parts = path + PARTS_SUFFIX
+
+  def start_bundle(self):
+    self._lines: List[str] = []
+
+  def process(self, record) -> Iterable:
+    self._lines.append(_to_json_line(record))
+    return ()
+
+  def finish_bundle(self):
+    if self._lines:
+      part = FileSystems.join(self._parts, f'{uuid.uuid4().hex}.jsonl')
+      with FileSystems.create(part, mime_type='application/x-ndjson') as f:
+        f.write(''.join(self._lines).encode('utf-8'))
+      self._lines = []
+
+
+class _ReplaceObjectFn(beam.DoFn):
+  """Each record as the whole object at ``path`` (an object appears whole)."""
+
+  def __init__(self, path: str):
+    self._path = path
+
+  def process(self, record: Dict) -> Iterable:
+    with FileSystems.create(self._path, mime_type='application/json') as f:
+      f.write((json.dumps(record, indent=2) + '\n').encode('utf-8'))
+    return ()
+
+
+class _FileSink(beam.PTransform):
+  """A writer of one output file: ``_WRITER`` on a local disk,
+  ``_OBJECT_WRITER`` on any other Beam filesystem; ``_STEP`` is its label."""
   _WRITER: type
+  _OBJECT_WRITER: type
   _STEP: str
 
   def __init__(self, path: str):
@@ -117,13 +165,15 @@ class _LocalFileSink(beam.PTransform):
     self._path = path
 
   def expand(self, pcoll):
-    return pcoll | self._STEP >> beam.ParDo(self._WRITER(self._path))
+    writer = self._WRITER if is_local(self._path) else self._OBJECT_WRITER
+    return pcoll | self._STEP >> beam.ParDo(writer(self._path))
 
 
-class WriteJsonLines(_LocalFileSink):
-  """Appends each element as one JSON line to a local file, one write per
-  bundle (atomic appends, so parallel workers on one machine do not interleave)."""
-  _WRITER, _STEP = _AppendLinesFn, 'Append'
+class WriteJsonLines(_FileSink):
+  """Appends each element as one JSON line to a file, one write per bundle:
+  an atomic append to a local file (parallel workers on one machine do not
+  interleave), one part object per bundle on an object store."""
+  _WRITER, _OBJECT_WRITER, _STEP = _AppendLinesFn, _WritePartFn, 'Append'
 
 
 class _ReplaceFileFn(beam.DoFn):
@@ -143,10 +193,10 @@ class _ReplaceFileFn(beam.DoFn):
     return ()
 
 
-class WriteLatestJson(_LocalFileSink):
+class WriteLatestJson(_FileSink):
   """Writes each element as the whole content of a JSON file, atomically; the
   last element written wins (for accumulating records such as the accounting)."""
-  _WRITER, _STEP = _ReplaceFileFn, 'Replace'
+  _WRITER, _OBJECT_WRITER, _STEP = _ReplaceFileFn, _ReplaceObjectFn, 'Replace'
 
 
 # ---------------------------------------------------------------------------
@@ -267,6 +317,21 @@ class RunFolder:
       self._hashing.join(30)
     return {'ended_at': utc_now(), 'seconds': round(time.monotonic() - self._started, 3),
             'input': {**self.manifest.get('input', {}), **self._identity}, **fields}
+
+  @property
+  def readable_dir(self) -> str:
+    """Where the launcher reads the committed run (OUTPUT_DIR itself)."""
+    return self.output_dir
+
+  def local_path(self, staged_path: str) -> str:
+    """Where the launcher reads a staged file (where the workers wrote it)."""
+    return staged_path
+
+  def gather(self) -> None:
+    """Nothing to gather: the workers wrote into the staging folder itself."""
+
+  def publish(self) -> None:
+    """Nothing to publish: the commit renamed the files into place."""
 
   def owns(self, name: str) -> bool:
     return name in self._owned_names or bool(self._owned_folders.fullmatch(name))

@@ -3,8 +3,11 @@ stopped by the project's own scripts (which stage their jars when missing)."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import subprocess
+import threading
 
 import pytest
 
@@ -64,3 +67,69 @@ def emulator():
 def flink_args(job_endpoint: str):
   return ['--runner=PortableRunner', f'--job_endpoint={job_endpoint}',
           '--environment_type=LOOPBACK']
+
+
+class _TokenStub(http.server.BaseHTTPRequestHandler):
+  """An OAuth token endpoint that grants every request (the emulator checks none)."""
+
+  def do_POST(self):  # noqa: N802 (http.server's name)
+    self.rfile.read(int(self.headers.get('Content-Length') or 0))
+    body = json.dumps({'access_token': 'emulator', 'expires_in': 3600,
+                       'token_type': 'Bearer'}).encode()
+    self.send_response(200)
+    self.send_header('Content-Type', 'application/json')
+    self.send_header('Content-Length', str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+
+  def log_message(self, *_args):
+    pass
+
+
+@pytest.fixture(scope='session')
+def gcs_emulator(tmp_path_factory):
+  """A Cloud Storage emulator (scripts/gcs-emulator.sh) that Beam's gs:// filesystem
+  talks to, in this process and in the launchers it starts: STORAGE_EMULATOR_HOST, and
+  service-account credentials whose token endpoint is a local stub (Google's is out of
+  reach, and without credentials Beam retries for ~20 s before going anonymous).
+  Returns a function that makes a new bucket and returns its gs:// URL."""
+  from cryptography.hazmat.primitives import serialization
+  from cryptography.hazmat.primitives.asymmetric import rsa
+  from google.auth.credentials import AnonymousCredentials
+  from google.cloud import storage
+
+  _script('gcs-emulator.sh', 'start')
+  port = os.environ.get('GCS_EMULATOR_PORT', '14443')
+  tokens = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _TokenStub)
+  threading.Thread(target=tokens.serve_forever, daemon=True).start()
+  key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+      serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+      serialization.NoEncryption()).decode()
+  credentials = tmp_path_factory.mktemp('gcs') / 'service-account.json'
+  credentials.write_text(json.dumps({
+      'type': 'service_account', 'project_id': 'tidemark-test', 'private_key_id': '1',
+      'private_key': key, 'client_email': 'tidemark@tidemark-test.iam.gserviceaccount.com',
+      'client_id': '1', 'token_uri': f'http://127.0.0.1:{tokens.server_port}/token'}))
+  env = {'STORAGE_EMULATOR_HOST': f'http://127.0.0.1:{port}',
+         'GOOGLE_APPLICATION_CREDENTIALS': str(credentials)}
+  previous = {name: os.environ.get(name) for name in env}
+  os.environ.update(env)
+  client = storage.Client(credentials=AnonymousCredentials(), project='tidemark-test')
+  made = []
+
+  def new_bucket() -> str:
+    name = f'tidemark-{os.getpid()}-{len(made)}'
+    client.create_bucket(name)
+    made.append(name)
+    return f'gs://{name}'
+
+  try:
+    yield new_bucket
+  finally:
+    tokens.shutdown()
+    for name, value in previous.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
+    _script('gcs-emulator.sh', 'stop')
