@@ -122,6 +122,10 @@ class CountChunkOutcomes(beam.PTransform):
 LAUNCHER_PID = 'TIDEMARK_LAUNCHER_PID'
 
 
+#: Characters of the progress bar drawn on a terminal.
+PROGRESS_BAR_WIDTH = 30
+
+
 class _Progress:
   """Per-process progress; DoFn instances come and go (some runners make one
   per bundle), so the count lives here, keyed by the transform's id."""
@@ -144,9 +148,15 @@ class _Progress:
     # a worker process of a multi-process run counts its own share
     launcher = os.environ.get(LAUNCHER_PID)
     where = '' if launcher in (None, str(os.getpid())) else f' in worker {os.getpid()}'
-    print(
-        f'progress{where}: {seen:,}/{total:,} messages{share}{rate}',
-        file=sys.stderr, flush=True)
+    line = f'progress{where}: {seen:,}/{total:,} messages{share}{rate}'
+    if where or not total or not sys.stderr.isatty():
+      print(line, file=sys.stderr, flush=True)  # a log: plain lines
+      return
+    # a terminal: one bar, redrawn in place, ended at the last message
+    done = min(seen, total) * PROGRESS_BAR_WIDTH // total
+    bar = '#' * done + '.' * (PROGRESS_BAR_WIDTH - done)
+    sys.stderr.write(f'\r[{bar}] {line}\033[K' + ('\n' if seen >= total else ''))
+    sys.stderr.flush()
 
 
 class _ProgressFn(beam.DoFn):

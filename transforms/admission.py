@@ -276,8 +276,12 @@ class _AdmitFn(beam.DoFn):
     self.too_late = Metrics.counter('tidemark', TOO_LATE)
     self.duplicate = Metrics.counter('tidemark', DUPLICATE)
     self.aggregated = Metrics.counter('tidemark', AGGREGATED)
+    # the setting the watermark alert compares with, beside the job's counters
+    self._lateness_s = spec.lateness_ms // 1000
+    self.allowed_lateness = Metrics.gauge('tidemark', 'allowed_lateness_seconds')
 
   def start_bundle(self):
+    self.allowed_lateness.set(self._lateness_s)
     self._token = uuid.uuid4().hex[:16]
     self._checked: Dict[int, _Index] = {}
 

@@ -25,7 +25,7 @@ import urllib.request
 import pytest
 
 from integration.conftest import REPO
-from integration.test_flink_faults import Customer, flink_cluster  # noqa: F401 (fixture)
+from integration.test_flink_faults import LATENESS_S, Customer, flink_cluster  # noqa: F401 (fixture)
 from tests.conftest import data, mark, payload, write_replay
 
 pytestmark = pytest.mark.integration
@@ -113,7 +113,7 @@ def _alerts() -> list:
 def test_the_alerting_rules_check_and_pass_their_unit_tests(tools):
   checked = subprocess.run(['promtool', 'check', 'rules', RULES], capture_output=True,
                            text=True, timeout=60)
-  assert checked.returncode == 0 and 'SUCCESS: 9 rules found' in checked.stdout, (
+  assert checked.returncode == 0 and 'SUCCESS: 12 rules found' in checked.stdout, (
       checked.stdout + checked.stderr)
   tested = subprocess.run(
       ['promtool', 'test', 'rules', 'alerts_test.yml'], capture_output=True, text=True,
@@ -165,6 +165,16 @@ def test_prometheus_scrapes_a_flink_job_and_its_figures_equal_the_accounting(
     balance = _api('query', query=f'sum(tidemark_events_total{{{job},outcome="received"}}) - '
                                   f'sum(tidemark_events_total{{{job},outcome!="received"}})')
     assert [float(s['value'][1]) for s in balance['result']] == [0.0]
+    # the source's watermark, from Flink's own gauge on the Kafka source operator:
+    # the traffic is stamped as it is sent, so it follows the wall clock
+    source = customer.topic.replace('.', '_').replace('-', '_')
+    [mark] = _api('query', query=f'tidemark_source_watermark_seconds{{{job}}}')['result']
+    assert mark['metric']['source'] == source
+    assert time.time() - 120 < float(mark['value'][1]) <= time.time() + 5
+    lag = _api('query', query=f'tidemark_watermark_lag_seconds{{{job}}}')['result']
+    assert [(s['metric']['source'], float(s['value'][1])) for s in lag] == [(source, 0.0)]
+    lateness = _api('query', query=f'tidemark_allowed_lateness_seconds{{{job}}}')['result']
+    assert [float(s['value'][1]) for s in lateness] == [LATENESS_S]
   finally:
     flink_cluster.cancel(flink_job.jid)
 
