@@ -260,6 +260,12 @@ def finish(run: StagedRun, config: RunConfig, groups_in_java: bool) -> int:
   note = None
   try:
     folder.gather()
+  except Exception as e:  # pylint: disable=broad-except  # an object store failing its own way
+    folder.abandon(FAILED, **run.ended(detail=f'the outputs could not be read: {e!r}'[:4000]))
+    print(f'tidemark: error: the outputs could not be read from {folder.staging}: {e}; '
+          'nothing committed', file=sys.stderr)
+    return 1
+  try:
     accounting, rollups = reconcile_run(run.reading)
     dropped = runner_late_drops(result) if groups_in_java else None
     if dropped:
@@ -298,7 +304,13 @@ def finish(run: StagedRun, config: RunConfig, groups_in_java: bool) -> int:
     print(f'report: {_shown(config.output_dir, page)} (metrics: {METRICS_NAME})')
   except (OSError, ValueError) as e:  # the outputs are committed; say what is missing
     print(f'tidemark: warning: no report was written: {e!r}', file=sys.stderr)
-  folder.publish()
+  try:
+    folder.publish()
+  except Exception as e:  # pylint: disable=broad-except  # an object store failing its own way
+    print(f'tidemark: error: the run is complete in {folder.readable_dir} but could not be '
+          f'published to {config.output_dir} (its run.json does not say complete): {e}',
+          file=sys.stderr)
+    return 1
   print(f'outputs in {_shown(config.output_dir)} (run.json: {status})')
   return 0
 

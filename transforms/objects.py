@@ -122,9 +122,11 @@ class ObjectRunFolder:
     self._mirror()
 
   def abandon(self, status: str, **fields) -> None:
-    """Not committed: OUTPUT_DIR keeps its files; the staging objects stay."""
+    """Not committed: OUTPUT_DIR keeps its files; the staging objects stay
+    (the local copy goes)."""
     self._local.abandon(status, **fields)
     self._mirror()
+    shutil.rmtree(self.readable_dir, ignore_errors=True)
 
   def gather(self) -> None:
     """The staging objects into the local staging folder: each ``FILE.parts/``
