@@ -16,7 +16,7 @@ from transforms.parse import ParseEvents
 from transforms.replay import index_replay
 from transforms.rollup import Rollup
 from transforms.bigquery import WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery
-from transforms.files import WriteJsonLines, WriteLatestJson
+from transforms.writers import WriteJsonLines, WriteLatestJson
 from transforms.postgres import UpsertPostgres, WriteDeadLettersToPostgres
 from transforms.sinks import UpsertSqlite
 from transforms.stable import AwaitCheckpoint

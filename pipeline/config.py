@@ -21,7 +21,7 @@ from pipeline.runners import capabilities, runner_name
 from pipeline.targets import (
     SOURCE_KINDS, check_host_port, check_outputs, check_replay_file,
     parse_aggregates_topic, parse_kafka_target, parse_pubsub_target, sink_settings)
-from transforms.files import is_local
+from transforms.writers import is_local
 
 #: The embedded default: a bundled incident-like replay.
 BUNDLED_REPLAY = os.path.join(os.path.dirname(__file__), 'data', 'incident-replay.jsonl')

@@ -32,10 +32,10 @@ from pipeline.reconciliation import (  # noqa: F401  (reconcile* are imported fr
 from transforms.accounting import LAUNCHER_PID
 from transforms.bulk import ReadReplayInChunks
 from transforms.files import (
-    COMPLETE, FAILED, INCOMPLETE, STOPPED, RunFolder, create_empty, is_local,
-    write_json_atomically)
+    COMPLETE, FAILED, INCOMPLETE, STOPPED, RunFolder, create_empty, write_json_atomically)
 from transforms.model import CATEGORIES
 from transforms.objects import ObjectRunFolder
+from transforms.writers import is_local
 from transforms.replay import ReplayError
 from pipeline.submit import (
     check_flink_job_server, cluster_master, detach, detached_config, submit_detached)

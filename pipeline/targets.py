@@ -273,7 +273,7 @@ def check_outputs(config: RunConfig) -> None:
   the run finds out whether it may write there when it opens its folder."""
   from apache_beam.io.filesystems import FileSystems
 
-  from transforms.files import is_local
+  from transforms.writers import is_local
   if not is_local(config.output_dir):
     try:
       FileSystems.get_filesystem(config.output_dir)

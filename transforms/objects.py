@@ -7,7 +7,7 @@ Object stores have no append and no atomic rename, so:
 
 - workers write into ``OUTPUT_DIR/.tidemark-run-<id>/``: each bundle of a
   JSON-lines file is a new object under ``FILE.parts/`` and the accounting is
-  replaced whole (``transforms.files.WriteJsonLines``, ``WriteLatestJson``);
+  replaced whole (``transforms.writers.WriteJsonLines``, ``WriteLatestJson``);
 - after the job the launcher joins the parts into a local copy of the staging
   folder (``gather``), and the run is reconciled, committed and reported
   there, with the local protocol;
@@ -33,7 +33,8 @@ from typing import Dict, Optional, Pattern, Sequence, overload
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.files import (
-    COMMITTED, COMMITTING, MANIFEST, PARTS_SUFFIX, STAGING_PREFIX, RunFolder, utc_now)
+    COMMITTED, COMMITTING, MANIFEST, STAGING_PREFIX, RunFolder, utc_now)
+from transforms.writers import PARTS_SUFFIX
 
 _LOG = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ output PCollection, so the caller can keep it visible (``build`` appends it to
 if its input carries them. Dead letters are scoped too: see
 ``transforms.postgres.WriteDeadLettersToPostgres``. The writers of each
 system live in their own modules: ``transforms.postgres``, ``transforms.bigquery``,
-``transforms.topics`` (and the local files in ``transforms.files``).
+``transforms.topics`` (and the output files in ``transforms.writers``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.files import _make_parent
+from transforms.writers import _make_parent
 from transforms.model import DeadLetter, WindowAggregate
 
 _LOG = logging.getLogger(__name__)

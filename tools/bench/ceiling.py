@@ -21,7 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline.config import RunConfig
 from transforms.aggregate import AggregateWindows
 from transforms.parse import ParseEvents
-from transforms.files import WriteJsonLines
+from transforms.writers import WriteJsonLines
 from transforms.sources import ReadKafkaEvents
 
 
