@@ -18,14 +18,14 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (
-    DirectOptions, PipelineOptions, PortableOptions, StandardOptions)
+    PipelineOptions, PortableOptions, StandardOptions)
 
 from pipeline import report
 from pipeline.metrics import METRICS_NAME
 from pipeline.build import build, build_run, is_streaming, read_source
 from pipeline.checks import ConfigError
 from pipeline.config import ROLLUP_DIR, RunConfig, watermark_risks
-from pipeline.runners import capabilities, runner_name
+from pipeline.runners import capabilities, runner_name, tune_live_bundles, use_every_core
 from pipeline.reconciliation import (  # noqa: F401  (reconcile* are imported from here too)
     Reconciliation, RollupAccounting, final_panes, reconcile, reconcile_run, refused_lines,
     rollup_lines)
@@ -327,39 +327,6 @@ def peak_rss_bytes() -> int:
   process (the DirectRunner's, a LOOPBACK worker), whichever is larger."""
   return 1024 * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                     resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-
-
-#: A bulk replay this large runs on one DirectRunner worker process per core
-#: (below it, starting the processes costs more than they save).
-PARALLEL_BULK_MESSAGES = 200_000
-
-
-def use_every_core(options: PipelineOptions, argv: List[str], messages: int) -> None:
-  """A large bulk replay on the DirectRunner: one worker process per core,
-  unless ``--direct_num_workers`` was given."""
-  if (not capabilities(options).bulk_replays or
-      messages < PARALLEL_BULK_MESSAGES or
-      any(a.startswith('--direct_num_workers') for a in argv)):
-    return
-  direct = options.view_as(DirectOptions)
-  direct.direct_num_workers = os.cpu_count() or 1
-  direct.direct_running_mode = 'multi_processing'
-
-
-#: Flink's bundle time for live sources (ms; Flink's default is 1,000): each
-#: fused stage holds its output watermark until its bundle ends, so a pane's
-#: latency grows with it (p95 3.8 s at 250 ms, 8.7 s at 1,000 ms, measured).
-LIVE_MAX_BUNDLE_TIME_MS = '250'
-
-
-def tune_live_bundles(options: PipelineOptions, config: RunConfig) -> None:
-  """Shorter bundles for an unbounded source on a portable runner, unless
-  ``--max_bundle_time_mills`` was given."""
-  from pipeline.options import FlinkRunnerJavaOptions
-  flink = options.view_as(FlinkRunnerJavaOptions)
-  if (config.unbounded and not capabilities(options).in_process
-      and flink.max_bundle_time_mills is None):
-    flink.max_bundle_time_mills = LIVE_MAX_BUNDLE_TIME_MS
 
 
 class LiveMetrics:
