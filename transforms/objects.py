@@ -107,10 +107,16 @@ class ObjectRunFolder:
     return os.path.join(self._local.staging, inside) if inside else self._local.staging
 
   def open(self) -> 'ObjectRunFolder':
-    self._local.open()
-    self._previous = read_object_json(FileSystems.join(self.output_dir, MANIFEST))
-    self._placeholder = not (self._previous and self._previous.get('status') in COMMITTED)
-    self._mirror()
+    """Opens the local copy and writes the ``running`` manifests; if the
+    store refuses them, the local copy goes and the error is raised."""
+    try:
+      self._local.open()
+      self._previous = read_object_json(FileSystems.join(self.output_dir, MANIFEST))
+      self._placeholder = not (self._previous and self._previous.get('status') in COMMITTED)
+      self._mirror()
+    except BaseException:
+      shutil.rmtree(self.readable_dir, ignore_errors=True)
+      raise
     return self
 
   def _mirror(self) -> None:

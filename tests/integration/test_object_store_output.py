@@ -81,8 +81,12 @@ def test_the_workers_write_each_bundle_as_its_own_object_and_the_launcher_joins_
 
 @pytest.mark.integration
 def test_a_bucket_that_cannot_be_written_stops_the_run_before_it_starts(gcs_emulator):
+  import glob
+  import tempfile
   gcs_emulator()
+  copies = set(glob.glob(os.path.join(tempfile.gettempdir(), 'tidemark-run-*')))
   result = run('gs://tidemark-no-such-bucket/run')
+  assert set(glob.glob(os.path.join(tempfile.gettempdir(), 'tidemark-run-*'))) == copies
   assert result.returncode == 2, result.stderr[-3000:]
   assert 'tidemark: error: --output-dir: cannot write to gs://tidemark-no-such-bucket/run' in (
       result.stderr)
