@@ -34,7 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms.files import (
     COMMITTED, COMMITTING, MANIFEST, STAGING_PREFIX, RunFolder, utc_now)
-from transforms.writers import PARTS_SUFFIX
+from transforms.writers import PARTS_SUFFIX, write_object_json
 
 _LOG = logging.getLogger(__name__)
 
@@ -47,11 +47,6 @@ def read_object_json(path: str) -> Optional[dict]:
   except Exception:  # pylint: disable=broad-except  # missing: each filesystem says so its own way
     return None
   return record if isinstance(record, dict) else None
-
-
-def write_object_json(path: str, record: dict) -> None:
-  with FileSystems.create(path, mime_type='application/json') as f:
-    f.write((json.dumps(record, indent=2) + '\n').encode('utf-8'))
 
 
 def _objects_under(prefix: str) -> Dict[str, str]:
@@ -164,7 +159,6 @@ class ObjectRunFolder:
   def publish(self) -> None:
     """Uploads the committed run, ``run.json`` last, then removes the earlier
     run's other outputs and the staging objects."""
-    committed = os.path.join(self.readable_dir, MANIFEST)
     write_object_json(FileSystems.join(self.output_dir, MANIFEST), {
         'status': COMMITTING, 'run_id': self.run_id,
         'staging': os.path.basename(self.staging), 'since': utc_now()})
@@ -180,10 +174,9 @@ class ObjectRunFolder:
             mime_type='application/octet-stream') as dst:
           shutil.copyfileobj(src, dst, 1 << 20)
         uploaded.add(inside)
-    with open(committed, encoding='utf-8') as f:
-      manifest = json.load(f)
+    # the committed manifest (the local commit wrote it from this one)
     write_object_json(FileSystems.join(self.output_dir, MANIFEST),
-                      {**manifest, 'published': sorted(uploaded)})
+                      {**self.manifest, 'published': sorted(uploaded)})
     stale = [FileSystems.join(self.output_dir, name)
              for name in (self._previous or {}).get('published', ())
              if name not in uploaded]

@@ -34,6 +34,13 @@ def is_local(path: str) -> bool:
 PARTS_SUFFIX = '.parts'
 
 
+def write_object_json(path: str, record: dict) -> None:
+  """``record`` as the whole object at ``path``, on any Beam filesystem (an
+  object appears whole)."""
+  with FileSystems.create(path, mime_type='application/json') as f:
+    f.write((json.dumps(record, indent=2) + '\n').encode('utf-8'))
+
+
 def _make_parent(path: str) -> None:
   """The folder of a local output file, made where the writer runs (a worker
   may not share the launcher's disk)."""
@@ -100,8 +107,7 @@ class _ReplaceObjectFn(beam.DoFn):
     self._path = path
 
   def process(self, record: Dict) -> Iterable:
-    with FileSystems.create(self._path, mime_type='application/json') as f:
-      f.write((json.dumps(record, indent=2) + '\n').encode('utf-8'))
+    write_object_json(self._path, record)
     return ()
 
 
