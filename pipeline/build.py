@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.config import RunConfig, parse_aggregates_topic
-from transforms.accounting import CountChunkOutcomes, CountOutcomes, ReportProgress
+from transforms.accounting import (
+    CountChunkOutcomes, CountOutcomes, ReportProgress, accounting_progress)
 from transforms.bulk import (
     AdmitChunks, AggregateWindowsInBulk, ParseChunks, ReadReplayInChunks)
 from transforms.diagnostics import SampleMemory
@@ -16,7 +18,7 @@ from transforms.parse import ParseEvents
 from transforms.replay import index_replay
 from transforms.rollup import Rollup
 from transforms.bigquery import WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery
-from transforms.writers import WriteJsonLines, WriteLatestJson
+from transforms.writers import WriteJsonLines, WriteLatestJson, is_local
 from transforms.postgres import UpsertPostgres, WriteDeadLettersToPostgres
 from transforms.sinks import UpsertSqlite
 from transforms.stable import AwaitCheckpoint
@@ -63,7 +65,8 @@ def database_sinks(
     assert config.postgres_dsn is not None  # RunConfig requires it for this sink
     return (UpsertPostgres(config.postgres_dsn, config.postgres_table, config.customer_id),
             WriteDeadLettersToPostgres(config.postgres_dsn, config.postgres_dead_letter_table,
-                                       config.customer_id))
+                                       config.customer_id,
+                                       window_size_ms=config.window_size_s * 1000))
   if config.sink == 'bigquery':
     # RunConfig requires both tables for this sink
     assert config.bigquery_table is not None and config.bigquery_dead_letter_table is not None
@@ -106,20 +109,30 @@ class WriteWindowOutputs(beam.PTransform):
       outputs = {name: pcoll | f'{name.title()}AwaitCheckpoint' >> AwaitCheckpoint()
                  for name, pcoll in outputs.items()}
     aggregates, dead_letters = outputs['aggregates'], outputs['dead_letters']
-    aggregates | 'WriteAggregates' >> WriteJsonLines(config.aggregates_path)
+
+    def lines(path: str) -> WriteJsonLines:
+      # after a restore, a local file is cut back to its checkpoint before the
+      # replayed input appends again: every line once
+      return WriteJsonLines(path, exactly_once=config.checkpointed and is_local(path))
+
+    aggregates | 'WriteAggregates' >> lines(config.aggregates_path)
     if config.sqlite_path:
       aggregates | 'UpsertFinalAggregates' >> UpsertSqlite(config.sqlite_path)
-    dead_letters | 'WriteDeadLetters' >> WriteJsonLines(config.dead_letter_path)
-    outputs['accounting'] | 'WriteAccounting' >> WriteLatestJson(config.accounting_path)
+    dead_letters | 'WriteDeadLetters' >> lines(config.dead_letter_path)
+    outputs['accounting'] | 'WriteAccounting' >> WriteLatestJson(
+        config.accounting_path, order=accounting_progress)
     if self._duplicates:
-      outputs['duplicates'] | 'WriteDuplicates' >> WriteJsonLines(config.duplicates_path)
+      outputs['duplicates'] | 'WriteDuplicates' >> lines(config.duplicates_path)
     upsert, append = self._upsert, self._append
     if upsert is not None and append is not None:
       refused = aggregates | f'Upsert{config.sink.title()}' >> upsert
       letters = dead_letters | f'DeadLetters{config.sink.title()}' >> append
       if config.sink == 'postgres':  # and other customers' dead letters, refused
-        refused = (refused, letters) | 'AllRefused' >> beam.Flatten()
-      refused | 'WriteRefused' >> WriteJsonLines(config.refused_path)
+        refused = (
+            (refused | 'RefusedRowsUnwindowed' >> beam.WindowInto(GlobalWindows()),
+             letters | 'RefusedLettersUnwindowed' >> beam.WindowInto(GlobalWindows()))
+            | 'AllRefused' >> beam.Flatten())
+      refused | 'WriteRefused' >> lines(config.refused_path)
     return beam.pvalue.PDone(aggregates.pipeline)
 
 
@@ -191,8 +204,9 @@ def build_bulk(p: beam.Pipeline, config: RunConfig, source: ReadReplayInChunks) 
   size, lateness = config.window_size_s, config.allowed_lateness_s
 
   chunks = p | 'Read' >> source | 'Progress' >> ReportProgress(source.index.messages, chunks=True)
-  parsed = chunks | 'Parse' >> ParseChunks()
-  admitted = parsed.events | 'RouteLateAndDedup' >> AdmitChunks(size, lateness)
+  parsed = chunks | 'Parse' >> ParseChunks(source.index.digest)
+  admitted = parsed.events | 'RouteLateAndDedup' >> AdmitChunks(
+      size, lateness, digest=source.index.digest)
   panes = admitted.admitted | 'Aggregate' >> AggregateWindowsInBulk(
       size, lateness, config.early_firing_s, source.index)
   dead_letters = (

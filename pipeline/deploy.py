@@ -11,7 +11,9 @@ PortableRunner against the Flink job server, which submits it to the
 customer's Flink cluster (``flink_master``: detached, checkpointed) or runs it
 in its own mini-cluster. On a cluster ``--stop`` stops the job with a
 savepoint, ``--upgrade`` stops it so and submits this version restored from
-the savepoint, ``--from-savepoint`` submits it restored from one.
+the savepoint, ``--from-savepoint`` submits it restored from one. A stop (and
+each detached submission) removes the local job server's staged artifacts of
+the jobs that have ended.
 ``--dry-run`` prints the exact command (and the cluster request), one line
 each, shell-quoted, and contacts nothing; otherwise it runs and its exit code
 is returned.
@@ -29,7 +31,8 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 from pipeline import customer as customers
-from pipeline.flink_cluster import FlinkCluster, FlinkClusterError, savepoint_request
+from pipeline.flink_cluster import (
+    FlinkCluster, FlinkClusterError, artifacts_dir, clean_artifacts, savepoint_request)
 
 TARGETS = ('dataflow', 'flink')
 
@@ -150,6 +153,18 @@ def stop_with_savepoint(customer: customers.Customer) -> str:
   return cluster.stop_with_savepoint(job.jid, target.get('savepoint_dir'))
 
 
+def remove_ended_artifacts() -> None:
+  """Removes the local job server's staged artifacts of jobs that have ended
+  (the one just stopped among them); the job server keeps a detached job's."""
+  try:
+    removed = clean_artifacts(artifacts_dir())
+  except OSError as e:
+    print(f'tidemark: warning: staged artifacts not cleaned: {e}', file=sys.stderr)
+    return
+  for folder in removed:
+    print(f'tidemark: removed the staged artifacts of an ended job: {folder}', file=sys.stderr)
+
+
 def launch_command(customer: customers.Customer, target: str) -> List[str]:
   if target not in customer.spec['deploy']:
     raise customers.CustomerFileError(
@@ -209,6 +224,7 @@ def main(argv: Optional[List[str]] = None) -> int:
       print(f'tidemark: error: {e}', file=sys.stderr)
       return 1
     print(f'tidemark: savepoint {savepoint}')
+    remove_ended_artifacts()
     if args.stop:
       return 0
     command = flink_command(customer, savepoint=savepoint)

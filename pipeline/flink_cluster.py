@@ -3,15 +3,25 @@ stop-with-savepoint, cancel. Jobs are found by name (the customer file's
 ``job_name``), which a submission sets and the cluster reports.
 
   FlinkCluster('127.0.0.1:18081').running_job('dataflow-inc-iot-rollups')
+
+And the Beam job server's staged artifacts of jobs that have ended on their
+cluster, which nothing else removes (``clean_artifacts``):
+
+  python -m pipeline.flink_cluster clean-artifacts .stage/flink/artifacts
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import re
+import shutil
+import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional
 
 #: Job states after which a job will not run again (Flink's JobStatus).
 TERMINAL_STATES = ('FINISHED', 'CANCELED', 'FAILED')
@@ -136,3 +146,132 @@ class FlinkCluster:
 
   def cancel(self, jid: str) -> None:
     self._call('PATCH', f'/jobs/{jid}?mode=cancel')
+
+
+# The Beam job server (scripts/flink.sh) stages each submission's artifacts (the
+# Python SDK's files and the Kafka expansion service's jars, ~200 MB) in
+# ARTIFACTS_DIR/<sha256 of the submission's staging token>/, and the pipeline it
+# hands to Flink names those files by path: a TaskManager serves them to every
+# SDK worker that fetches artifacts when it starts (DOCKER and PROCESS
+# environments do, at each restart too), so they are needed as long as the job
+# can run. The job server removes them when it sees the job end
+# (--clean-artifacts-per-job), which it never does for a detached submission:
+# it hands the job to the cluster and reports its state as unknown from then
+# on. So a detached submission records, in its folder, the cluster job that
+# uses it, and a folder is removed once that job has ended on its cluster.
+
+#: The file, in a submission's artifact folder, naming the cluster job using it.
+JOB_RECORD = 'tidemark-flink-job.json'
+_STAGING_FOLDER = re.compile(r'[0-9a-f]{64}')
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class JobRecord(NamedTuple):
+  master: str
+  jid: str
+  name: str
+
+
+def artifacts_dir() -> str:
+  """The local job server's staging directory (scripts/flink.sh's --artifacts-dir)."""
+  stage = os.environ.get('TIDEMARK_STAGE') or os.path.join(_ROOT, '.stage')
+  return os.path.join(stage, 'flink', 'artifacts')
+
+
+def staging_folders(paths: Iterable[str]) -> List[str]:
+  """The job server's staging folders (named by a sha256) holding these files."""
+  folders = {os.path.dirname(path) for path in paths}
+  return sorted(f for f in folders if _STAGING_FOLDER.fullmatch(os.path.basename(f)))
+
+
+def write_job_record(folder: str, master: str, jid: str, name: str) -> None:
+  with open(os.path.join(folder, JOB_RECORD), 'w', encoding='utf-8') as f:
+    json.dump(JobRecord(master, jid, name)._asdict(), f)
+
+
+def read_job_record(folder: str) -> Optional[JobRecord]:
+  """The folder's job record, or None when it has none (or an unreadable one)."""
+  try:
+    with open(os.path.join(folder, JOB_RECORD), encoding='utf-8') as f:
+      data = json.load(f)
+    return JobRecord(str(data['master']), str(data['jid']), str(data.get('name', '')))
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def artifact_records(root: str) -> Dict[str, Optional[JobRecord]]:
+  """Each staging folder under ``root`` and its job record (None if none)."""
+  try:
+    names = os.listdir(root)
+  except FileNotFoundError:
+    return {}
+  folders = [os.path.join(root, n) for n in names if _STAGING_FOLDER.fullmatch(n)]
+  return {f: read_job_record(f) for f in folders if os.path.isdir(f)}
+
+
+def stale_artifact_folders(records: Mapping[str, Optional[JobRecord]],
+                           jobs: Mapping[str, Optional[Mapping[str, str]]],
+                           unrecorded: bool = False) -> List[str]:
+  """The folders no job needs: their recorded job has ended (a terminal state)
+  or is unknown to its cluster (``jobs``: each master's job states by id, None
+  when it cannot be reached, and then its folders are kept). A folder without a
+  record belongs to a submission the job server still runs or is staging,
+  unless the job server is stopped: it goes only with ``unrecorded``."""
+  stale = []
+  for folder, record in sorted(records.items()):
+    if record is None:
+      if unrecorded:
+        stale.append(folder)
+      continue
+    states = jobs.get(record.master)
+    if states is None:
+      continue
+    if record.jid not in states or states[record.jid] in TERMINAL_STATES:
+      stale.append(folder)
+  return stale
+
+
+def cluster_job_states(master: str, timeout_s: float = 5.0) -> Optional[Dict[str, str]]:
+  """The states of the jobs the cluster at ``master`` knows, by id; None when
+  it cannot be asked."""
+  try:
+    return {job.jid: job.state for job in FlinkCluster(master, timeout_s).jobs()}
+  except (FlinkClusterError, ValueError):
+    return None
+
+
+def clean_artifacts(root: str, unrecorded: bool = False,
+                    job_states: Callable[[str], Optional[Dict[str, str]]] = cluster_job_states
+                    ) -> List[str]:
+  """Removes the staging folders under ``root`` that no job needs (see
+  ``stale_artifact_folders``); returns them. ``unrecorded`` only while the
+  job server is stopped."""
+  records = artifact_records(root)
+  masters = {r.master for r in records.values() if r is not None}
+  jobs = {master: job_states(master) for master in sorted(masters)}
+  removed = []
+  for folder in stale_artifact_folders(records, jobs, unrecorded):
+    shutil.rmtree(folder, ignore_errors=True)
+    if not os.path.exists(folder):
+      removed.append(folder)
+  return removed
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m pipeline.flink_cluster',
+      description='Removes the Beam job server\'s staged artifacts no job needs any more.')
+  commands = parser.add_subparsers(dest='command', required=True)
+  clean = commands.add_parser('clean-artifacts', help='the folders of jobs that have ended')
+  clean.add_argument('directory', nargs='?', default=None,
+                     help='the job server\'s --artifacts-dir (default: .stage/flink/artifacts)')
+  clean.add_argument('--unrecorded', action='store_true',
+                     help='also folders that name no job: only while the job server is stopped')
+  args = parser.parse_args(argv)
+  for folder in clean_artifacts(args.directory or artifacts_dir(), args.unrecorded):
+    print(f'removed {folder}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

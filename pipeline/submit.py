@@ -6,7 +6,9 @@ the launcher submits it detached, waits until the cluster reports it RUNNING,
 prints its id and exits. The job's Python workers run in the cluster's worker
 pool (``--environment_type EXTERNAL``), so nothing of the job is left in the
 launcher. Stop or upgrade it with ``python -m pipeline deploy ... --stop`` /
-``--upgrade`` (a savepoint), or through Flink's own REST API.
+``--upgrade`` (a savepoint), or through Flink's own REST API. Once it runs, the
+launcher names it in the job server's folder of its staged artifacts, which go
+once it has ended (pipeline/flink_cluster.py).
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Optional
+from typing import List, Optional
 
 import apache_beam as beam
+import grpc
 from apache_beam.options.pipeline_options import (
     FlinkRunnerOptions, GoogleCloudOptions, PipelineOptions, PortableOptions)
+from apache_beam.portability import common_urns
+from apache_beam.portability.api import beam_job_api_pb2, beam_runner_api_pb2
+from google.protobuf.message import DecodeError
 
 from pipeline.config import RunConfig
 from pipeline.runners import runner_name
 from pipeline.checks import ConfigError
-from pipeline.flink_cluster import FlinkCluster, FlinkClusterError
+from pipeline.flink_cluster import (
+    FlinkCluster, FlinkClusterError, Job, clean_artifacts, staging_folders, write_job_record)
 
 #: Flink masters that are not a cluster: the job server's own mini-cluster.
 LOCAL_MASTERS = ('[local]', '[auto]', '[collection]', '')
@@ -71,15 +78,53 @@ def submit_detached(options: PipelineOptions, pipeline: beam.Pipeline, master: s
   since_ms = int(time.time() * 1000) - 1000
   try:
     cluster.overview()  # fail before shipping anything when the cluster is down
-    pipeline.run()
+    result = pipeline.run()
     job = cluster.wait_for_job(name, SUBMIT_TIMEOUT_S, since_ms)
   except FlinkClusterError as e:
     print(f'tidemark: error: {e}', file=sys.stderr)
     return 1
+  record_artifacts(result, master, job)
   print(f'tidemark: job {name!r} ({job.jid}) is running on the Flink cluster at {master}, '
         f'detached; it runs until stopped (python -m pipeline deploy ... --stop takes a '
         f'savepoint). Its files are written in {staging}.')
   return 0
+
+
+def staged_artifact_paths(result: beam.runners.runner.PipelineResult) -> List[str]:
+  """The files the job server staged for this submission, as the pipeline it
+  runs names them; [] when the job server cannot tell."""
+  # Beam's portable PipelineResult: the job service's stub and the job's id there.
+  get_pipeline = getattr(getattr(result, '_job_service', None), 'GetPipeline', None)
+  job_id = getattr(result, '_job_id', None)
+  if get_pipeline is None or not job_id:
+    return []
+  file_urn = common_urns.artifact_types.FILE.urn
+  try:
+    pipeline = get_pipeline(beam_job_api_pb2.GetJobPipelineRequest(job_id=job_id),
+                            timeout=30).pipeline
+    return [beam_runner_api_pb2.ArtifactFilePayload.FromString(artifact.type_payload).path
+            for environment in pipeline.components.environments.values()
+            for artifact in environment.dependencies if artifact.type_urn == file_urn]
+  except (grpc.RpcError, DecodeError):
+    return []
+
+
+def record_artifacts(result: beam.runners.runner.PipelineResult, master: str, job: Job) -> None:
+  """Names the cluster job in the artifact folder the job server staged for
+  it, when that folder is on this machine, and removes the folders of jobs
+  that have ended (pipeline/flink_cluster.py): the job server keeps a
+  detached job's artifacts for good. A failure here leaves the job running."""
+  try:
+    folders = [f for f in staging_folders(staged_artifact_paths(result)) if os.path.isdir(f)]
+    for folder in folders:
+      write_job_record(folder, master, job.jid, job.name)
+    for root in sorted({os.path.dirname(f) for f in folders}):
+      for removed in clean_artifacts(root):
+        print(f'tidemark: removed the staged artifacts of an ended job: {removed}',
+              file=sys.stderr)
+  except (OSError, ValueError) as e:
+    print(f'tidemark: warning: the staged artifacts of job {job.jid} are not recorded ({e}); '
+          'scripts/flink.sh removes them when the job server restarts', file=sys.stderr)
 
 
 def check_flink_job_server(options: PipelineOptions) -> None:

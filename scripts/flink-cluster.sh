@@ -6,11 +6,14 @@
 # with --flink_master=127.0.0.1:18081.
 #   scripts/flink-cluster.sh start|stop|status
 #   scripts/flink-cluster.sh start-taskmanager   (another TaskManager, e.g. after one died)
+#   scripts/flink-cluster.sh clean-stale         (remove what dead TaskManagers left)
 # start is idempotent: it starts whatever is not running and waits until the
 # TaskManager has registered its slots. Ports: REST FLINK_REST_PORT (18081),
 # worker pool FLINK_WORKER_POOL_PORT (18050), Prometheus 19249-19259.
 # Checkpoints and savepoints in .stage/flink-cluster/{checkpoints,savepoints};
-# logs in .stage/logs/flink-{jobmanager,taskmanager,worker-pool}.log.
+# temporary files in .stage/flink-cluster/tmp (the JobManager's) and
+# tmp/NAME (TaskManager NAME's); logs in
+# .stage/logs/flink-{jobmanager,taskmanager,worker-pool}.log.
 set -euo pipefail
 source "$(dirname "$0")/lib-service.sh"
 
@@ -35,11 +38,11 @@ JAVA_OPENS=(
   --add-opens=java.base/java.text=ALL-UNNAMED
   --add-opens=java.sql/java.sql=ALL-UNNAMED
 )
-# Paths that depend on the checkout, as dynamic properties (-D key=value).
+# Paths that depend on the checkout, as dynamic properties (-D key=value); each
+# process adds its io.tmp.dirs.
 DYNAMIC=(
   -D "state.checkpoints.dir=file://$DATA/checkpoints"
   -D "state.savepoints.dir=file://$DATA/savepoints"
-  -D "io.tmp.dirs=$DATA/tmp"
 )
 # slf4j-simple logging: INFO, without a line per Kryo serializer created.
 LOGGING=(
@@ -74,7 +77,7 @@ start_jobmanager() {
   nohup java $jvm "${JAVA_OPENS[@]}" -Djava.net.preferIPv4Stack=true "${LOGGING[@]}" \
     -Dlog.file="$LOG_DIR/flink-jobmanager.log" -cp "$LIB/*" \
     org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint \
-    --configDir "$CONF" "${DYNAMIC[@]}" $dyn \
+    --configDir "$CONF" "${DYNAMIC[@]}" -D "io.tmp.dirs=$DATA/tmp" $dyn \
     >>"$LOG_DIR/flink-jobmanager.log" 2>&1 </dev/null &
   echo $! > "$RUN_DIR/flink-jobmanager.pid"
   if ! wait_ports 90 "$!" "$REST_PORT" "$RPC_PORT"; then
@@ -85,17 +88,60 @@ start_jobmanager() {
   echo "flink-cluster: JobManager (pid $(pid_of flink-jobmanager)), REST on 127.0.0.1:$REST_PORT"
 }
 
-# start_taskmanager NAME: a TaskManager with its own pid file and log.
+# A TaskManager keeps its working directory (tm_<resource id>: blob cache,
+# local state; Flink puts it in io.tmp.dirs unless process.working-dir or
+# process.taskmanager.working-dir says otherwise) and its spill files in
+# io.tmp.dirs, and deletes them when it shuts down, not when it is killed. Each
+# TaskManager NAME gets its own io.tmp.dirs, tmp/NAME, so what a dead one left
+# is known by its name: tmp/NAME of a NAME whose pid file names no live process.
+
+# remove_stale DIR WHY
+remove_stale() {
+  if rm -rf -- "$1"; then
+    echo "flink-cluster: removed $1 ($2)"
+  else
+    echo "flink-cluster: could not remove $1" >&2
+  fi
+}
+
+# clean_stale: removes tmp/NAME of every TaskManager NAME that is not running,
+# and the tm_* folders directly in tmp/ (whose owner is unknown) once no
+# TaskManager runs. The JobManager's files in tmp/ are kept.
+clean_stale() {
+  local dir name pidfile live=0
+  for dir in "$DATA"/tmp/flink-taskmanager*; do
+    [ -d "$dir" ] || continue
+    name=$(basename "$dir")
+    if [ -z "$(pid_of "$name")" ]; then
+      remove_stale "$dir" "TaskManager $name is not running"
+    fi
+  done
+  for pidfile in "$RUN_DIR"/flink-taskmanager*.pid; do
+    [ -e "$pidfile" ] || continue
+    if [ -n "$(pid_of "$(basename "$pidfile" .pid)")" ]; then live=1; fi
+  done
+  if [ "$live" -eq 0 ]; then
+    for dir in "$DATA"/tmp/tm_*; do
+      [ -d "$dir" ] || continue
+      remove_stale "$dir" "no TaskManager is running"
+    done
+  fi
+}
+
+# start_taskmanager NAME: a TaskManager with its own pid file, log and
+# temporary folder, after removing what dead TaskManagers left.
 start_taskmanager() {
   local name=$1 params jvm dyn
   if [ -n "$(pid_of "$name")" ]; then return 0; fi
   params=$(resource_params GET_TM_RESOURCE_PARAMS)
   jvm=$(sed -n 1p <<<"$params"); dyn=$(sed -n 2p <<<"$params")
+  clean_stale
+  mkdir -p "$DATA/tmp/$name"
   # shellcheck disable=SC2086
   nohup java $jvm "${JAVA_OPENS[@]}" -Djava.net.preferIPv4Stack=true "${LOGGING[@]}" \
     -Dlog.file="$LOG_DIR/$name.log" -cp "$LIB/*" \
     org.apache.flink.runtime.taskexecutor.TaskManagerRunner \
-    --configDir "$CONF" "${DYNAMIC[@]}" $dyn \
+    --configDir "$CONF" "${DYNAMIC[@]}" -D "io.tmp.dirs=$DATA/tmp/$name" $dyn \
     >>"$LOG_DIR/$name.log" 2>&1 </dev/null &
   echo $! > "$RUN_DIR/$name.pid"
   echo "flink-cluster: TaskManager $name (pid $!)"
@@ -167,11 +213,12 @@ case "${1:-}" in
     start_taskmanager "flink-taskmanager-$(date +%s%N)"
     wait_slots 90 ;;
   stop) stop ;;
+  clean-stale) clean_stale ;;
   status)
     if [ -n "$(pid_of flink-jobmanager)" ] && rest /overview >/dev/null 2>&1; then
       echo "flink-cluster: running: $(rest /overview)"
     else
       echo "flink-cluster: stopped"; exit 3
     fi ;;
-  *) echo "usage: $0 start|stop|status|start-taskmanager" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|start-taskmanager|clean-stale" >&2; exit 2 ;;
 esac

@@ -52,7 +52,8 @@ def test_a_redelivery_in_another_window_is_a_duplicate_until_the_first_copys_win
 
 def test_a_duplicate_is_recorded_with_the_window_of_the_first_copy():
   first = Event('e1', 'finserve', 'AAPL', 1.0, W0 + 5 * SECOND, 'A', 'first copy')
-  copy = Event('e1', 'finserve', 'AAPL', 2.0, W1 + 5 * SECOND, 'B', 'second copy')
+  copy = Event('e1', 'finserve', 'AAPL', 2.0, W1 + 5 * SECOND, 'B', 'second copy', None,
+               'kafka:t/0/7')
   stream = ReplayedStream().add_elements(
       [TimestampedValue(e, e.event_time / 1000) for e in (first, copy)]
   ).advance_watermark_to_infinity()
@@ -61,7 +62,8 @@ def test_a_duplicate_is_recorded_with_the_window_of_the_first_copy():
     assert_that(out.duplicates | beam.Map(tuple), equal_to([(
         DUPLICATE, 'B', 'second copy',
         "event_id 'e1' was already aggregated in window [2024-01-18T02:00:00Z, "
-        '2024-01-18T02:01:00Z), which had not closed when this copy arrived')]))
+        '2024-01-18T02:01:00Z), which had not closed when this copy arrived',
+        'kafka:t/0/7')]))
     assert_that(out.admitted | 'Ids' >> beam.Map(lambda e: e.data), equal_to(['first copy']),
                 label='admitted')
 

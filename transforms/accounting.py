@@ -64,6 +64,13 @@ class _SumCategories(beam.CombineFn):
     return dict(acc)
 
 
+def accounting_progress(record: Dict[str, int]) -> int:
+  """How far an accounting record has come: the sum of its counts. The
+  records of a run accumulate (each counts everything the one before did, and
+  more), so a later record never ranks below an earlier one."""
+  return sum(record[category] for category in CATEGORIES)
+
+
 class CountOutcomes(beam.PTransform):
   """``{category: PCollection}`` to a stream of accounting records.
 

@@ -124,7 +124,7 @@ class AdmissionRules(NamedTuple):
         f'{iso_millis(end + self.spec.lateness_ms)} (allowed lateness '
         f'{self.spec.lateness_ms // 1000} s); the watermark had passed that when the '
         'message arrived')
-    return DeadLetter(TOO_LATE, event.source, event.data, detail)
+    return DeadLetter(TOO_LATE, event.source, event.data, detail, event.message_id)
 
   def duplicate_record(self, event: Event, first_window_start: int) -> DeadLetter:
     """The record of a copy dropped as a duplicate (``reason: duplicate``)."""
@@ -133,7 +133,7 @@ class AdmissionRules(NamedTuple):
         f'event_id {event.event_id!r} was already aggregated in window '
         f'[{iso_millis(start)}, {iso_millis(start + self.spec.size_ms)}), which had not '
         'closed when this copy arrived')
-    return DeadLetter(DUPLICATE, event.source, event.data, detail)
+    return DeadLetter(DUPLICATE, event.source, event.data, detail, event.message_id)
 
 
 def later_bound(a: Optional[int], b: Optional[int]) -> Optional[int]:

@@ -43,7 +43,7 @@ from transforms.model import (
     AGGREGATED, INVALID, DeadLetter, Event, WindowAggregate, check_early_firing,
     stable_shard, window_spec)
 from transforms.parse import INVALID_TAG, InvalidPayload, parse_payload
-from transforms.replay import ReplayIndex, read_chunk
+from transforms.replay import ReplayIndex, message_id, read_chunk
 
 
 #: A message in a chunk: (arrival index, step, pipeline watermark ms at arrival
@@ -59,9 +59,10 @@ EVENT_ID, CUSTOMER_ID, KEY, VALUE, EVENT_TIME, ARRIVAL_WATERMARK, SOURCE, DATA =
 ADMITTED_FIELDS = ARRIVAL_WATERMARK + 1
 
 
-def row_event(row: Row) -> Event:
+def row_event(row: Row, digest: str) -> Event:
+  """The row's event; ``digest`` is its replay's (``replay.replay_digest``)."""
   return Event(row[EVENT_ID], row[CUSTOMER_ID], row[KEY], row[VALUE], row[EVENT_TIME],
-               row[SOURCE], row[DATA], row[ARRIVAL_WATERMARK])
+               row[SOURCE], row[DATA], row[ARRIVAL_WATERMARK], message_id(digest, row[SEQ] + 1))
 
 
 class Chunk(list):
@@ -114,14 +115,18 @@ class ReadReplayInChunks(beam.PTransform):
 
 class _ParseChunkFn(beam.DoFn):
 
+  def __init__(self, digest: str):
+    self._digest = digest
+
   def process(self, messages: List[Message]) -> Iterable:
     rows: List[Row] = Chunk()
     invalid: List[DeadLetter] = Chunk()
+    digest = self._digest
     for seq, step, watermark, processing_time, source, data in messages:
       try:
         fields = parse_payload(data)
       except InvalidPayload as e:
-        invalid.append(DeadLetter(INVALID, source, data, str(e)))
+        invalid.append(DeadLetter(INVALID, source, data, str(e), message_id(digest, seq + 1)))
         continue
       rows.append((seq, step, processing_time, *fields, watermark, source, data))
     yield rows
@@ -136,8 +141,12 @@ class ParseChunks(beam.PTransform):
   of DeadLetter with reason ``invalid``).
   """
 
+  def __init__(self, digest: str = ''):
+    super().__init__()
+    self._digest = digest
+
   def expand(self, chunks: beam.PCollection[List[Message]]):
-    return chunks | 'Validate' >> beam.ParDo(_ParseChunkFn()).with_output_types(
+    return chunks | 'Validate' >> beam.ParDo(_ParseChunkFn(self._digest)).with_output_types(
         Chunk).with_outputs(INVALID_TAG, main='events')
 
 
@@ -145,9 +154,10 @@ class _TooLateOrShardFn(beam.DoFn):
   """Rule 2 needs nothing but the row, so it is decided before the shuffle,
   where the payload is still at hand; the rest go to their id's shard."""
 
-  def __init__(self, rules: AdmissionRules, shards: int):
+  def __init__(self, rules: AdmissionRules, shards: int, digest: str):
     self._rules = rules
     self._shards = shards
+    self._digest = digest
 
   def process(self, rows: List[Row]) -> Iterable:
     rules, shards = self._rules, self._shards
@@ -155,7 +165,7 @@ class _TooLateOrShardFn(beam.DoFn):
     too_late: List[DeadLetter] = Chunk()
     for row in rows:
       if rules.too_late(row[EVENT_TIME], row[ARRIVAL_WATERMARK]):
-        too_late.append(rules.too_late_letter(row_event(row)))
+        too_late.append(rules.too_late_letter(row_event(row, self._digest)))
       else:
         by_shard[stable_shard(row[EVENT_ID], shards)].append(row[:ADMITTED_FIELDS])
     yield from by_shard.items()
@@ -210,10 +220,13 @@ class AdmittedChunks(NamedTuple):
 
 class AdmitChunks(beam.PTransform):
   """Too late, duplicate or admitted, for every row of every chunk; returns
-  ``AdmittedChunks``."""
+  ``AdmittedChunks``. ``digest`` identifies the replay in the too-late dead
+  letters' message ids."""
 
-  def __init__(self, window_size_s: int, allowed_lateness_s: int, shards: int = 8):
+  def __init__(self, window_size_s: int, allowed_lateness_s: int, shards: int = 8,
+               digest: str = ''):
     super().__init__()
+    self._digest = digest
     self._rules = AdmissionRules(window_spec(window_size_s, allowed_lateness_s))
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
       raise ValueError(f'shards must be a positive integer, got {shards!r}')
@@ -221,7 +234,7 @@ class AdmitChunks(beam.PTransform):
 
   def expand(self, rows: beam.PCollection[List[Row]]) -> AdmittedChunks:
     routed = rows | 'TooLateOrShard' >> beam.ParDo(
-        _TooLateOrShardFn(self._rules, self._shards)).with_output_types(
+        _TooLateOrShardFn(self._rules, self._shards, self._digest)).with_output_types(
             Tuple[int, Chunk]).with_outputs(TOO_LATE_TAG, main='by_shard')
     admitted = (
         routed.by_shard

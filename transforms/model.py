@@ -31,10 +31,13 @@ class RawMessage(NamedTuple):
   ``arrival_watermark`` is the pipeline watermark (epoch ms) when the message
   arrived, for a source that knows it (a replay states it line by line); it is
   None for a live source, whose watermark only the runner knows.
+  ``message_id`` is the message's identity at its source (``message_identity``),
+  the same every time the source delivers that message again.
   """
   source: str
   data: str
   arrival_watermark: Optional[int] = None
+  message_id: Optional[str] = None
 
 
 class Event(NamedTuple):
@@ -47,22 +50,37 @@ class Event(NamedTuple):
   source: str
   data: str  # the payload exactly as received, for dead letters
   arrival_watermark: Optional[int] = None  # as in RawMessage
+  message_id: Optional[str] = None  # as in RawMessage
 
 
 class DeadLetter(NamedTuple):
-  """A message that is not aggregated, and why (contract section 4)."""
+  """A message that is not aggregated, and why (contract section 4), with the
+  message's identity at its source where the source gives one."""
   reason: str  # INVALID or TOO_LATE
   source: str
   data: str
   detail: str
+  message_id: Optional[str] = None
 
   def to_json_dict(self) -> dict:
-    return {
+    record = {
         'reason': self.reason,
         'source': self.source,
         'data': self.data,
         'detail': self.detail,
     }
+    if self.message_id is not None:
+      record['message_id'] = self.message_id
+    return record
+
+
+def message_identity(kind: str, *parts) -> str:
+  """A message's identity at its source, as dead letters carry it:
+  ``kafka:TOPIC/PARTITION/OFFSET``, ``pubsub:SUBSCRIPTION/MESSAGE_ID``,
+  ``replay:DIGEST/N`` (the Nth message of the replay file whose sha256 begins
+  with DIGEST). A source that delivers a message again gives it the same
+  identity, so a sink keyed by it stores each dead letter once."""
+  return f'{kind}:' + '/'.join(str(part) for part in parts)
 
 
 class WindowAggregate(NamedTuple):

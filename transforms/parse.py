@@ -218,9 +218,11 @@ class _ParseFn(beam.DoFn):
     except InvalidPayload as e:
       self.invalid.inc()
       yield pvalue.TaggedOutput(
-          INVALID_TAG, DeadLetter(INVALID, message.source, message.data, str(e)))
+          INVALID_TAG,
+          DeadLetter(INVALID, message.source, message.data, str(e), message.message_id))
       return
-    event = Event(*fields, message.source, message.data, message.arrival_watermark)
+    event = Event(
+        *fields, message.source, message.data, message.arrival_watermark, message.message_id)
     yield TimestampedValue(event, millis_to_timestamp(event.event_time))
 
 

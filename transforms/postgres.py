@@ -99,28 +99,63 @@ WHERE excluded.pane_index > stored.pane_index""").format(
           sql.SQL('{c} = excluded.{c}').format(c=sql.Identifier(c)) for c in AGGREGATE_VALUES))
 
 
+#: The dead-letter table's columns: the contract's, then the message's identity
+#: at its source and the window size whose rule dead-lettered it.
+POSTGRES_DEAD_LETTER_COLUMNS = DEAD_LETTER_COLUMNS + ('message_id', 'window_size_ms')
+#: A dead letter's identity: one row per message and window size, however often
+#: a restored job or a retried batch writes it.
+POSTGRES_DEAD_LETTER_KEY = ('message_id', 'window_size_ms')
+
+
 def postgres_dead_letters_ddl(table: str):
   from psycopg import sql
   # ``data`` is BYTEA: the payload exactly as received, even one that is not
   # UTF-8 or holds NUL (TEXT could store neither); convert_from(data, 'UTF8')
-  # reads the valid ones.
-  return sql.SQL("""
+  # reads the valid ones. A table made before dead letters had an identity gets
+  # its columns; its older rows (no identity) stay as they are.
+  return [sql.SQL("""
 CREATE TABLE IF NOT EXISTS {table} (
-  id         BIGSERIAL   PRIMARY KEY,
-  reason     TEXT        NOT NULL,
-  source     TEXT        NOT NULL,
-  data       BYTEA       NOT NULL,
-  detail     TEXT        NOT NULL,
-  written_at TIMESTAMPTZ NOT NULL DEFAULT now()
-)""").format(table=sql.Identifier(table))
+  id             BIGSERIAL   PRIMARY KEY,
+  reason         TEXT        NOT NULL,
+  source         TEXT        NOT NULL,
+  data           BYTEA       NOT NULL,
+  detail         TEXT        NOT NULL,
+  message_id     TEXT,
+  window_size_ms BIGINT,
+  written_at     TIMESTAMPTZ NOT NULL DEFAULT now()
+)""").format(table=sql.Identifier(table)),
+          sql.SQL('ALTER TABLE {table} ADD COLUMN IF NOT EXISTS message_id TEXT, '
+                  'ADD COLUMN IF NOT EXISTS window_size_ms BIGINT').format(
+                      table=sql.Identifier(table)),
+          sql.SQL('CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {table} ({key})').format(
+              index=sql.Identifier(f'{table[:50]}_message'), table=sql.Identifier(table),
+              key=sql.SQL(', ').join(map(sql.Identifier, POSTGRES_DEAD_LETTER_KEY)))]
 
 
 def postgres_dead_letter_insert(table: str):
+  """Stores a dead letter once: a row whose identity is stored already changes nothing."""
   from psycopg import sql
-  return sql.SQL('INSERT INTO {table} ({cols}) VALUES ({params})').format(
+  return sql.SQL(
+      'INSERT INTO {table} ({cols}) VALUES ({params}) ON CONFLICT ({key}) DO NOTHING').format(
       table=sql.Identifier(table),
-      cols=sql.SQL(', ').join(map(sql.Identifier, DEAD_LETTER_COLUMNS)),
-      params=sql.SQL(', ').join(sql.Placeholder() * len(DEAD_LETTER_COLUMNS)))
+      cols=sql.SQL(', ').join(map(sql.Identifier, POSTGRES_DEAD_LETTER_COLUMNS)),
+      params=sql.SQL(', ').join(sql.Placeholder() * len(POSTGRES_DEAD_LETTER_COLUMNS)),
+      key=sql.SQL(', ').join(map(sql.Identifier, POSTGRES_DEAD_LETTER_KEY)))
+
+
+class _DeadLetterRow:
+  """A dead letter as a row of POSTGRES_DEAD_LETTER_COLUMNS."""
+
+  def __init__(self, window_size_ms: Optional[int]):
+    self._window_size_ms = window_size_ms
+
+  def __call__(self, dead: DeadLetter) -> tuple:
+    return dead_letter_row(dead) + (dead.message_id, self._window_size_ms)
+
+
+def _dead_letter_order(row: tuple) -> tuple:
+  # batches insert in key order, so concurrent writers of one table do not deadlock
+  return (row[-2] or '', row[-1] or 0)
 
 
 
@@ -155,7 +190,9 @@ class _PostgresBatchFn(beam.DoFn):
       with self._conn.transaction(), self._conn.cursor() as cur:
         # Workers starting together would race on CREATE TABLE IF NOT EXISTS.
         cur.execute('SELECT pg_advisory_xact_lock(hashtext(%s))', (self._table,))
-        cur.execute(self._ddl(self._table))
+        ddl = self._ddl(self._table)
+        for statement in ddl if isinstance(ddl, list) else [ddl]:
+          cur.execute(statement)
       self._table_ready = True
     return self._conn
 
@@ -277,9 +314,12 @@ class _ScopeDeadLettersFn(beam.DoFn):
 
 
 class WriteDeadLettersToPostgres(beam.PTransform):
-  """Appends dead letters to a PostgreSQL table (created if missing), one
-  transaction per bundle. At least once: a batch retried after a lost commit
-  acknowledgement can store a dead letter twice.
+  """Stores dead letters in a PostgreSQL table (created if missing), one
+  transaction per bundle, each once: a row is keyed by the message's identity
+  at its source and ``window_size_ms`` (the window size whose rule the writer
+  stores; a message can be too late for two sizes), so a batch retried after a
+  lost commit acknowledgement, or written again by a job restored from a
+  checkpoint, stores nothing twice.
 
   With ``customer_id`` the table receives that customer's dead letters only:
   too-late events whose payload names it. A dead letter whose payload names
@@ -290,16 +330,19 @@ class WriteDeadLettersToPostgres(beam.PTransform):
   dead letters."""
 
   def __init__(self, dsn: str, table: str = 'dead_letters', customer_id: Optional[str] = None,
-               backoff: Backoff = Backoff()):
+               backoff: Backoff = Backoff(), window_size_ms: Optional[int] = None):
     super().__init__()
     _check_postgres_args(dsn, table, backoff)
+    if window_size_ms is not None and window_size_ms <= 0:
+      raise ValueError(f'window_size_ms must be positive, got {window_size_ms!r}')
     self._dsn, self._table, self._backoff = dsn, table, backoff
     self._customer_id = check_customer_id(customer_id)
+    self._window_size_ms = window_size_ms
 
   def expand(self, dead_letters: beam.PCollection[DeadLetter]):
     write = beam.ParDo(_PostgresBatchFn(
-        self._dsn, self._table, self._backoff, dead_letter_row, postgres_dead_letters_ddl,
-        postgres_dead_letter_insert))
+        self._dsn, self._table, self._backoff, _DeadLetterRow(self._window_size_ms),
+        postgres_dead_letters_ddl, postgres_dead_letter_insert, sort_key=_dead_letter_order))
     if self._customer_id is None:
       _ = dead_letters | 'Append' >> write
       return dead_letters | 'NoneRefused' >> beam.Filter(lambda _: False)

@@ -17,11 +17,14 @@ Any line that is not one of the contract's shapes stops the compile with a
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import msgspec
+
+from transforms.model import message_identity
 
 #: Watermarks are limited to instants Beam can represent as whole milliseconds.
 MIN_WATERMARK_MS = -9223372036854775 + 1
@@ -68,6 +71,24 @@ class Replay(NamedTuple):
   #: per source, the largest lag (ms) of its watermark behind the most
   #: advanced source's, over the run
   max_watermark_lag_ms: Dict[str, int]
+  #: the file's identity in its messages' ids (``replay_digest``)
+  digest: str = ''
+
+
+#: Hex digits of the file's sha256 in a replayed message's identity.
+DIGEST_CHARS = 16
+
+
+def replay_digest(path: str) -> str:
+  """The first ``DIGEST_CHARS`` hex digits of the file's sha256: with the
+  message's number it identifies a replayed message (``model.message_identity``)."""
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()[:DIGEST_CHARS]
+
+
+def message_id(digest: str, number: int) -> str:
+  """The identity of the ``number``-th message (from 1) of the replay ``digest``."""
+  return message_identity('replay', digest, number)
 
 
 def _is_int(value) -> bool:
@@ -297,7 +318,7 @@ def compile_replay(path: str) -> Replay:
         steps.append(Watermark(timeline.watermark))
   timeline.finish()
   steps.append(Watermark(None))
-  return Replay(steps, sources, messages, timeline.max_lag)
+  return Replay(steps, sources, messages, timeline.max_lag, replay_digest(path))
 
 
 def watermark_history(path: str) -> Tuple[Dict[str, List[Tuple[int, int]]], int]:
@@ -338,6 +359,8 @@ class ReplayIndex(NamedTuple):
   watermark_steps: List[Tuple[int, Optional[int]]]
   #: ``(step, processing time s)`` of every processing-time step
   processing_time_steps: List[Tuple[int, float]]
+  #: the file's identity in its messages' ids (``replay_digest``)
+  digest: str = ''
 
 
 def index_replay(path: str, chunk_messages: int = 20000) -> ReplayIndex:
@@ -399,7 +422,8 @@ def index_replay(path: str, chunk_messages: int = 20000) -> ReplayIndex:
   timeline.finish()
   watermark_steps.append((timeline.step, None))
   return ReplayIndex(
-      path, tuple(sources), messages, chunks, watermark_steps, processing_time_steps)
+      path, tuple(sources), messages, chunks, watermark_steps, processing_time_steps,
+      replay_digest(path))
 
 
 def read_chunk(path: str, chunk: ChunkStart) -> Iterator[Tuple[int, int, Optional[int], float, str, str]]:

@@ -7,32 +7,65 @@ import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import apache_beam as beam
+import msgspec
 from apache_beam.coders import coders
 from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub
 from apache_beam.io.kafka import ReadFromKafka
 from apache_beam.metrics import Metrics
 from apache_beam.testing.test_stream import TestStream
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
 from apache_beam.transforms.window import TimestampedValue
 
-from transforms.model import RawMessage
+from transforms.model import RawMessage, message_identity, stable_shard
 from transforms.replay import (
     MIN_WATERMARK_MS, Messages, ProcessingTime, Replay, Watermark, compile_replay)
+from transforms.replay import message_id as replay_message_id
 
 
 def _millis(millis) -> Timestamp:
   return MIN_TIMESTAMP if millis is None else Timestamp(micros=millis * 1000)
 
 
-#: (source, (payload bytes, (source watermark lag ms or -1, pipeline watermark
-#: ms at arrival))) in Beam's portable KV/string/bytes/varint coders (pairs
-#: only: a longer tuple has no portable coder), so that runners written in
-#: other languages (Flink's Java TestStream) can decode it.
+#: (source, (payload bytes, (source watermark lag ms or -1, (pipeline watermark
+#: ms at arrival, the message's number in the file)))) in Beam's portable
+#: KV/string/bytes/varint coders (pairs only: a longer tuple has no portable
+#: coder), so that runners written in other languages (Flink's Java TestStream)
+#: can decode it.
+#: Each travels keyed by its ``arrival_key``.
 REPLAY_ELEMENT_CODER = coders.TupleCoder([
-    coders.StrUtf8Coder(),
+    coders.VarIntCoder(),
     coders.TupleCoder([
-        coders.BytesCoder(),
-        coders.TupleCoder([coders.VarIntCoder(), coders.VarIntCoder()])])])
+        coders.StrUtf8Coder(),
+        coders.TupleCoder([
+            coders.BytesCoder(),
+            coders.TupleCoder([
+                coders.VarIntCoder(),
+                coders.TupleCoder([coders.VarIntCoder(), coders.VarIntCoder()])])])])])
+ReplayElement = Tuple[int, Tuple[str, Tuple[bytes, Tuple[int, Tuple[int, int]]]]]
+
+#: How many keys a replay's messages travel under from the source to the gate.
+ARRIVAL_KEYS = 16
+
+
+class _EventIdOnly(msgspec.Struct):
+  event_id: Any = None
+
+
+_EVENT_ID = msgspec.json.Decoder(_EventIdOnly)
+
+
+def arrival_key(data: str) -> int:
+  """The key a replayed message travels under: every copy of an ``event_id``
+  has the same one, so copies reach the gate in the order they arrived even on
+  a runner that spreads the source's output over parallel workers (a keyed
+  exchange keeps each key's order; a plain one does not). Payloads without a
+  string ``event_id`` (invalid ones) take key 0."""
+  try:
+    event_id = _EVENT_ID.decode(data).event_id
+    return stable_shard(event_id, ARRIVAL_KEYS) if isinstance(event_id, str) else 0
+  except (msgspec.DecodeError, UnicodeEncodeError):
+    return 0
 
 #: The arrival watermark of a message that came before any watermark line.
 BEGINNING_OF_TIME_MS = MIN_WATERMARK_MS - 1
@@ -46,16 +79,20 @@ def replay_to_test_stream(replay: Replay, processing_time: bool = True) -> TestS
   only pace early panes); runners such as Flink refuse them.
   """
   stream = TestStream(coder=REPLAY_ELEMENT_CODER)
+  number = 0
   for step in replay.steps:
     if isinstance(step, Messages):
-      stream.add_elements([
-          TimestampedValue(
-              (m.source, (m.data.encode('utf-8', 'surrogatepass'),
-                          (-1 if m.source_lag_ms is None else m.source_lag_ms,
-                           BEGINNING_OF_TIME_MS if m.watermark is None else m.watermark))),
-              _millis(m.watermark))
-          for m in step.batch
-      ])
+      elements = []
+      for m in step.batch:
+        number += 1
+        elements.append(TimestampedValue(
+            (arrival_key(m.data),
+             (m.source, (m.data.encode('utf-8', 'surrogatepass'),
+                         (-1 if m.source_lag_ms is None else m.source_lag_ms,
+                          (BEGINNING_OF_TIME_MS if m.watermark is None else m.watermark,
+                           number))))),
+            _millis(m.watermark)))
+      stream.add_elements(elements)
     elif isinstance(step, Watermark):
       if step.millis is None:
         stream.advance_watermark_to_infinity()
@@ -63,18 +100,25 @@ def replay_to_test_stream(replay: Replay, processing_time: bool = True) -> TestS
         stream.advance_watermark_to(_millis(step.millis))
     elif isinstance(step, ProcessingTime) and processing_time:
       stream.advance_processing_time(step.seconds)
-  return stream.with_output_types(Tuple[str, Tuple[bytes, Tuple[int, int]]])
+  return stream.with_output_types(ReplayElement)
 
 
 class _ToRawMessageFn(beam.DoFn):
-  """Rebuilds the message and records its source's watermark lag."""
+  """Rebuilds the message and records its source's watermark lag.
 
-  def __init__(self, arrival_watermarks: bool):
+  A keyed step (it declares state, which it never uses), so that the runner
+  routes the source's output by ``arrival_key``: each key's messages in the
+  order the source emitted them."""
+  KEYED = ReadModifyWriteStateSpec('keyed', coders.VarIntCoder())
+
+  def __init__(self, arrival_watermarks: bool, digest: str):
     self._arrival_watermarks = arrival_watermarks
+    self._digest = digest
     self._lags: Dict[str, Any] = {}  # source → its lag distribution
 
-  def process(self, element: Tuple[str, Tuple[bytes, Tuple[int, int]]]) -> Iterable[RawMessage]:
-    source, (data, (lag_ms, watermark)) = element
+  def process(self, element: ReplayElement,
+              _keyed=beam.DoFn.StateParam(KEYED)) -> Iterable[RawMessage]:
+    _, (source, (data, (lag_ms, (watermark, number)))) = element
     if lag_ms >= 0:
       if source not in self._lags:
         self._lags[source] = Metrics.distribution('tidemark', f'watermark_lag_ms/{source}')
@@ -83,7 +127,8 @@ class _ToRawMessageFn(beam.DoFn):
     # UTF-8, hence invalid downstream) reaches the dead letter exactly as recorded.
     yield RawMessage(
         source, data.decode('utf-8', 'surrogatepass'),
-        watermark if self._arrival_watermarks else None)
+        watermark if self._arrival_watermarks else None,
+        replay_message_id(self._digest, number))
 
 
 class EventSource(beam.PTransform):
@@ -138,7 +183,8 @@ class ReadReplay(EventSource):
     return (
         pbegin
         | 'Stream' >> replay_to_test_stream(self.replay, self.processing_time)
-        | 'AsRawMessage' >> beam.ParDo(_ToRawMessageFn(self.arrival_watermarks)))
+        | 'AsRawMessage' >> beam.ParDo(
+            _ToRawMessageFn(self.arrival_watermarks, self.replay.digest)))
 
 
 # --- Pub/Sub ------------------------------------------------------------------
@@ -192,13 +238,17 @@ class _StampFromAttributeFn(beam.DoFn):
   attribute; without a usable one the reader's timestamp (publish time) stays,
   and parsing decides from the payload."""
 
-  def __init__(self, source: str, timestamp_attribute: str):
+  def __init__(self, source: str, subscription: str, timestamp_attribute: str):
     self._source = source
+    self._subscription = subscription
     self._attribute = timestamp_attribute
     self.unstamped = Metrics.counter('tidemark', 'pubsub_without_timestamp_attribute')
 
   def process(self, message: PubsubMessage) -> Iterable:
-    raw = RawMessage(self._source, decode_payload(message.data or b''))
+    raw = RawMessage(
+        self._source, decode_payload(message.data or b''), None,
+        message_identity('pubsub', self._subscription, message.message_id)
+        if message.message_id else None)
     stamp = timestamp_from_attribute((message.attributes or {}).get(self._attribute))
     if stamp is None:
       self.unstamped.inc()
@@ -260,7 +310,7 @@ class ReadPubSubEvents(EventSource):
               timestamp_attribute=(
                   self._timestamp_attribute if self._reader_timestamps else None))
           | f'Stamp_{source}' >> beam.ParDo(
-              _StampFromAttributeFn(source, self._timestamp_attribute)
+              _StampFromAttributeFn(source, subscription, self._timestamp_attribute)
           ).with_output_types(RawMessage))
     return tuple(per_source) | 'AllSources' >> beam.Flatten()
 
@@ -287,6 +337,14 @@ def kafka_partitions_without_records(
     return empty
   finally:
     consumer.close()
+
+
+def kafka_raw_message(record, source: str) -> RawMessage:
+  """A Kafka record (Kafka IO's row with metadata) as the message of
+  ``source``, identified by its topic, partition and offset."""
+  return RawMessage(
+      source, decode_payload(record.value or b''), None,
+      message_identity('kafka', record.topic, record.partition, record.offset))
 
 
 class ReadKafkaEvents(EventSource):
@@ -350,8 +408,9 @@ class ReadKafkaEvents(EventSource):
           timestamp_policy=ReadFromKafka.create_time_policy,
           max_num_records=self._max_num_records,
           commit_offset_in_finalize=self._commit_offsets,
+          with_metadata=True,
           expansion_service=self._expansion_service)
       per_topic.append(
           records | f'AsRawMessage_{name}' >> beam.Map(
-              lambda kv, source=name: RawMessage(source, decode_payload(kv[1] or b""))))
+              kafka_raw_message, name).with_output_types(RawMessage))
     return per_topic | 'AllTopics' >> beam.Flatten()
