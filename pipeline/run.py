@@ -25,6 +25,7 @@ from pipeline.metrics import METRICS_NAME
 from pipeline.build import build, build_run, is_streaming, read_source
 from pipeline.checks import ConfigError
 from pipeline.config import ROLLUP_DIR, RunConfig, watermark_risks
+from pipeline.options import FlinkRunnerJavaOptions
 from pipeline.runners import capabilities, runner_name, tune_live_bundles, use_every_core
 from pipeline.reconciliation import (  # noqa: F401  (reconcile* are imported from here too)
     Reconciliation, RollupAccounting, final_panes, reconcile, reconcile_run, refused_lines,
@@ -103,8 +104,10 @@ def prepare_output(config: RunConfig, options: Optional[PipelineOptions] = None,
   owned = (output_names(config), re.compile(ROLLUP_DIR.format(size='[0-9]+')))
   manifest = {'runner': runner, 'settings': settings, 'input': describe_input(config, source)}
   folder: Union[RunFolder, ObjectRunFolder]
+  # a job restored from a checkpoint or savepoint continues the files it wrote
+  resumes = bool(options and options.view_as(FlinkRunnerJavaOptions).savepoint_path)
   if is_local(config.output_dir):
-    folder = RunFolder(config.output_dir, *owned, here, manifest).open()
+    folder = RunFolder(config.output_dir, *owned, here, manifest, resumes=resumes).open()
   else:
     try:
       folder = ObjectRunFolder(config.output_dir, *owned, manifest).open()
@@ -117,7 +120,8 @@ def prepare_output(config: RunConfig, options: Optional[PipelineOptions] = None,
     for path in (size_config.aggregates_path, size_config.dead_letter_path) + (
         (size_config.duplicates_path,) if config.rollups else ()):
       create_empty(path)
-    write_json_atomically(size_config.accounting_path, dict.fromkeys(CATEGORIES, 0))
+    if not (folder.resumes and os.path.exists(size_config.accounting_path)):
+      write_json_atomically(size_config.accounting_path, dict.fromkeys(CATEGORIES, 0))
   if config.source_kind == 'replay':
     folder.identify_input(config.source_target)
   return StagedRun(folder, staged, reading)

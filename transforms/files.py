@@ -140,12 +140,15 @@ class RunFolder:
   run outputs: a commit replaces them, leaving anything else in the folder
   alone. With ``staged=False`` (workers that do not share the launcher's
   disk write the files on their own machines) the run writes into OUTPUT_DIR
-  itself, as before, and the manifest says ``"staged": false``.
+  itself, as before, and the manifest says ``"staged": false``; such a run
+  clears the earlier run's outputs first, unless it ``resumes`` them (a job
+  restored from a checkpoint or savepoint continues the files it wrote).
   """
 
   def __init__(self, output_dir: str, owned_names: Sequence[str], owned_folders: Pattern,
-               staged: bool = True, manifest: Optional[dict] = None):
+               staged: bool = True, manifest: Optional[dict] = None, resumes: bool = False):
     self.output_dir = output_dir
+    self.resumes = resumes and not staged
     self.run_id = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime()) + '-' + uuid.uuid4().hex[:6]
     self.staged = staged
     self.staging = (os.path.join(output_dir, STAGING_PREFIX + self.run_id) if staged
@@ -223,7 +226,7 @@ class RunFolder:
         self._finish_commit(staging)
         committed = read_json(os.path.join(self.output_dir, MANIFEST))
     self._remove_stale()
-    if not self.staged:
+    if not self.staged and not self.resumes:
       for name in os.listdir(self.output_dir):
         if self.owns(name):
           _remove(os.path.join(self.output_dir, name))

@@ -62,6 +62,8 @@ class ObjectRunFolder:
   of ``transforms.files.RunFolder``, plus ``gather`` and ``publish``."""
 
   staged = True
+  #: an object-store run never continues an earlier run's files
+  resumes = False
 
   def __init__(self, output_dir: str, owned_names: Sequence[str], owned_folders: Pattern,
                manifest: Optional[dict] = None):
