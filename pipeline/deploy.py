@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -31,8 +32,10 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 from pipeline import customer as customers
+from pipeline.config import DEFAULT_OUTPUT_DIR
 from pipeline.flink_cluster import (
     FlinkCluster, FlinkClusterError, artifacts_dir, clean_artifacts, savepoint_request)
+from transforms.files import MANIFEST, read_json
 
 TARGETS = ('dataflow', 'flink')
 
@@ -153,6 +156,36 @@ def stop_with_savepoint(customer: customers.Customer) -> str:
   return cluster.stop_with_savepoint(job.jid, target.get('savepoint_dir'))
 
 
+def resume_checkpoint(customer: customers.Customer) -> str:
+  """The checkpoint to restore the customer's job from after its cluster lost
+  it (a JobManager restarted without high availability forgets its jobs; their
+  checkpoints stay): the newest complete one of the job its output folder's
+  ``run.json`` names. Raises FlinkClusterError saying what is missing."""
+  target = _cluster_target(customer)
+  cluster = FlinkCluster(target['flink_master'])
+  running = cluster.running_job(target['job_name'])
+  if running is not None:
+    raise FlinkClusterError(
+        f'job {running.name!r} ({running.jid}) is running on {target["flink_master"]}: '
+        'nothing to resume (--upgrade replaces it)')
+  output_dir = dict(customers.run_parameters(customer)).get('output_dir', DEFAULT_OUTPUT_DIR)
+  manifest = read_json(os.path.join(output_dir, MANIFEST)) or {}
+  job = manifest.get('flink_job') or {}
+  if job.get('name') != target['job_name'] or not job.get('jid'):
+    raise FlinkClusterError(
+        f'{os.path.join(output_dir, MANIFEST)} names no earlier job {target["job_name"]!r}: '
+        'deploy it afresh (without --resume)')
+  checkpoint = cluster.latest_retained_checkpoint(job['jid'])
+  if checkpoint is None:
+    raise FlinkClusterError(
+        f'job {job["jid"]} left no complete checkpoint in the cluster\'s '
+        'state.checkpoints.dir that this machine can read: give its latest chk-N folder '
+        'with --from-savepoint, or deploy afresh')
+  print(f'tidemark: resuming job {job["name"]!r} ({job["jid"]}) from {checkpoint}',
+        file=sys.stderr)
+  return checkpoint
+
+
 def remove_ended_artifacts() -> None:
   """Removes the local job server's staged artifacts of jobs that have ended
   (the one just stopped among them); the job server keeps a detached job's."""
@@ -190,20 +223,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                       'this version restored from it')
   action.add_argument('--from-savepoint', metavar='PATH',
                       help='flink: submit the job restored from this savepoint (or checkpoint)')
+  action.add_argument('--resume', action='store_true',
+                      help='flink cluster: submit the job restored from the latest checkpoint '
+                      'its last run left, once the cluster no longer runs it (a JobManager '
+                      'restarted without high availability forgets its jobs)')
   parser.add_argument('--dry-run', action='store_true',
                       help='print what would be done and exit, contacting nothing')
   parser.add_argument('--customers-dir', default=None,
                       help='where customer files live (default: $TIDEMARK_CUSTOMERS_DIR, else '
                       'templates/customers under the working directory)')
   args = parser.parse_args(argv)
-  if (args.stop or args.upgrade or args.from_savepoint) and args.target != 'flink':
-    parser.error('--stop, --upgrade and --from-savepoint are for --target flink')
+  if (args.stop or args.upgrade or args.from_savepoint or args.resume) and args.target != 'flink':
+    parser.error('--stop, --upgrade, --from-savepoint and --resume are for --target flink')
   try:
     customer = (customers.load_file(args.customer_file) if args.customer_file is not None
                 else customers.load(args.customer, args.customers_dir))
     command = launch_command(customer, args.target)
-    if args.stop or args.upgrade:
-      request = stop_request(customer)
+    if args.stop or args.upgrade or args.resume:
+      request = stop_request(customer) if not args.resume else ''
     if args.from_savepoint:
       command = flink_command(customer, savepoint=args.from_savepoint)
   except customers.CustomerFileError as e:
@@ -214,6 +251,8 @@ def main(argv: Optional[List[str]] = None) -> int:
       print(request)
     if args.upgrade:
       command = flink_command(customer, savepoint='<the savepoint the stop wrote>')
+    if args.resume:
+      command = flink_command(customer, savepoint='<the latest checkpoint of the last job>')
     if not args.stop:
       print(shlex.join(command))
     return 0
@@ -228,6 +267,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.stop:
       return 0
     command = flink_command(customer, savepoint=savepoint)
+  if args.resume:
+    try:
+      command = flink_command(customer, savepoint=resume_checkpoint(customer))
+    except FlinkClusterError as e:
+      print(f'tidemark: error: {e}', file=sys.stderr)
+      return 1
   if shutil.which(command[0]) is None:
     print(f'tidemark: error: {command[0]} not found on PATH', file=sys.stderr)
     return 127

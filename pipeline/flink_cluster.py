@@ -97,6 +97,30 @@ class FlinkCluster:
   def checkpoints(self, jid: str) -> Dict:
     return self._call('GET', f'/jobs/{jid}/checkpoints')
 
+  def config(self) -> Dict[str, str]:
+    """The cluster's configuration (the JobManager's)."""
+    return {e['key']: e['value'] for e in self._call('GET', '/jobmanager/config')}
+
+  def latest_retained_checkpoint(self, jid: str) -> Optional[str]:
+    """The newest complete checkpoint the job ``jid`` left in the cluster's
+    ``state.checkpoints.dir`` (retained on cancel, and after a JobManager that
+    lost the job), as a path to restore from; None when there is none or the
+    directory is not on a disk this machine reads."""
+    directory = self.config().get('state.checkpoints.dir', '')
+    if directory.startswith('file:'):
+      directory = '/' + directory[len('file:'):].lstrip('/')
+    if not directory.startswith('/'):
+      return None
+    folder = os.path.join(directory, jid)
+    try:
+      names = os.listdir(folder)
+    except OSError:
+      return None
+    complete = [(int(n[len('chk-'):]), n) for n in names
+                if re.fullmatch(r'chk-[0-9]+', n) and
+                os.path.exists(os.path.join(folder, n, '_metadata'))]
+    return os.path.join(folder, max(complete)[1]) if complete else None
+
   def wait_for_job(self, name: str, timeout_s: float, since_ms: int = 0) -> Job:
     """The job of that name once it is RUNNING (started at or after ``since_ms``)."""
     deadline = time.monotonic() + timeout_s

@@ -33,7 +33,8 @@ from pipeline.reconciliation import (  # noqa: F401  (reconcile* are imported fr
 from transforms.accounting import LAUNCHER_PID
 from transforms.bulk import ReadReplayInChunks
 from transforms.files import (
-    COMPLETE, FAILED, INCOMPLETE, STOPPED, RunFolder, create_empty, write_json_atomically)
+    COMPLETE, FAILED, INCOMPLETE, RUNNING, STOPPED, RunFolder, create_empty,
+    write_json_atomically)
 from transforms.model import CATEGORIES
 from transforms.objects import ObjectRunFolder
 from transforms.writers import is_local
@@ -413,7 +414,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     name = detach(options, config.customer_id)
     p = beam.Pipeline(options=options)
     build_run(p, run.config, source)
-    return submit_detached(options, p, master, name, run.folder.staging)
+    return submit_detached(options, p, master, name, run.folder.staging,
+                           lambda job: run.folder.update(RUNNING, flink_job=job))
   # A bounded run stops at once; an unbounded one stops its stream and commits it.
   signals = StopSignals(
       None if config.unbounded else lambda signum: stop_interrupted(run, signum)).install()

@@ -17,7 +17,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import apache_beam as beam
 import grpc
@@ -65,9 +65,12 @@ def detach(options: PipelineOptions, customer_id: Optional[str]) -> str:
 
 
 def submit_detached(options: PipelineOptions, pipeline: beam.Pipeline, master: str,
-                    name: str, staging: str) -> int:
+                    name: str, staging: str,
+                    running: Optional[Callable[[dict], None]] = None) -> int:
   """Runs ``pipeline`` detached on the cluster at ``master``; returns the exit
-  code (0 once the cluster runs it, 1 if it does not show up)."""
+  code (0 once the cluster runs it, 1 if it does not show up). ``running``
+  receives ``{'master', 'jid', 'name'}`` once the cluster runs it (the run's
+  manifest records it: ``deploy --resume`` finds the job's checkpoints by it)."""
   environment = (options.view_as(PortableOptions).environment_type or '').upper()
   if environment == 'LOOPBACK':
     print('tidemark: error: --environment_type LOOPBACK runs the workers in this launcher, '
@@ -83,6 +86,8 @@ def submit_detached(options: PipelineOptions, pipeline: beam.Pipeline, master: s
   except FlinkClusterError as e:
     print(f'tidemark: error: {e}', file=sys.stderr)
     return 1
+  if running is not None:
+    running({'master': master, 'jid': job.jid, 'name': job.name})
   record_artifacts(result, master, job)
   print(f'tidemark: job {name!r} ({job.jid}) is running on the Flink cluster at {master}, '
         f'detached; it runs until stopped (python -m pipeline deploy ... --stop takes a '

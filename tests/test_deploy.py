@@ -169,6 +169,65 @@ def test_an_upgrade_dry_run_prints_a_savepoint_of_the_running_job_then_the_resto
   assert command[command.index('--job_name') + 1] == 'dataflow-inc-iot-rollups'
 
 
+def test_a_resume_dry_run_prints_the_restore_from_the_latest_checkpoint():
+  result = deploy('--customer', 'dataflow-inc', '--target', 'flink', '--resume', '--dry-run')
+  assert result.returncode == 0, result.stderr
+  command = shlex.split(result.stdout.strip())
+  assert command[command.index('--savepoint_path') + 1] == (
+      '<the latest checkpoint of the last job>')
+
+
+def test_the_latest_retained_checkpoint_is_the_newest_complete_one(tmp_path):
+  from pipeline.flink_cluster import FlinkCluster
+
+  class Cluster(FlinkCluster):
+    def config(self):
+      return {'state.checkpoints.dir': f'file://{tmp_path}'}
+
+  job = tmp_path / 'a1b2'
+  for n, complete in ((7, True), (9, True), (10, False), (11, False)):
+    (job / f'chk-{n}').mkdir(parents=True)
+    if complete:
+      (job / f'chk-{n}' / '_metadata').write_bytes(b'meta')
+  (job / 'shared').mkdir()
+  cluster = Cluster('127.0.0.1:1')
+  assert cluster.latest_retained_checkpoint('a1b2') == str(job / 'chk-9')
+  assert cluster.latest_retained_checkpoint('other') is None
+
+
+def test_a_resume_without_an_earlier_job_says_so_and_submits_nothing(tmp_path):
+  import http.server
+  import threading
+
+  class Overview(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+      body = b'{"jobs": []}'
+      self.send_response(200)
+      self.send_header('Content-Length', str(len(body)))
+      self.end_headers()
+      self.wfile.write(body)
+
+    def log_message(self, *_args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Overview)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    spec = spec_of('dataflow-inc')
+    spec['deploy']['flink']['flink_master'] = f'127.0.0.1:{server.server_port}'
+    path = tmp_path / 'dataflow-inc.json'
+    path.write_text(json.dumps(spec))
+    result = subprocess.run(
+        [sys.executable, '-m', 'pipeline', 'deploy', '--customer-file', str(path), '--target',
+         'flink', '--resume'], cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
+        env={**os.environ, 'PYTHONPATH': REPO})
+  finally:
+    server.shutdown()
+  assert result.returncode == 1
+  assert 'names no earlier job' in result.stderr and 'Traceback' not in result.stderr
+  assert 'launching' not in result.stderr
+
+
 def test_rollups_reach_the_flex_template_as_one_parameter(tmp_path):
   spec = spec_of('finserve')
   spec['window']['rollups'] = [{'size_s': 3600, 'allowed_lateness_s': 60},

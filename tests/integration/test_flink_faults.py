@@ -237,6 +237,13 @@ class Customer:
         f'{len(wrong)} of {len(windows)} windows differ, e.g. {list(wrong.items())[:3]}')
 
 
+def _down_for(script: str, seconds: float) -> None:
+  """Stops a service with its script, and starts it again ``seconds`` later."""
+  _script(script, 'stop')
+  time.sleep(seconds)
+  _script(script, 'start')
+
+
 def _wait(predicate, timeout_s: float, what: str):
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
@@ -321,21 +328,20 @@ def test_stop_with_savepoint_and_restore_continue_exactly(
 
 def test_postgres_down_for_30_seconds_loses_nothing(
     flink_cluster, kafka_broker, postgres_dsn, tmp_path):
-  customer = Customer(tmp_path, kafka_broker, postgres_dsn)
+  customer = Customer(tmp_path, kafka_broker, postgres_dsn, parallelism=2)
   customer.deploy()
   job = flink_cluster.wait_for_job(customer.job_name, 120)
   try:
     publisher = customer.publish_in_background(50)
     _wait(lambda: customer.finals(), 60, 'the first rows in PostgreSQL')
-    _script(POSTGRES_SCRIPT, 'stop')
-    time.sleep(30)
-    _script(POSTGRES_SCRIPT, 'start')
+    _down_for(POSTGRES_SCRIPT, 30)
     publisher.join()
     expected = customer.expected()
     customer.settle(expected, timeout_s=240)
     print(f'PostgreSQL down 30 s: the job restarted {flink_cluster.restarts(job.jid)} times')
   finally:
     flink_cluster.cancel(job.jid)
+  _assert_dead_letters_once(customer, expected)
 
 
 class AccountingSampler:
@@ -438,3 +444,66 @@ def test_the_deployed_shape_accounts_for_every_event_through_a_taskmanager_kill(
   assert stored == Counter([(WINDOW_S * 1000, data) for _, data in primary.too_late] +
                            [(rollup[0] * 1000, data) for _, data in rolled.too_late])
   assert all(reason == 'too_late' and message_id for reason, _, _, message_id, _ in rows)
+
+
+def _assert_dead_letters_once(customer: Customer, expected: reference.Outcome) -> None:
+  letters = customer.dead_letters()
+  assert Counter((d['reason'], d['data']) for d in letters) == Counter(
+      [('too_late', data) for _, data in expected.too_late] +
+      [('invalid', data) for _, data in expected.invalid])
+  assert len({d['message_id'] for d in letters}) == len(letters)
+
+
+def test_a_killed_jobmanager_is_resumed_from_the_latest_checkpoint(
+    flink_cluster, kafka_broker, postgres_dsn, tmp_path):
+  """Without high availability a restarted JobManager has forgotten its jobs;
+  ``deploy --resume`` submits the job again from the newest checkpoint the
+  lost one retained, and it continues exactly."""
+  customer = Customer(tmp_path, kafka_broker, postgres_dsn, parallelism=2)
+  customer.deploy()
+  first = flink_cluster.wait_for_job(customer.job_name, 120)
+  publisher = customer.publish_in_background(50)
+  second = None
+  try:
+    _wait(lambda: _completed_checkpoints(flink_cluster, first.jid) >= 3, 60, '3 checkpoints')
+    time.sleep(3)
+    pid = int(open(os.path.join(REPO, '.stage', 'run', 'flink-jobmanager.pid')).read())
+    os.kill(pid, 9)
+    _wait(lambda: not os.path.exists(f'/proc/{pid}'), 30, 'the JobManager to die')
+    killed_at = time.time()
+    _script(CLUSTER_SCRIPT, 'start')  # the JobManager again; the TaskManager rejoins it
+    assert flink_cluster.running_job(customer.job_name) is None  # forgotten
+    assert '--savepoint_path' in customer.deploy('--resume', '--dry-run')
+    customer.deploy('--resume')
+    second = flink_cluster.wait_for_job(customer.job_name, 120)
+    print(f'JobManager killed to resumed job RUNNING: {time.time() - killed_at:.1f} s')
+    publisher.join()
+    expected = customer.expected()
+    customer.settle(expected, timeout_s=240)
+    restored = flink_cluster.checkpoints(second.jid)['latest']['restored']
+    assert restored is not None and first.jid in restored['external_path']
+  finally:
+    publisher.join()
+    if second is not None:
+      flink_cluster.cancel(second.jid)
+  _assert_dead_letters_once(customer, expected)
+
+
+def test_the_kafka_broker_down_for_30_seconds_loses_nothing(
+    flink_cluster, kafka_broker, postgres_dsn, tmp_path):
+  """The broker stops for 30 s between two stretches of traffic (publishers
+  cannot publish meanwhile); the job recovers by itself and counts every event once."""
+  customer = Customer(tmp_path, kafka_broker, postgres_dsn, parallelism=2)
+  customer.deploy()
+  job = flink_cluster.wait_for_job(customer.job_name, 120)
+  try:
+    customer.publish(20)
+    _wait(lambda: _completed_checkpoints(flink_cluster, job.jid) >= 3, 60, '3 checkpoints')
+    _down_for(os.path.join(REPO, 'scripts', 'kafka.sh'), 30)
+    customer.publish(20)
+    expected = customer.expected()
+    customer.settle(expected, timeout_s=300)
+    print(f'Kafka down 30 s: the job restarted {flink_cluster.restarts(job.jid)} times')
+  finally:
+    flink_cluster.cancel(job.jid)
+  _assert_dead_letters_once(customer, expected)

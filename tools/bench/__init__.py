@@ -19,6 +19,10 @@
   drain    a pre-filled Kafka backlog read through Flink by the pipeline and by
            the stateless ceiling (read -> parse -> window -> combine), in the
            same command: both drain rates and their ratio (tools/bench/drain.py).
+  deployed the shape customers deploy (session cluster, worker pool, parallelism,
+           checkpoints, PostgreSQL, a rollup) under a ramp: sustained rate, CPU
+           per process, window end -> ON_TIME row in PostgreSQL, checkpoint
+           durations (tools/bench/deployed.py).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import time
 from typing import Callable, List, Optional, Tuple
 
 from tools import reference, traffic
+from tools.bench import deployed as bench_deployed
 from tools.bench import drain as bench_drain
 from tools.bench import stream as bench_stream
 from pipeline.reconciliation import live_output_dir
@@ -228,7 +233,7 @@ def main(argv: List[str]) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m pipeline bench', description=__doc__, allow_abbrev=False,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('kind', choices=['replay', 'soak', 'stream', 'drain'])
+  parser.add_argument('kind', choices=['replay', 'soak', 'stream', 'drain', 'deployed'])
   parser.add_argument('--messages', type=int, default=10000)
   parser.add_argument('--seed', type=int, default=7)
   parser.add_argument('--rate', type=float, default=traffic.Profile.rate_per_s)
@@ -245,6 +250,7 @@ def main(argv: List[str]) -> int:
                       help='soak on Flink: sample the JVM\'s RSS only, no forced GC')
   bench_stream.add_arguments(parser)
   bench_drain.add_arguments(parser)
+  bench_deployed.add_arguments(parser)
   args, extra = parser.parse_known_args(argv)
   if args.messages <= 0 or args.hours <= 0 or args.rate <= 0:
     parser.error('--messages, --hours and --rate must be positive')
@@ -253,6 +259,7 @@ def main(argv: List[str]) -> int:
   if args.partitions < 1 or args.step_seconds <= 0 or args.slack_seconds < 0:
     parser.error('--partitions and --step-seconds must be positive, --slack-seconds >= 0')
   bench = {'replay': _bench_replay, 'soak': _bench_soak,
-           'stream': bench_stream.bench_stream, 'drain': bench_drain.bench_drain}[args.kind]
+           'stream': bench_stream.bench_stream, 'drain': bench_drain.bench_drain,
+           'deployed': bench_deployed.bench_deployed}[args.kind]
   print(json.dumps(bench(args, extra)), flush=True)
   return 0
