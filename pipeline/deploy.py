@@ -117,6 +117,8 @@ def flink_command(customer: customers.Customer, python: str = sys.executable,
     command += ['--checkpointing_interval', str(target['checkpoint_interval_s'] * 1000)]
   if 'parallelism' in target:
     command += ['--parallelism', str(target['parallelism'])]
+    if environment == 'EXTERNAL':  # one SDK worker process (one GIL) per slot of the job
+      command += ['--sdk_worker_parallelism', str(target['parallelism'])]
   if 'job_name' in target:
     command += ['--job_name', target['job_name']]
   if savepoint is not None:

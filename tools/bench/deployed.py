@@ -44,6 +44,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 MASTER = '127.0.0.1:' + os.environ.get('FLINK_REST_PORT', '18081')
 POOL = '127.0.0.1:' + os.environ.get('FLINK_WORKER_POOL_PORT', '18050')
 JOB_ENDPOINT = 'localhost:' + os.environ.get('FLINK_JOB_PORT', '18099')
+CUSTOMER = 'benchco'
 #: Processes whose CPU is reported, by the pid file scripts/ keep.
 PROCESSES = ('flink-jobmanager', 'flink-taskmanager', 'flink-worker-pool', 'kafka')
 
@@ -89,19 +90,20 @@ class _RowWatcher(threading.Thread):
 def _customer_file(args: argparse.Namespace, path: str, run_id: str, topics: Dict[str, str],
                    dsn: str) -> dict:
   spec = {
-      'customer_id': 'benchco',
+      'customer_id': CUSTOMER,
       'window': {'size_s': args.window_size, 'allowed_lateness_s': args.allowed_lateness,
                  'rollups': [{'size_s': args.window_size * 6,
                               'allowed_lateness_s': args.allowed_lateness * 2}]},
       'shards': 2,
       'source': {'kind': 'kafka', 'bootstrap_servers': args.bootstrap_servers,
-                 'topics': list(topics.values()), 'consumer_group': f'bench.{run_id}'},
+                 'topics': list(topics.values()),
+                 'consumer_group': f'{CUSTOMER}.{run_id}'},
       'sink': {'kind': 'postgres', 'dsn': re.sub(r':[^:@/]*@', '@', dsn),
-               'table': f'bench_{run_id}', 'dead_letter_table': f'bench_dead_{run_id}'},
+               'table': f'{CUSTOMER}_{run_id}', 'dead_letter_table': f'{CUSTOMER}_dead_{run_id}'},
       'deploy': {'flink': {
           'job_endpoint': JOB_ENDPOINT, 'flink_master': MASTER, 'worker_pool': POOL,
           'checkpoint_interval_s': args.checkpoint_interval, 'parallelism': args.parallelism,
-          'job_name': f'tidemark-bench-{run_id}'}},
+          'job_name': f'{CUSTOMER}-{run_id}'}},
   }
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(spec, f)
@@ -149,7 +151,7 @@ def bench_deployed(args: argparse.Namespace, extra: List[str]) -> dict:
   if missing:
     raise SystemExit('bench deployed: not running: ' + '; '.join(missing))
   run_id = uuid.uuid4().hex[:8]
-  prefix = f'tidemark-deployed-{run_id}-'
+  prefix = f'{CUSTOMER}.deployed-{run_id}-'  # a customer's resources carry its name
   topics = {s[0]: prefix + s[0] for s in traffic.Profile().sources}
   admin = AdminClient({'bootstrap.servers': args.bootstrap_servers})
   for future in admin.create_topics(
@@ -159,7 +161,7 @@ def bench_deployed(args: argparse.Namespace, extra: List[str]) -> dict:
   os.makedirs(workdir)
   spec = _customer_file(args, os.path.join(workdir, 'benchco.json'), run_id, topics, dsn)
   job_name = spec['deploy']['flink']['job_name']
-  plan = [(rate, _step_lines(args, k, rate, args.step_seconds))
+  plan = [(rate, _step_lines(args, k, rate, args.step_seconds, customers=(CUSTOMER,)))
           for k, rate in enumerate([args.rates[0]] + list(args.rates))]
   # The customer's source names are its topics: the simulator publishes to PREFIX + source.
   target = simulate.KafkaTarget(args.bootstrap_servers, prefix)
@@ -246,9 +248,10 @@ def bench_deployed(args: argparse.Namespace, extra: List[str]) -> dict:
 
 
 def _is_sdk_worker(pid: int) -> bool:
+  """Whether ``pid`` is a Python process (the pool starts each SDK worker as one)."""
   try:
     with open(f'/proc/{pid}/cmdline', 'rb') as f:
-      return b'sdk_worker_main' in f.read()
+      return b'python' in f.read().split(b'\0', 1)[0]
   except OSError:
     return False
 

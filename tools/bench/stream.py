@@ -371,13 +371,13 @@ def _require_services(bootstrap: str, extra: Sequence[str]) -> Optional[str]:
   return None
 
 
-def _step_lines(args: argparse.Namespace, step: int, rate: float,
-                seconds: float) -> List[traffic.Line]:
+def _step_lines(args: argparse.Namespace, step: int, rate: float, seconds: float,
+                customers: Tuple[str, ...] = traffic.Profile.customers) -> List[traffic.Line]:
   """The simulator's traffic for one step, event ids made unique across steps."""
   profile = traffic.Profile(
       messages=max(1, int(rate * seconds)), seed=args.seed + step, rate_per_s=rate,
       window_size_s=args.window_size, allowed_lateness_s=args.allowed_lateness,
-      start_ms=_BASE_MS)
+      start_ms=_BASE_MS, customers=customers)
   tag = f'"event_id": "s{step}-'
   return [traffic.Data(line.source, line.payload.replace('"event_id": "', tag, 1),
                        line.event_time)
