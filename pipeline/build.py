@@ -74,7 +74,8 @@ def database_sinks(
         config.bigquery_table, config.bigquery_dead_letter_table, config.customer_id,
         config.bigquery_expansion_service),
             WriteDeadLettersToBigQuery(
-                config.bigquery_dead_letter_table, config.bigquery_expansion_service))
+                config.bigquery_dead_letter_table, config.bigquery_expansion_service,
+                config.customer_id))
   return None, None
 
 
@@ -127,7 +128,7 @@ class WriteWindowOutputs(beam.PTransform):
     if upsert is not None and append is not None:
       refused = aggregates | f'Upsert{config.sink.title()}' >> upsert
       letters = dead_letters | f'DeadLetters{config.sink.title()}' >> append
-      if config.sink == 'postgres':  # and other customers' dead letters, refused
+      if config.sink in ('postgres', 'bigquery'):  # and other customers' dead letters
         refused = (
             (refused | 'RefusedRowsUnwindowed' >> beam.WindowInto(GlobalWindows()),
              letters | 'RefusedLettersUnwindowed' >> beam.WindowInto(GlobalWindows()))

@@ -58,7 +58,9 @@ def _stacked_bars(ax, groups: Dict[str, Dict[str, int]], outcomes: Iterable[str]
 
 
 def _legend_outside(ax, **kwargs) -> None:
-  ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), frameon=False, **kwargs)
+  """The chart's legend beside it; none when nothing was drawn (an empty run)."""
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), frameon=False, **kwargs)
 
 
 class Chart(NamedTuple):

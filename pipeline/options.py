@@ -19,7 +19,11 @@ BEAM_OPTIONS_HELP = (
     "Beam's pipeline options are accepted too: any option of a PipelineOptions "
     'class Beam registers (--runner, --streaming, --job_endpoint, --environment_type, '
     '--direct_num_workers, --experiments, ...). Anything else, a misspelt option or a '
-    'stray argument, stops the run (exit 2).')
+    'stray argument, stops the run (exit 2). Exit codes: 0 the run finished and its '
+    'outputs reconcile (committed); 1 the job failed; 2 a bad setting or input, nothing '
+    'run or written; 3 the outputs did not reconcile (not committed); 130 / 143 stopped by '
+    'SIGINT / SIGTERM (a replay is not committed; an unbounded run is committed as '
+    'stopped).')
 
 _WHOLE_NUMBER = re.compile(r'[+-]?[0-9]+\Z')
 

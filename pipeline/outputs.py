@@ -51,6 +51,11 @@ class RunOutputs(NamedTuple):
     return self.manifest.get('status', 'unknown')
 
   @property
+  def finished(self) -> bool:
+    """Whether the run finished: otherwise its figures are what it wrote before it stopped."""
+    return self.status in FINISHED
+
+  @property
   def unaccounted(self) -> int:
     """``received`` minus every outcome: 0 unless messages went missing."""
     return self.accounting.get(RECEIVED, 0) - sum(
@@ -66,18 +71,35 @@ class RunOutputs(NamedTuple):
     return finals
 
 
+class UnreadableOutput(ValueError):
+  """An output file of a run that cannot be read as what it should be (empty,
+  cut short, not JSON); the message names the file (and the line)."""
+
+
 def _json_lines(path: str) -> Optional[List[dict]]:
   if not os.path.exists(path):
     return None
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  records = []
+  with open(path, encoding='utf-8', errors='surrogateescape') as f:
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          records.append(json.loads(line))
+        except ValueError as e:
+          raise UnreadableOutput(f'{path}:{number}: not a JSON object ({e})') from None
+  return records
 
 
 def _json(path: str) -> Optional[dict]:
   if not os.path.exists(path):
     return None
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  with open(path, encoding='utf-8', errors='surrogateescape') as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    what = 'empty' if not text.strip() else f'not JSON ({e})'
+    raise UnreadableOutput(f'{path}: {what}') from None
 
 
 def _replay(manifest: dict):
@@ -98,20 +120,42 @@ def _replay(manifest: dict):
   return messages, history
 
 
+#: Run statuses whose accounting is the run's whole (``transforms.files.COMMITTED``).
+FINISHED = ('complete', 'stopped')
+
+
+def written_so_far(outputs: 'RunOutputs') -> Dict[str, int]:
+  """The accounting of what a run that did not finish wrote before it stopped:
+  its dead letters, duplicates and the events in its final panes; ``received``
+  is their sum (messages whose outcome it wrote), not what it read."""
+  counts = collections.Counter(d['reason'] for d in outputs.dead_letters)
+  accounting = {INVALID: counts[INVALID], TOO_LATE: counts[TOO_LATE],
+                DUPLICATE: len(outputs.duplicates or ()),
+                AGGREGATED: sum(p['count'] for p in outputs.final_panes().values())}
+  return {RECEIVED: sum(accounting.values()), **accounting}
+
+
 def load(output_dir: str) -> RunOutputs:
-  """Reads a run's folder; raises NotARunFolder when it has no ``run.json``."""
+  """Reads a run's folder; raises NotARunFolder when it has no ``run.json``.
+
+  A run that did not finish (interrupted, killed, failed) is read as what it
+  wrote before it stopped: its accounting is counted from its outputs, and the
+  replay it read is not taken for what it received."""
   manifest = _json(os.path.join(output_dir, 'run.json'))
   if manifest is None or 'settings' not in manifest:
     raise NotARunFolder(f'{output_dir}: no run.json with settings: not a Tidemark output folder')
-  accounting = _json(os.path.join(output_dir, 'accounting.json')) or dict.fromkeys(CATEGORIES, 0)
-  messages, history = _replay(manifest)
-  return RunOutputs(
-      directory=output_dir, manifest=manifest, accounting=accounting,
+  finished = manifest.get('status') in FINISHED
+  messages, history = _replay(manifest) if finished else (None, None)
+  outputs = RunOutputs(
+      directory=output_dir, manifest=manifest,
+      accounting=(finished and _json(os.path.join(output_dir, 'accounting.json')) or
+                  dict.fromkeys(CATEGORIES, 0)),
       panes=_json_lines(os.path.join(output_dir, 'aggregates.jsonl')) or [],
       dead_letters=_json_lines(os.path.join(output_dir, 'dead_letter.jsonl')) or [],
       duplicates=_json_lines(os.path.join(output_dir, 'duplicates.jsonl')),
       reconciliation=_json(os.path.join(output_dir, 'reconciliation.json')),
       replay_messages=messages, replay_watermarks=history)
+  return outputs if finished else outputs._replace(accounting=written_so_far(outputs))
 
 
 def payload_fields(data: str) -> Optional[tuple]:

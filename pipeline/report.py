@@ -35,7 +35,7 @@ from typing import Callable, Iterable, List, Optional, Tuple
 
 from pipeline.charts import Chart, charts
 from pipeline.metrics import METRICS_NAME, run_metrics
-from pipeline.outputs import NotARunFolder, RunOutputs, load
+from pipeline.outputs import NotARunFolder, RunOutputs, UnreadableOutput, load
 from transforms.model import CATEGORIES
 
 REPORT_NAME = 'report.html'
@@ -86,7 +86,14 @@ def render_html(outputs: RunOutputs, made: List[Chart]) -> str:
       f'src="data:image/svg+xml;base64,{base64.b64encode(c.svg.encode()).decode()}">'
       f'<figcaption>{html.escape(c.caption)}</figcaption></figure>' for c in made)
   missing = ''
-  if outputs.replay_messages is None:
+  heading = 'Where every message went'
+  if not outputs.finished:
+    heading = 'What the run wrote before it stopped'
+    missing = ('<p class="note">This run did not finish: its accounting was never computed. '
+               'The figures count what it wrote before it stopped (dead letters, duplicates '
+               'where recorded, events in panes); "received" is their sum, not what it read. '
+               'Lateness and watermarks per source are not drawn for it.</p>')
+  elif outputs.replay_messages is None:
     missing = ('<p class="note">Lateness and watermark per source are drawn for replays: '
                'a live source\'s arrival watermarks are not in the outputs.</p>')
   rows = [(k, f'{accounting.get(k, 0):,}') for k in CATEGORIES] + [
@@ -104,7 +111,7 @@ def render_html(outputs: RunOutputs, made: List[Chart]) -> str:
       f'<style>{_STYLE}</style></head><body>'
       f'<h1>Tidemark run report</h1>'
       f'<p class="status {"ok" if good else "bad"}">{html.escape(verdict)}</p>'
-      f'{_table(about)}<h2>Where every message went</h2>{_table(rows)}'
+      f'{_table(about)}<h2>{heading}</h2>{_table(rows)}'
       f'{figures}{missing}<script>{_SCRIPT}</script></body></html>')
 
 
@@ -118,14 +125,15 @@ def _write_atomically(path: str, text: str) -> None:
 
 
 def write(output_dir: str, out: Optional[str] = None) -> Tuple[str, str]:
-  """Writes ``report.html`` (or ``out``) and ``metrics.prom`` for a run's
-  folder; returns their paths."""
+  """Writes ``report.html`` and ``metrics.prom`` for a run's folder, into it,
+  or with ``out`` the page there and the metrics beside it (the run's folder
+  is then only read); returns their paths."""
   import prometheus_client
   prometheus_client.disable_created_metrics()  # a run's figures, not live series
   outputs = load(output_dir)
   page = out or os.path.join(output_dir, REPORT_NAME)
   _write_atomically(page, render_html(outputs, charts(outputs)))
-  textfile = os.path.join(output_dir, METRICS_NAME)
+  textfile = os.path.join(os.path.dirname(os.path.abspath(page)), METRICS_NAME)
   _write_atomically(textfile, prometheus_client.generate_latest(run_metrics(outputs)).decode('utf-8'))
   return page, textfile
 
@@ -139,7 +147,10 @@ def start_server(folder: Callable[[], str], address: str):
   host, _, port = address.rpartition(':')
 
   class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (the http.server name)
+    def do_HEAD(self):  # noqa: N802 (the http.server name)
+      self.do_GET(head=True)
+
+    def do_GET(self, head: bool = False):  # noqa: N802 (the http.server name)
       try:
         outputs = load(folder())
         if self.path.split('?')[0] == '/metrics':
@@ -157,7 +168,8 @@ def start_server(folder: Callable[[], str], address: str):
       self.send_header('Content-Type', kind)
       self.send_header('Content-Length', str(len(body)))
       self.end_headers()
-      self.wfile.write(body)
+      if not head:
+        self.wfile.write(body)
 
     def log_message(self, *args):  # scrapes are not news
       pass
@@ -168,9 +180,10 @@ def start_server(folder: Callable[[], str], address: str):
   return server
 
 
-def serve(output_dir: str, address: str) -> None:
-  """Serves the folder's metrics and report (``start_server``) until interrupted."""
-  server = start_server(lambda: output_dir, address)
+def serve(output_dir: str, address: str, server=None) -> None:
+  """Serves the folder's metrics and report (``start_server``, or the one
+  given, already listening) until interrupted."""
+  server = server or start_server(lambda: output_dir, address)
   host, _, port = address.rpartition(':')
   print(f'serving {output_dir}: http://{host or "127.0.0.1"}:{port}/metrics and /', flush=True)
   try:
@@ -194,12 +207,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     host, sep, port = args.serve.rpartition(':')
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
       parser.error(f'--serve: HOST:PORT expected, got {args.serve!r}')
+  server = None
+  if args.serve is not None:  # listening first: a taken port stops it before it writes
+    try:
+      server = start_server(lambda: args.output_dir, args.serve)
+    except OSError as e:
+      print(f'tidemark: error: --serve: cannot listen on {args.serve}: {e.strerror or e}',
+            file=sys.stderr)
+      return 2
   try:
     page, textfile = write(args.output_dir, args.out)
-  except NotARunFolder as e:
-    print(f'tidemark: error: {e}', file=sys.stderr)
+  except (NotARunFolder, UnreadableOutput, OSError) as e:
+    if isinstance(e, OSError):
+      print(f'tidemark: error: cannot write the report: {e.filename or ""}: {e.strerror or e}'
+            + ('' if args.out else ' (--out PATH writes it elsewhere)'), file=sys.stderr)
+    else:
+      print(f'tidemark: error: {e}', file=sys.stderr)
+    if server is not None:
+      server.shutdown()
+      server.server_close()
     return 2
   print(f'report: {page}\nmetrics: {textfile}', flush=True)
-  if args.serve is not None:
-    serve(args.output_dir, args.serve)
+  if server is not None:
+    serve(args.output_dir, args.serve, server)
   return 0

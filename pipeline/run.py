@@ -33,7 +33,7 @@ from pipeline.reconciliation import (  # noqa: F401  (reconcile* are imported fr
 from transforms.accounting import LAUNCHER_PID
 from transforms.bulk import ReadReplayInChunks
 from transforms.files import (
-    COMPLETE, FAILED, INCOMPLETE, RUNNING, STOPPED, RunFolder, create_empty,
+    COMPLETE, FAILED, INCOMPLETE, RUNNING, STOPPED, FolderBusy, RunFolder, create_empty,
     write_json_atomically)
 from transforms.model import CATEGORIES
 from transforms.objects import ObjectRunFolder
@@ -42,7 +42,8 @@ from transforms.replay import ReplayError
 from pipeline.submit import (
     check_flink_job_server, cluster_master, detach, detached_config, submit_detached)
 from pipeline.summary import (
-    RUNNER_LATE_DROPS, print_accounting, print_metrics, runner_late_drops, source_warnings)
+    RUNNER_LATE_DROPS, accounting_warnings, print_accounting, print_metrics, runner_late_drops,
+    source_warnings)
 
 
 def output_names(config: RunConfig) -> Tuple[str, ...]:
@@ -108,7 +109,10 @@ def prepare_output(config: RunConfig, options: Optional[PipelineOptions] = None,
   # a job restored from a checkpoint or savepoint continues the files it wrote
   resumes = bool(options and options.view_as(FlinkRunnerJavaOptions).savepoint_path)
   if is_local(config.output_dir):
-    folder = RunFolder(config.output_dir, *owned, here, manifest, resumes=resumes).open()
+    try:
+      folder = RunFolder(config.output_dir, *owned, here, manifest, resumes=resumes).open()
+    except FolderBusy as e:
+      raise ConfigError('--output-dir', str(e)) from None
   else:
     try:
       folder = ObjectRunFolder(config.output_dir, *owned, manifest).open()
@@ -298,6 +302,8 @@ def finish(run: StagedRun, config: RunConfig, groups_in_java: bool) -> int:
                for r, a in rollups]))
   committed = dataclasses.replace(config, output_dir=folder.readable_dir)
   print_accounting(accounting, seconds)
+  for warning in accounting_warnings(accounting):
+    print(f'\n*** tidemark: WARNING: {warning}\n', file=sys.stderr, flush=True)
   for line in rollup_lines(committed, list(zip(committed.rollup_configs,
                                                (a for _, a in rollups)))):
     print(line.replace(folder.readable_dir, config.output_dir))
@@ -365,6 +371,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     options = parse_args(argv)
     config = RunConfig.from_options(options)
     source = read_source(config)
+  except KeyboardInterrupt:  # while a large replay is checked and indexed
+    print('tidemark: SIGINT: stopped while reading the input; nothing was run or written',
+          file=sys.stderr)
+    return 128 + signal.SIGINT
   except (ConfigError, ReplayError) as e:
     print(f'tidemark: error: {e}', file=sys.stderr)
     return 2

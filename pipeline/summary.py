@@ -6,9 +6,8 @@ from __future__ import annotations
 import sys
 from typing import Dict, List, Optional
 
-from pipeline.build import ROLLUP_PREFIX
 from pipeline.config import RunConfig
-from transforms.model import CATEGORIES, RECEIVED
+from transforms.model import CATEGORIES, INVALID, RECEIVED
 from transforms.sources import kafka_partitions_without_records
 
 
@@ -74,26 +73,32 @@ def print_accounting(accounting: Dict[str, int], seconds: float, out=sys.stdout)
   Console(file=out).print(table)
 
 
+#: The share of invalid messages above which a run warns that its input is mostly
+#: not events (a wrong topic, a changed producer, a broken replay).
+INVALID_SHARE_WARNING = 0.5
+
+
+def accounting_warnings(accounting: Dict[str, int]) -> List[str]:
+  """What an operator must hear about a run's accounting, beyond its table."""
+  received, invalid = accounting[RECEIVED], accounting[INVALID]
+  if received and invalid / received > INVALID_SHARE_WARNING:
+    return [f'{invalid:,} of {received:,} messages ({100 * invalid / received:.1f} %) were '
+            'invalid: the input is mostly not events; dead_letter.jsonl gives each one\'s '
+            'reason']
+  return []
+
+
 def print_metrics(result, groups_in_java: bool, out=sys.stdout) -> None:
-  """Beam's own metrics, beside the exact accounting. (User counters are
-  best-effort on the streaming DirectRunner, which undercounts them.) With
-  ``groups_in_java``, also what the runner's GroupByKeys dropped as expired."""
+  """Beam's own metrics that the accounting does not say: with
+  ``groups_in_java``, what the runner's GroupByKeys dropped as expired, and
+  each replay source's watermark lag."""
   try:
     metrics = result.metrics().query()
   except Exception:  # pylint: disable=broad-except
     return  # some runners do not report metrics
-  counters: Dict[str, int] = {}
-  for counter in metrics['counters']:
-    if (counter.key.step or '').startswith(ROLLUP_PREFIX):
-      continue  # the table above is the primary window size's
-    if counter.key.metric.namespace == 'tidemark':
-      name = counter.key.metric.name
-      counters[name] = counters.get(name, 0) + (counter.committed or counter.attempted or 0)
-  if counters:
-    shown = ', '.join(f'{c}={counters[c]:,}' for c in CATEGORIES if c in counters)
-    print(f'beam counters (best effort: the streaming DirectRunner loses most user-counter '
-          f'updates and portable Flink reports part of them; the table above is exact): '
-          f'{shown}', file=out)
+  # Beam's user counters of the outcomes are not printed: the streaming
+  # DirectRunner loses most of their updates and portable Flink reports part
+  # of them, so beside the exact table they could only mislead.
   dropped = runner_late_drops(result) if groups_in_java else None
   if dropped is not None:
     print(f'dropped by the runner as expired: {dropped:,} '

@@ -4,6 +4,8 @@ step before the Storage Write API). Nothing here opens a network connection."""
 
 import json
 
+import apache_beam as beam
+
 import pytest
 from apache_beam.io.gcp import bigquery_tools
 from apache_beam.io.gcp.bigquery import WriteToBigQuery
@@ -90,3 +92,30 @@ def test_dead_letters_and_failed_rows_become_dead_letter_rows():
 def test_bad_arguments_fail_at_construction(table, dead, customer, match):
   with pytest.raises(ValueError, match=match):
     WriteAggregatesToBigQuery(table, dead, customer_id=customer)
+
+
+def test_bigquery_dead_letters_are_scoped_to_the_customer_like_postgres():
+  from apache_beam.testing.test_pipeline import TestPipeline
+  from apache_beam.testing.util import assert_that, equal_to
+
+  from tests.conftest import payload
+
+  mine = DeadLetter('too_late', 'A', payload('m1', 1705543200000), 'window closed', 'kafka:t/0/1')
+  foreign = DeadLetter('too_late', 'B', payload('f1', 1705543200000, customer_id='acme.io'),
+                       'window closed', 'kafka:t/0/2')
+  invalid = DeadLetter('invalid', 'C', 'not json', 'not JSON', 'kafka:t/0/3')
+
+  class StoredRows(beam.PTransform):
+    def expand(self, rows):
+      assert_that(rows | beam.Map(lambda r: (r['reason'], r['data'])),
+                  equal_to([('too_late', mine.data.encode())]), label='Stored')
+      return rows
+
+  class Scoped(WriteDeadLettersToBigQuery):
+    def write(self):
+      return StoredRows()
+
+  with TestPipeline(runner='DirectRunner') as p:
+    refused = (p | beam.Create([mine, foreign, invalid])
+               | Scoped(DEAD, customer_id='finserve'))
+    assert_that(refused | beam.Map(tuple), equal_to([tuple(foreign)]), label='Refused')

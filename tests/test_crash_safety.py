@@ -446,3 +446,26 @@ def test_a_bulk_run_on_worker_processes_stops_cleanly_on_sigterm(complete_run, t
   assert 'Traceback' not in log_path.read_text(errors='replace')
   assert digest(out) == before
   assert read_manifest(str(out))['run_id'] == manifest['run_id']
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first(replays, tmp_path):
+  out = tmp_path / 'out'
+  with open(tmp_path / 'first.log', 'w', encoding='utf-8') as log:
+    first = launch('--source', f'replay:{replays[1]}', '--output-dir', str(out),
+                   '--replay-mode', 'stream', stdout=log, stderr=log)
+    try:
+      wait_for_progress(tmp_path / 'first.log', first)
+      running = read_json(os.path.join(out, stagings(out)[0], MANIFEST))
+      code, _, stderr = cli('--source', f'replay:{replays[0]}', '--output-dir', str(out))
+      assert code == 2, stderr[-2000:]
+      assert f'is being written by run {running["run_id"]} (pid {first.pid}' in stderr
+      assert 'Traceback' not in stderr
+      assert stagings(out) == [STAGING_PREFIX + running['run_id']]  # it wrote nothing
+      first.send_signal(signal.SIGKILL)  # a killed run leaves no lock behind
+      first.wait(60)
+    finally:
+      if first.poll() is None:
+        first.kill()
+  code, _, stderr = cli('--source', f'replay:{replays[0]}', '--output-dir', str(out))
+  assert code == 0, stderr[-3000:]
+  assert read_manifest(str(out))['status'] == COMPLETE

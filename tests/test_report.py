@@ -208,3 +208,109 @@ def test_a_taken_metrics_port_stops_the_run_before_it_starts(tmp_path):
   assert result.returncode == 2
   assert f'--serve-metrics: cannot listen on 127.0.0.1:{port}' in result.stderr
   assert not os.path.exists(tmp_path / 'out')
+
+
+def _report(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'pipeline', 'report', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize('name, content, says', [
+    ('accounting.json', '', 'accounting.json: empty'),
+    ('accounting.json', '{"received": 30', 'accounting.json: not JSON'),
+    ('aggregates.jsonl', None, 'aggregates.jsonl:3: not a JSON object'),
+])
+def test_a_broken_output_file_is_named_not_a_traceback(incident_run, tmp_path, name, content,
+                                                       says):
+  copy = str(tmp_path / 'broken')
+  shutil.copytree(incident_run, copy)
+  path = os.path.join(copy, name)
+  if content is None:  # cut short in its third line
+    lines = open(path, encoding='utf-8').read().splitlines(True)
+    content = ''.join(lines[:2]) + lines[2][:len(lines[2]) // 2]
+  open(path, 'w', encoding='utf-8').write(content)
+  before = sorted(os.listdir(copy))
+  result = _report(copy)
+  assert result.returncode == 2, result.stderr
+  assert says in result.stderr and 'Traceback' not in result.stderr
+  assert sorted(os.listdir(copy)) == before
+
+
+def test_with_out_elsewhere_the_run_folder_is_only_read(incident_run, tmp_path):
+  copy = str(tmp_path / 'run')
+  shutil.copytree(incident_run, copy)
+  stamps = {n: os.stat(os.path.join(copy, n)).st_mtime_ns for n in os.listdir(copy)}
+  out = tmp_path / 'elsewhere' / 'page.html'
+  out.parent.mkdir()
+  result = _report(copy, '--out', str(out))
+  assert result.returncode == 0, result.stderr
+  assert sorted(os.listdir(out.parent)) == [METRICS_NAME, 'page.html']
+  assert {n: os.stat(os.path.join(copy, n)).st_mtime_ns for n in os.listdir(copy)} == stamps
+  # a place that cannot be written: one clean line, exit 2
+  result = _report(copy, '--out', str(tmp_path / 'missing' / 'page.html'))
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert 'cannot write the report' in result.stderr and 'missing' in result.stderr
+
+
+def test_a_taken_serve_port_stops_the_report_before_it_writes(incident_run, tmp_path):
+  copy = str(tmp_path / 'run')
+  shutil.copytree(incident_run, copy)
+  os.remove(os.path.join(copy, report.REPORT_NAME))
+  with socket.socket() as taken:
+    taken.bind(('127.0.0.1', 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    result = _report(copy, '--serve', f'127.0.0.1:{port}')
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert f'--serve: cannot listen on 127.0.0.1:{port}' in result.stderr
+  assert not os.path.exists(os.path.join(copy, report.REPORT_NAME))
+
+
+def test_the_served_report_answers_head_like_get(incident_run):
+  server = report.start_server(lambda: incident_run, f'127.0.0.1:{_free_port()}')
+  try:
+    port = server.server_address[1]
+    for path in ('/metrics', '/'):
+      get = urllib.request.urlopen(f'http://127.0.0.1:{port}{path}', timeout=10)
+      head = urllib.request.urlopen(urllib.request.Request(
+          f'http://127.0.0.1:{port}{path}', method='HEAD'), timeout=10)
+      assert head.status == 200 and head.read() == b''
+      assert head.headers['Content-Length'] == get.headers['Content-Length']
+      assert head.headers['Content-Type'] == get.headers['Content-Type']
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_report_of_an_interrupted_run_shows_what_it_wrote_and_says_so(tmp_path):
+  from tools import traffic
+  replay = str(tmp_path / 'large.jsonl')
+  traffic.write_replay(replay, traffic.Profile(messages=6000, seed=4))
+  out, log_path = tmp_path / 'out', tmp_path / 'run.log'
+  with open(log_path, 'w', encoding='utf-8') as log:
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'pipeline', 'run', '--source', f'replay:{replay}',
+         '--output-dir', str(out), '--replay-mode', 'stream'],
+        cwd=REPO, stdout=log, stderr=log, text=True)
+    try:
+      deadline = time.monotonic() + 300
+      while 'progress:' not in log_path.read_text(errors='replace'):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+      time.sleep(3)  # some outputs written
+      proc.send_signal(2)
+      assert proc.wait(120) == 130
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+  [staging] = [os.path.join(out, n) for n in os.listdir(out) if n.startswith('.tidemark-run-')]
+  outputs = run_outputs.load(staging)
+  letters = read_jsonl(os.path.join(staging, 'dead_letter.jsonl'))
+  assert outputs.status == 'incomplete' and not outputs.finished
+  assert outputs.accounting['invalid'] + outputs.accounting['too_late'] == len(letters)
+  assert outputs.accounting['received'] == sum(
+      outputs.accounting[k] for k in CATEGORIES if k != 'received') < 6000
+  assert outputs.replay_messages is None  # the whole file is not what it received
+  page = report.render_html(outputs, charts.charts(outputs))
+  assert 'What the run wrote before it stopped' in page and 'did not finish' in page
+  assert 'class="status bad"' in page

@@ -13,7 +13,7 @@ import apache_beam as beam
 from transforms.model import DeadLetter, WindowAggregate
 from transforms.sinks import (
     AGGREGATE_COLUMNS, AGGREGATE_KEY, DEAD_LETTER_COLUMNS, _scoped, aggregate_dict,
-    check_customer_id, dead_letter_row)
+    check_customer_id, dead_letter_row, scope_dead_letters)
 
 _LOG = logging.getLogger(__name__)
 
@@ -144,19 +144,35 @@ class WriteAggregatesToBigQuery(beam.PTransform):
                    _UpsertBigQuery(self))
 
 
-class WriteDeadLettersToBigQuery(beam.PTransform):
-  """Appends dead letters to a BigQuery table with the Storage Write API."""
+class _DeadLetterRowsToBigQuery(beam.PTransform):
 
-  def __init__(self, table: str, expansion_service: Optional[str] = None):
+  def __init__(self, sink: 'WriteDeadLettersToBigQuery'):
+    super().__init__()
+    self._sink = sink
+
+  def expand(self, dead_letters):
+    return (dead_letters
+            | 'ToRow' >> beam.Map(bigquery_dead_letter_row)
+            | 'Write' >> self._sink.write())
+
+
+class WriteDeadLettersToBigQuery(beam.PTransform):
+  """Appends dead letters to a BigQuery table with the Storage Write API.
+
+  Scoped to ``customer_id`` as the PostgreSQL writer is (``sinks.scope_dead_letters``):
+  that customer's too-late events only; others' refused (returned), invalid
+  payloads kept out (dead_letter.jsonl has every one). Returns the refused."""
+
+  def __init__(self, table: str, expansion_service: Optional[str] = None,
+               customer_id: Optional[str] = None):
     super().__init__()
     self.table = check_bigquery_table(table)
     self.expansion_service = expansion_service
+    self.customer_id = check_customer_id(customer_id)
 
   def write(self):
     return _storage_write(self.table, DEAD_LETTERS_BQ_SCHEMA, self.expansion_service)
 
   def expand(self, dead_letters: beam.PCollection[DeadLetter]):
-    return (
-        dead_letters
-        | 'ToRow' >> beam.Map(bigquery_dead_letter_row)
-        | 'Append' >> self.write())
+    return scope_dead_letters(dead_letters, self.customer_id, f'bigquery:{self.table}',
+                              _DeadLetterRowsToBigQuery(self))

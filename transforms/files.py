@@ -30,6 +30,7 @@ so that even a run killed with SIGKILL leaves a folder that says so.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -46,6 +47,12 @@ from transforms.writers import _make_parent
 MANIFEST = 'run.json'
 STAGING_PREFIX = '.tidemark-run-'
 TRASH_PREFIX = '.tidemark-trash-'
+#: The lock a launcher holds on OUTPUT_DIR while its run may write there.
+LOCK_NAME = '.tidemark-lock'
+
+
+class FolderBusy(OSError):
+  """Another launcher holds the output folder's lock; the message names its run."""
 
 #: Manifest statuses.
 RUNNING = 'running'
@@ -165,6 +172,7 @@ class RunFolder:
     self._started = time.monotonic()
     self._identity: Dict[str, object] = {}
     self._hashing: Optional[threading.Thread] = None
+    self._lock_fd: Optional[int] = None
 
   def identify_input(self, path: str) -> None:
     """Adds the size and sha256 of the input file to the manifest's ``input``
@@ -215,10 +223,37 @@ class RunFolder:
     self._moves[staged] = final_path
     return staged
 
+  def _lock(self) -> None:
+    """Takes OUTPUT_DIR's lock for as long as this launcher lives (the kernel
+    drops it when the process ends, killed or not); raises FolderBusy, naming
+    the run that holds it, when another launcher does."""
+    fd = os.open(os.path.join(self.output_dir, LOCK_NAME), os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise FolderBusy(f'{self.output_dir} is being written by {self._holder()}: wait until '
+                       'it ends, or give another --output-dir') from None
+    self._lock_fd = fd  # held until the run ends or the process does
+
+  def _holder(self) -> str:
+    """The run that holds the folder, as its manifest describes it."""
+    manifests = [os.path.join(self.output_dir, MANIFEST)] + [
+        os.path.join(self.output_dir, name, MANIFEST) for name in os.listdir(self.output_dir)
+        if name.startswith(STAGING_PREFIX)]
+    for path in manifests:
+      manifest = read_json(path) or {}
+      if manifest.get('status') == RUNNING and _alive(manifest):
+        return (f'run {manifest.get("run_id")} (pid {manifest.get("pid")} on '
+                f'{manifest.get("host")}, started {manifest.get("started_at")})')
+    return 'another run'
+
   def open(self) -> 'RunFolder':
-    """Finishes an interrupted commit, removes what earlier runs left aside,
-    makes the staging folder and writes the ``running`` manifest."""
+    """Takes the folder's lock, finishes an interrupted commit, removes what
+    earlier runs left aside, makes the staging folder and writes the
+    ``running`` manifest."""
     os.makedirs(self.output_dir, exist_ok=True)
+    self._lock()
     committed = read_json(os.path.join(self.output_dir, MANIFEST))
     if committed and committed.get('status') == COMMITTING:
       staging = os.path.join(self.output_dir, str(committed.get('staging')))
@@ -260,12 +295,25 @@ class RunFolder:
     """Marks the run as not committed (``incomplete`` or ``failed``): OUTPUT_DIR
     keeps what it had; the staging folder stays aside."""
     self.update(status, **self._ended(fields))
+    self.release()
+
+  def release(self) -> None:
+    """Lets another run have OUTPUT_DIR (the run has ended)."""
+    fd, self._lock_fd = self._lock_fd, None
+    if fd is not None:
+      os.close(fd)
 
   def commit(self, status: str, **fields) -> None:
     """Makes the staged outputs OUTPUT_DIR's, with ``status`` (``complete`` or
     ``stopped``) in OUTPUT_DIR/run.json."""
     if status not in COMMITTED:
       raise ValueError(f'only {COMMITTED} runs are committed, not {status!r}')
+    try:
+      self._commit(status, fields)
+    finally:
+      self.release()
+
+  def _commit(self, status: str, fields: dict) -> None:
     if not self.staged:
       self.update(status, **self._ended(fields))
       return

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.model import TOO_LATE, DeadLetter, WindowAggregate
-from transforms.parse import InvalidPayload, parse_payload
+from transforms.model import DeadLetter, WindowAggregate
 from transforms.sinks import (
-    AGGREGATE_COLUMNS, AGGREGATE_KEY, AGGREGATE_VALUES, DEAD_LETTER_COLUMNS, REFUSED,
-    _row_key, _scoped, aggregate_row, check_customer_id, check_identifier, dead_letter_row)
+    AGGREGATE_COLUMNS, AGGREGATE_KEY, AGGREGATE_VALUES, DEAD_LETTER_COLUMNS, _row_key, _scoped, aggregate_row, check_customer_id, check_identifier, dead_letter_row,
+    scope_dead_letters)
 
 _LOG = logging.getLogger(__name__)
 
@@ -264,55 +263,6 @@ class UpsertPostgres(beam.PTransform):
             postgres_upsert, sort_key=_row_key)))
 
 
-def dead_letter_customer(dead: DeadLetter) -> Optional[str]:
-  """The customer a dead letter belongs to: the one its payload names if the
-  payload is valid (a too-late event's is). None for an invalid payload, which
-  names no customer one can trust."""
-  if dead.reason != TOO_LATE:
-    return None
-  try:
-    return parse_payload(dead.data)[1]
-  except InvalidPayload:
-    return None
-
-
-class _ScopeDeadLettersFn(beam.DoFn):
-  """Passes the dead letters of ``customer_id``; those of other customers go
-  to REFUSED, invalid payloads nowhere. One log line per bundle sums up what
-  was kept out of the table."""
-
-  def __init__(self, customer_id: str, sink: str):
-    self._customer_id = customer_id
-    self._sink = sink
-    self._refused = Metrics.counter('tidemark', 'foreign_dead_letters_refused')
-    self._unowned = Metrics.counter('tidemark', 'invalid_dead_letters_not_stored')
-
-  def start_bundle(self):
-    self._foreign: Dict[str, int] = {}
-    self._invalid = 0
-
-  def process(self, dead: DeadLetter) -> Iterable:
-    customer = dead_letter_customer(dead)
-    if customer == self._customer_id:
-      yield dead
-    elif customer is None:
-      self._invalid += 1
-      self._unowned.inc()
-    else:
-      self._foreign[customer] = self._foreign.get(customer, 0) + 1
-      self._refused.inc()
-      yield beam.pvalue.TaggedOutput(REFUSED, dead)
-
-  def finish_bundle(self):
-    if self._foreign or self._invalid:
-      _LOG.warning(
-          '%s is scoped to customer %r: refused %d dead letters of other customers (%s) and '
-          'kept %d invalid payloads out of it (they are in dead_letter.jsonl)', self._sink,
-          self._customer_id, sum(self._foreign.values()),
-          ', '.join(f'{c}: {n}' for c, n in sorted(self._foreign.items())) or 'none',
-          self._invalid)
-
-
 class WriteDeadLettersToPostgres(beam.PTransform):
   """Stores dead letters in a PostgreSQL table (created if missing), one
   transaction per bundle, each once: a row is keyed by the message's identity
@@ -343,10 +293,5 @@ class WriteDeadLettersToPostgres(beam.PTransform):
     write = beam.ParDo(_PostgresBatchFn(
         self._dsn, self._table, self._backoff, _DeadLetterRow(self._window_size_ms),
         postgres_dead_letters_ddl, postgres_dead_letter_insert, sort_key=_dead_letter_order))
-    if self._customer_id is None:
-      _ = dead_letters | 'Append' >> write
-      return dead_letters | 'NoneRefused' >> beam.Filter(lambda _: False)
-    scoped = dead_letters | 'CustomerScope' >> beam.ParDo(_ScopeDeadLettersFn(
-        self._customer_id, f'postgres table {self._table}')).with_outputs(REFUSED, main='accepted')
-    _ = scoped.accepted | 'Append' >> write
-    return scoped[REFUSED]
+    return scope_dead_letters(
+        dead_letters, self._customer_id, f'postgres table {self._table}', write)

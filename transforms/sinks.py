@@ -24,7 +24,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.writers import _make_parent
-from transforms.model import DeadLetter, WindowAggregate
+from transforms.model import TOO_LATE, DeadLetter, WindowAggregate
+from transforms.parse import InvalidPayload, parse_payload
 
 _LOG = logging.getLogger(__name__)
 
@@ -99,6 +100,69 @@ def check_customer_id(customer_id: Optional[str]) -> Optional[str]:
   if customer_id is not None and not re.match(r'^[A-Za-z0-9_.-]{1,64}$', customer_id):
     raise ValueError(f'customer_id {customer_id!r} is not a contract customer id')
   return customer_id
+
+
+def dead_letter_customer(dead: DeadLetter) -> Optional[str]:
+  """The customer a dead letter belongs to: the one its payload names if the
+  payload is valid (a too-late event's is). None for an invalid payload, which
+  names no customer one can trust."""
+  if dead.reason != TOO_LATE:
+    return None
+  try:
+    return parse_payload(dead.data)[1]
+  except InvalidPayload:
+    return None
+
+
+class _ScopeDeadLettersFn(beam.DoFn):
+  """Passes the dead letters of ``customer_id``; those of other customers go
+  to REFUSED, invalid payloads nowhere. One log line per bundle sums up what
+  was kept out of the table."""
+
+  def __init__(self, customer_id: str, sink: str):
+    self._customer_id = customer_id
+    self._sink = sink
+    self._refused = Metrics.counter('tidemark', 'foreign_dead_letters_refused')
+    self._unowned = Metrics.counter('tidemark', 'invalid_dead_letters_not_stored')
+
+  def start_bundle(self):
+    self._foreign: Dict[str, int] = {}
+    self._invalid = 0
+
+  def process(self, dead: DeadLetter) -> Iterable:
+    customer = dead_letter_customer(dead)
+    if customer == self._customer_id:
+      yield dead
+    elif customer is None:
+      self._invalid += 1
+      self._unowned.inc()
+    else:
+      self._foreign[customer] = self._foreign.get(customer, 0) + 1
+      self._refused.inc()
+      yield beam.pvalue.TaggedOutput(REFUSED, dead)
+
+  def finish_bundle(self):
+    if self._foreign or self._invalid:
+      _LOG.warning(
+          '%s is scoped to customer %r: refused %d dead letters of other customers (%s) and '
+          'kept %d invalid payloads out of it (they are in dead_letter.jsonl)', self._sink,
+          self._customer_id, sum(self._foreign.values()),
+          ', '.join(f'{c}: {n}' for c, n in sorted(self._foreign.items())) or 'none',
+          self._invalid)
+
+
+def scope_dead_letters(dead_letters, customer_id: Optional[str], sink: str,
+                       write: beam.PTransform):
+  """Applies the customer scope to dead letters, then ``write`` to the kept
+  ones; returns the refused ones (other customers'). Unscoped (``customer_id``
+  None), every dead letter is written and none refused."""
+  if customer_id is None:
+    _ = dead_letters | 'Append' >> write
+    return dead_letters | 'NoneRefused' >> beam.Filter(lambda _: False)
+  scoped = dead_letters | 'CustomerScope' >> beam.ParDo(_ScopeDeadLettersFn(
+      customer_id, sink)).with_outputs(REFUSED, main='accepted')
+  _ = scoped.accepted | 'Append' >> write
+  return scoped[REFUSED]
 
 
 def _scoped(aggregates, customer_id: Optional[str], sink: str, write: beam.PTransform):
