@@ -6,13 +6,14 @@
 # with --flink_master=127.0.0.1:18081.
 #   scripts/flink-cluster.sh start|stop|status
 #   scripts/flink-cluster.sh start-taskmanager   (another TaskManager, e.g. after one died)
-#   scripts/flink-cluster.sh clean-stale         (remove what dead TaskManagers left)
+#   scripts/flink-cluster.sh clean-stale         (remove what dead TaskManagers and
+#                                                a dead JobManager left)
 # start is idempotent: it starts whatever is not running and waits until the
 # TaskManager has registered its slots. Ports: REST FLINK_REST_PORT (18081),
 # worker pool FLINK_WORKER_POOL_PORT (18050), Prometheus 19249-19259.
 # Checkpoints and savepoints in .stage/flink-cluster/{checkpoints,savepoints};
-# temporary files in .stage/flink-cluster/tmp (the JobManager's) and
-# tmp/NAME (TaskManager NAME's); logs in
+# temporary files in .stage/flink-cluster/tmp/flink-jobmanager (the
+# JobManager's) and tmp/NAME (TaskManager NAME's); logs in
 # .stage/logs/flink-{jobmanager,taskmanager,worker-pool}.log.
 set -euo pipefail
 source "$(dirname "$0")/lib-service.sh"
@@ -62,6 +63,18 @@ rest() {
   curl -fsS --max-time 5 "http://127.0.0.1:$REST_PORT$1"
 }
 
+# clean_jobmanager_tmp: removes the temporary files of JobManagers that no longer
+# run (called only when none does): tmp/flink-jobmanager, and what JobManagers
+# that shared tmp/ with the TaskManagers left directly in it.
+clean_jobmanager_tmp() {
+  local path
+  for path in "$DATA/tmp/flink-jobmanager" "$DATA"/tmp/jm_* "$DATA"/tmp/flink-rpc-akka*.jar \
+      "$DATA"/tmp/jaas-*.conf "$DATA"/tmp/executionGraphStore-*; do
+    [ -e "$path" ] || continue
+    remove_stale "$path" "no JobManager is running"
+  done
+}
+
 start_jobmanager() {
   if [ -n "$(pid_of flink-jobmanager)" ]; then return 0; fi
   for port in "$REST_PORT" "$RPC_PORT"; do
@@ -73,11 +86,16 @@ start_jobmanager() {
   local params jvm dyn
   params=$(resource_params GET_JM_RESOURCE_PARAMS)
   jvm=$(sed -n 1p <<<"$params"); dyn=$(sed -n 2p <<<"$params")
+  # No JobManager runs: what an earlier one left (a killed one keeps its jm_*
+  # working folder with every job's jars, ~190 MB a job) goes. Its own
+  # temporary folder, so nothing of a TaskManager's is touched.
+  clean_jobmanager_tmp
+  mkdir -p "$DATA/tmp/flink-jobmanager"
   # shellcheck disable=SC2086  # word-split the computed flags
   nohup java $jvm "${JAVA_OPENS[@]}" -Djava.net.preferIPv4Stack=true "${LOGGING[@]}" \
     -Dlog.file="$LOG_DIR/flink-jobmanager.log" -cp "$LIB/*" \
     org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint \
-    --configDir "$CONF" "${DYNAMIC[@]}" -D "io.tmp.dirs=$DATA/tmp" $dyn \
+    --configDir "$CONF" "${DYNAMIC[@]}" -D "io.tmp.dirs=$DATA/tmp/flink-jobmanager" $dyn \
     >>"$LOG_DIR/flink-jobmanager.log" 2>&1 </dev/null &
   echo $! > "$RUN_DIR/flink-jobmanager.pid"
   if ! wait_ports 90 "$!" "$REST_PORT" "$RPC_PORT"; then
@@ -213,7 +231,9 @@ case "${1:-}" in
     start_taskmanager "flink-taskmanager-$(date +%s%N)"
     wait_slots 90 ;;
   stop) stop ;;
-  clean-stale) clean_stale ;;
+  clean-stale)
+    clean_stale
+    if [ -z "$(pid_of flink-jobmanager)" ]; then clean_jobmanager_tmp; fi ;;
   status)
     if [ -n "$(pid_of flink-jobmanager)" ] && rest /overview >/dev/null 2>&1; then
       echo "flink-cluster: running: $(rest /overview)"

@@ -142,7 +142,7 @@ def test_dataflow_inc_dry_run_prints_the_complete_flink_submission():
   assert command[command.index('--job_name') + 1] == 'dataflow-inc-iot-rollups'
   # parallelism 2, and an SDK worker process (a GIL) for each of the two slots
   assert command[command.index('--parallelism') + 1] == '2'
-  assert portable.sdk_worker_parallelism == 2
+  assert int(portable.sdk_worker_parallelism) == 2
   opts = options.view_as(TidemarkOptions)
   assert opts.source == 'kafka:127.0.0.1:19092/dataflow-inc.iot-readings'
   params = {d: getattr(opts, d) for d in option_dests() if getattr(opts, d) is not None}

@@ -232,6 +232,7 @@ def clean_stale(stage) -> subprocess.CompletedProcess:
 def test_clean_stale_keeps_running_taskmanagers_and_removes_dead_ones(tmp_path):
   taskmanager_tree(tmp_path, {'flink-taskmanager': os.getpid(),  # alive: this process
                               'flink-taskmanager-1700000000000000000': dead_pid()})
+  (tmp_path / 'run' / 'flink-jobmanager.pid').write_text(f'{os.getpid()}\n')  # alive
   out = clean_stale(tmp_path).stdout
   tmp = tmp_path / 'flink-cluster' / 'tmp'
   assert sorted(os.listdir(tmp)) == sorted([
@@ -243,11 +244,23 @@ def test_clean_stale_keeps_running_taskmanagers_and_removes_dead_ones(tmp_path):
 
 
 def test_clean_stale_removes_ownerless_tm_folders_once_no_taskmanager_runs(tmp_path):
-  taskmanager_tree(tmp_path, {'flink-taskmanager': dead_pid()})
+  taskmanager_tree(tmp_path, {'flink-taskmanager': dead_pid(), 'flink-jobmanager': os.getpid()})
   clean_stale(tmp_path)
   tmp = tmp_path / 'flink-cluster' / 'tmp'
   assert sorted(os.listdir(tmp)) == ['flink-web-upload', 'jm_0123456789abcdef']
   assert (tmp / 'jm_0123456789abcdef' / 'blobStorage').is_dir()
+
+
+def test_clean_stale_removes_what_a_dead_jobmanager_left(tmp_path):
+  taskmanager_tree(tmp_path, {'flink-taskmanager': os.getpid(), 'flink-jobmanager': dead_pid()})
+  tmp = tmp_path / 'flink-cluster' / 'tmp'
+  (tmp / 'flink-jobmanager' / 'jm_fedcba9876543210' / 'blobStorage').mkdir(parents=True)
+  (tmp / 'flink-rpc-akka0a1b.jar').write_bytes(b'jar')
+  out = clean_stale(tmp_path).stdout
+  assert 'no JobManager is running' in out
+  assert not (tmp / 'flink-jobmanager').exists() and not (tmp / 'jm_0123456789abcdef').exists()
+  assert not (tmp / 'flink-rpc-akka0a1b.jar').exists()
+  assert (tmp / 'flink-taskmanager' / 'tm_127.0.0.1:16130-a1b2c3').is_dir()  # a live one's
 
 
 def test_clean_stale_without_a_tmp_folder_does_nothing(tmp_path):

@@ -47,8 +47,8 @@ from transforms.writers import _make_parent
 MANIFEST = 'run.json'
 STAGING_PREFIX = '.tidemark-run-'
 TRASH_PREFIX = '.tidemark-trash-'
-#: The lock a launcher holds on OUTPUT_DIR while its run may write there.
-LOCK_NAME = '.tidemark-lock'
+#: The output folders this process holds the lock of: folder → its open descriptor.
+_HELD: Dict[str, int] = {}
 
 
 class FolderBusy(OSError):
@@ -172,7 +172,7 @@ class RunFolder:
     self._started = time.monotonic()
     self._identity: Dict[str, object] = {}
     self._hashing: Optional[threading.Thread] = None
-    self._lock_fd: Optional[int] = None
+    self._lock_key: Optional[str] = None
 
   def identify_input(self, path: str) -> None:
     """Adds the size and sha256 of the input file to the manifest's ``input``
@@ -224,17 +224,23 @@ class RunFolder:
     return staged
 
   def _lock(self) -> None:
-    """Takes OUTPUT_DIR's lock for as long as this launcher lives (the kernel
-    drops it when the process ends, killed or not); raises FolderBusy, naming
-    the run that holds it, when another launcher does."""
-    fd = os.open(os.path.join(self.output_dir, LOCK_NAME), os.O_RDONLY | os.O_CREAT, 0o644)
+    """Takes a lock on OUTPUT_DIR itself (``flock`` of the folder: no file is
+    added) for as long as the run is open; the kernel drops it when the process
+    ends, killed or not. Raises FolderBusy, naming the run that holds it, when
+    another launcher does. A launcher that already holds it (one process opening
+    the folder again) shares it."""
+    key = os.path.realpath(self.output_dir)
+    if key in _HELD:
+      return
+    fd = os.open(self.output_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       os.close(fd)
       raise FolderBusy(f'{self.output_dir} is being written by {self._holder()}: wait until '
                        'it ends, or give another --output-dir') from None
-    self._lock_fd = fd  # held until the run ends or the process does
+    _HELD[key] = fd
+    self._lock_key = key
 
   def _holder(self) -> str:
     """The run that holds the folder, as its manifest describes it."""
@@ -299,7 +305,8 @@ class RunFolder:
 
   def release(self) -> None:
     """Lets another run have OUTPUT_DIR (the run has ended)."""
-    fd, self._lock_fd = self._lock_fd, None
+    key, self._lock_key = self._lock_key, None
+    fd = _HELD.pop(key, None) if key is not None else None
     if fd is not None:
       os.close(fd)
 

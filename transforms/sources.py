@@ -64,7 +64,7 @@ def arrival_key(data: str) -> int:
   try:
     event_id = _EVENT_ID.decode(data).event_id
     return stable_shard(event_id, ARRIVAL_KEYS) if isinstance(event_id, str) else 0
-  except (msgspec.DecodeError, UnicodeEncodeError):
+  except (msgspec.DecodeError, UnicodeEncodeError, RecursionError):  # nested too deep
     return 0
 
 #: The arrival watermark of a message that came before any watermark line.
