@@ -126,3 +126,29 @@ def test_the_graph_of_a_scoped_checkpointed_run_flattens_only_like_windowed_inpu
   p = TestPipeline(runner='DirectRunner')
   build(p, config, ReadReplay(replay))
   assert 'must have the same window' not in caplog.text
+
+
+def test_the_accounting_writer_never_waits_for_the_run_lock_of_its_folder(tmp_path):
+  """A run writing in place (workers that do not share the launcher's staging)
+  replaces OUTPUT_DIR/accounting.json while its launcher holds the folder's lock."""
+  import re
+  import threading
+
+  from transforms.files import RunFolder
+  out = tmp_path / 'out'
+  run = RunFolder(str(out), ('accounting.json',), re.compile('rollup'), staged=False).open()
+  done = threading.Event()
+
+  def write():
+    with TestPipeline(runner='DirectRunner') as p:
+      _ = (p | beam.Create([_record(3)])
+           | WriteLatestJson(str(out / 'accounting.json'), order=accounting_progress))
+    done.set()
+
+  try:
+    threading.Thread(target=write, daemon=True).start()
+    assert done.wait(120), 'the writer is waiting for the run lock'
+  finally:
+    run.release()
+  with open(out / 'accounting.json', encoding='utf-8') as f:
+    assert json.load(f) == _record(3)

@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -47,8 +48,17 @@ from transforms.writers import _make_parent
 MANIFEST = 'run.json'
 STAGING_PREFIX = '.tidemark-run-'
 TRASH_PREFIX = '.tidemark-trash-'
-#: The output folders this process holds the lock of: folder → its open descriptor.
+#: The output folders' locks this process holds: lock file → its open descriptor.
 _HELD: Dict[str, int] = {}
+
+
+def lock_path(output_dir: str) -> str:
+  """The lock file of an output folder: in the machine's temporary directory,
+  named by the folder's real path, so the folder itself gets no extra file and
+  the run's own writers (which lock the folder to replace the accounting) never
+  wait for it."""
+  key = hashlib.sha256(os.path.realpath(output_dir).encode('utf-8', 'surrogateescape'))
+  return os.path.join(tempfile.gettempdir(), 'tidemark-locks', key.hexdigest()[:32] + '.lock')
 
 
 class FolderBusy(OSError):
@@ -224,23 +234,24 @@ class RunFolder:
     return staged
 
   def _lock(self) -> None:
-    """Takes a lock on OUTPUT_DIR itself (``flock`` of the folder: no file is
-    added) for as long as the run is open; the kernel drops it when the process
-    ends, killed or not. Raises FolderBusy, naming the run that holds it, when
-    another launcher does. A launcher that already holds it (one process opening
-    the folder again) shares it."""
-    key = os.path.realpath(self.output_dir)
-    if key in _HELD:
+    """Takes the lock of OUTPUT_DIR (``lock_path``) for as long as the run is
+    open; the kernel drops it when the process ends, killed or not. Raises
+    FolderBusy, naming the run that holds it, when another launcher does. A
+    launcher that already holds it (one process opening the folder again)
+    shares it."""
+    path = lock_path(self.output_dir)
+    if path in _HELD:
       return
-    fd = os.open(self.output_dir, os.O_RDONLY | os.O_DIRECTORY)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       os.close(fd)
       raise FolderBusy(f'{self.output_dir} is being written by {self._holder()}: wait until '
                        'it ends, or give another --output-dir') from None
-    _HELD[key] = fd
-    self._lock_key = key
+    _HELD[path] = fd
+    self._lock_key = path
 
   def _holder(self) -> str:
     """The run that holds the folder, as its manifest describes it."""
