@@ -41,9 +41,9 @@ from transforms import aggregate
 from transforms.aggregate import Stats
 from transforms.model import (
     AGGREGATED, INVALID, DeadLetter, Event, WindowAggregate, check_early_firing,
-    stable_shard, window_spec)
+    message_identity, stable_shard, window_spec)
 from transforms.parse import INVALID_TAG, InvalidPayload, parse_payload
-from transforms.replay import ReplayIndex, message_id, read_chunk
+from transforms.replay import ReplayIndex, read_chunk
 
 
 #: A message in a chunk: (arrival index, step, pipeline watermark ms at arrival
@@ -62,7 +62,8 @@ ADMITTED_FIELDS = ARRIVAL_WATERMARK + 1
 def row_event(row: Row, digest: str) -> Event:
   """The row's event; ``digest`` is its replay's (``replay.replay_digest``)."""
   return Event(row[EVENT_ID], row[CUSTOMER_ID], row[KEY], row[VALUE], row[EVENT_TIME],
-               row[SOURCE], row[DATA], row[ARRIVAL_WATERMARK], message_id(digest, row[SEQ] + 1))
+               row[SOURCE], row[DATA], row[ARRIVAL_WATERMARK],
+               message_identity('replay', digest, row[SEQ] + 1))
 
 
 class Chunk(list):
@@ -126,7 +127,8 @@ class _ParseChunkFn(beam.DoFn):
       try:
         fields = parse_payload(data)
       except InvalidPayload as e:
-        invalid.append(DeadLetter(INVALID, source, data, str(e), message_id(digest, seq + 1)))
+        invalid.append(DeadLetter(INVALID, source, data, str(e),
+                                  message_identity('replay', digest, seq + 1)))
         continue
       rows.append((seq, step, processing_time, *fields, watermark, source, data))
     yield rows

@@ -24,8 +24,6 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import msgspec
 
-from transforms.model import message_identity
-
 #: Watermarks are limited to instants Beam can represent as whole milliseconds.
 MIN_WATERMARK_MS = -9223372036854775 + 1
 MAX_WATERMARK_MS = 9223372036854775 - 1
@@ -85,10 +83,6 @@ def replay_digest(path: str) -> str:
   with open(path, 'rb') as f:
     return hashlib.file_digest(f, 'sha256').hexdigest()[:DIGEST_CHARS]
 
-
-def message_id(digest: str, number: int) -> str:
-  """The identity of the ``number``-th message (from 1) of the replay ``digest``."""
-  return message_identity('replay', digest, number)
 
 
 def _is_int(value) -> bool:

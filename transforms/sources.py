@@ -20,7 +20,6 @@ from apache_beam.transforms.window import TimestampedValue
 from transforms.model import RawMessage, message_identity, stable_shard
 from transforms.replay import (
     MIN_WATERMARK_MS, Messages, ProcessingTime, Replay, Watermark, compile_replay)
-from transforms.replay import message_id as replay_message_id
 
 
 def _millis(millis) -> Timestamp:
@@ -128,7 +127,7 @@ class _ToRawMessageFn(beam.DoFn):
     yield RawMessage(
         source, data.decode('utf-8', 'surrogatepass'),
         watermark if self._arrival_watermarks else None,
-        replay_message_id(self._digest, number))
+        message_identity('replay', self._digest, number))
 
 
 class EventSource(beam.PTransform):
