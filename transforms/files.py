@@ -42,7 +42,7 @@ import time
 import uuid
 from typing import Dict, Optional, Pattern, Sequence, overload
 
-from transforms.writers import _make_parent
+from transforms.writers import make_parent
 
 #: The manifest of a run, in OUTPUT_DIR and in each staging folder.
 MANIFEST = 'run.json'
@@ -125,7 +125,7 @@ def file_identity(path: str, chunk_bytes: int = 1 << 20) -> Dict[str, object]:
 def create_empty(path: str) -> None:
   """Makes ``path`` an existing file (empty if new), so a run that wrote
   nothing there still leaves it."""
-  _make_parent(path)
+  make_parent(path)
   os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
 
 

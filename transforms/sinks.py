@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.writers import _make_parent
+from transforms.writers import make_parent
 from transforms.model import TOO_LATE, DeadLetter, WindowAggregate
 from transforms.parse import InvalidPayload, parse_payload
 
@@ -208,7 +208,7 @@ class _UpsertSqliteFn(beam.DoFn):
     self._path = path
 
   def setup(self):
-    _make_parent(self._path)
+    make_parent(self._path)
     self._conn = sqlite3.connect(self._path, timeout=60, check_same_thread=False)
     with self._conn:
       self._conn.execute(SQLITE_DDL)

@@ -50,7 +50,7 @@ def write_object_json(path: str, record: dict) -> None:
     f.write((json.dumps(record, indent=2) + '\n').encode('utf-8'))
 
 
-def _make_parent(path: str) -> None:
+def make_parent(path: str) -> None:
   """The folder of a local output file, made where the writer runs (a worker
   may not share the launcher's disk)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -88,7 +88,7 @@ class _AppendLinesFn(_BundleLinesFn):
   """A bundle's lines as one atomic append to a local file."""
 
   def setup(self):
-    _make_parent(self._path)
+    make_parent(self._path)
 
   def _write(self, data: bytes) -> None:
     with _FILE_LOCK:
@@ -176,7 +176,7 @@ class _AppendFromCheckpointFn(beam.DoFn):
     known = length.read()
     if data is None:  # the seed
       if known is None:
-        _make_parent(path)
+        make_parent(path)
         length.write(_file_size(path))
       return ()
     size = _file_size(path)
@@ -191,7 +191,7 @@ class _AppendFromCheckpointFn(beam.DoFn):
       _LOG.warning('%s is shorter (%d bytes) than this job wrote (%d): appending', path,
                    size, known)
       known = size
-    _make_parent(path)
+    make_parent(path)
     with _FILE_LOCK:
       fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
       try:
@@ -246,7 +246,7 @@ class _ReplaceFileFn(beam.DoFn):
     self._order = order
 
   def setup(self):
-    _make_parent(self._path)
+    make_parent(self._path)
 
   def process(self, record: Dict) -> Iterable:
     folder = os.open(os.path.dirname(os.path.abspath(self._path)), os.O_RDONLY)
