@@ -137,14 +137,14 @@ def test_parallel_writers_with_overlapping_windows_converge_on_the_highest_pane(
   import threading
 
   from transforms.postgres import _PostgresBatchFn, postgres_aggregates_ddl, postgres_upsert
-  from transforms.sinks import _row_key, aggregate_row
+  from transforms.sinks import row_lock_order, aggregate_row
   everything = [p for w in range(150) for p in panes(w * 60000, key=f'K{w % 7}')]
   errors = []
 
   def worker(seed):
     try:
       fn = _PostgresBatchFn(postgres_dsn, pg_table, Backoff(), aggregate_row,
-                            postgres_aggregates_ddl, postgres_upsert, sort_key=_row_key)
+                            postgres_aggregates_ddl, postgres_upsert, sort_key=row_lock_order)
       fn.setup()
       mine = list(everything)
       random.Random(seed).shuffle(mine)

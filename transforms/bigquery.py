@@ -12,7 +12,7 @@ import apache_beam as beam
 
 from transforms.model import DeadLetter, WindowAggregate
 from transforms.sinks import (
-    AGGREGATE_COLUMNS, AGGREGATE_KEY, DEAD_LETTER_COLUMNS, _scoped, aggregate_dict,
+    AGGREGATE_COLUMNS, AGGREGATE_KEY, DEAD_LETTER_COLUMNS, scope_rows, aggregate_dict,
     check_customer_id, dead_letter_row, scope_dead_letters)
 
 _LOG = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class WriteAggregatesToBigQuery(beam.PTransform):
                           self.expansion_service)
 
   def expand(self, aggregates: beam.PCollection[WindowAggregate]):
-    return _scoped(aggregates, self.customer_id, f'bigquery:{self.table}',
+    return scope_rows(aggregates, self.customer_id, f'bigquery:{self.table}',
                    _UpsertBigQuery(self))
 
 

@@ -12,7 +12,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.model import DeadLetter, WindowAggregate
 from transforms.sinks import (
-    AGGREGATE_COLUMNS, AGGREGATE_KEY, AGGREGATE_VALUES, DEAD_LETTER_COLUMNS, _row_key, _scoped, aggregate_row, check_customer_id, check_identifier, dead_letter_row,
+    AGGREGATE_COLUMNS, AGGREGATE_KEY, AGGREGATE_VALUES, DEAD_LETTER_COLUMNS, row_lock_order, scope_rows, aggregate_row, check_customer_id, check_identifier, dead_letter_row,
     scope_dead_letters)
 
 _LOG = logging.getLogger(__name__)
@@ -256,11 +256,11 @@ class UpsertPostgres(beam.PTransform):
     self._customer_id = check_customer_id(customer_id)
 
   def expand(self, aggregates: beam.PCollection[WindowAggregate]):
-    return _scoped(
+    return scope_rows(
         aggregates, self._customer_id, f'postgres table {self._table}',
         beam.ParDo(_PostgresBatchFn(
             self._dsn, self._table, self._backoff, aggregate_row, postgres_aggregates_ddl,
-            postgres_upsert, sort_key=_row_key)))
+            postgres_upsert, sort_key=row_lock_order)))
 
 
 class WriteDeadLettersToPostgres(beam.PTransform):

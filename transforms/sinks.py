@@ -71,7 +71,7 @@ def aggregate_dict(agg: WindowAggregate) -> Dict[str, Any]:
   return dict(zip(AGGREGATE_COLUMNS, aggregate_row(agg)))
 
 
-def _row_key(row: tuple) -> tuple:
+def row_lock_order(row: tuple) -> tuple:
   # Every writer applies a batch in key order, so concurrent writers take row
   # locks in the same order and do not deadlock each other (a deadlock the
   # server still reports is retried like any transient error).
@@ -165,7 +165,7 @@ def scope_dead_letters(dead_letters, customer_id: Optional[str], sink: str,
   return scoped[REFUSED]
 
 
-def _scoped(aggregates, customer_id: Optional[str], sink: str, write: beam.PTransform):
+def scope_rows(aggregates, customer_id: Optional[str], sink: str, write: beam.PTransform):
   """Applies the customer scope, then ``write`` to the accepted rows; returns
   the refused rows."""
   scoped = aggregates | 'CustomerScope' >> beam.ParDo(
@@ -223,7 +223,7 @@ class _UpsertSqliteFn(beam.DoFn):
   def finish_bundle(self):
     if self._rows:
       with self._conn:
-        self._conn.executemany(SQLITE_UPSERT, sorted(self._rows, key=_row_key))
+        self._conn.executemany(SQLITE_UPSERT, sorted(self._rows, key=row_lock_order))
       self._rows = []
 
   def teardown(self):
@@ -243,7 +243,7 @@ class UpsertSqlite(beam.PTransform):
     self._customer_id = check_customer_id(customer_id)
 
   def expand(self, aggregates: beam.PCollection[WindowAggregate]):
-    return _scoped(aggregates, self._customer_id, f'sqlite:{self._path}',
+    return scope_rows(aggregates, self._customer_id, f'sqlite:{self._path}',
                    beam.ParDo(_UpsertSqliteFn(self._path)))
 
 def dead_letter_row(dead: DeadLetter) -> tuple:
