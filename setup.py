@@ -27,7 +27,9 @@ setuptools.setup(
     ],
     extras_require={
         'test': ['pytest>=8', 'hypothesis>=6.100', 'confluent-kafka>=2.3,<3', 'ruff>=0.6,<1',
-                 'mypy>=1.10,<3'],
+                 'mypy>=1.10,<3',
+                 # what an operator loads dead letters with: DuckDB and jq (libjq)
+                 'duckdb>=1.1,<3', 'jq>=1.6,<2'],
         # `python -m pipeline bench stream --py-spy PATH` profiles the SDK worker.
         'bench': ['py-spy>=0.3.14'],
     },

@@ -14,6 +14,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from pipeline.build import Built, build, build_bulk
 from pipeline.config import RunConfig
 from transforms.bulk import ReadReplayInChunks
+from transforms.model import dead_letter_payload, payload_bytes
 from transforms.replay import index_replay
 from transforms.sources import ReadReplay
 
@@ -66,6 +67,17 @@ def read_jsonl(path: str) -> List[dict]:
     return []
   with open(path, encoding='utf-8') as f:
     return [json.loads(line) for line in f]
+
+
+def letters(records: Iterable[dict], reason: str) -> list:
+  """``(source, exact payload bytes)`` of the dead letters with ``reason``, sorted
+  (contract section 5: ``data_base64`` when the payload is not UTF-8)."""
+  return sorted((d['source'], dead_letter_payload(d)) for d in records if d['reason'] == reason)
+
+
+def as_sent(pairs: Iterable[tuple]) -> list:
+  """``(source, payload)`` pairs as ``letters`` gives them back, sorted."""
+  return sorted((source, payload_bytes(body)) for source, body in pairs)
 
 
 def make_config(tmp_path, replay_path: str, window_size_s: int = 60,

@@ -10,7 +10,7 @@ import pytest
 from apache_beam.io.gcp import bigquery_tools
 from apache_beam.io.gcp.bigquery import WriteToBigQuery
 
-from transforms.model import DeadLetter, WindowAggregate
+from transforms.model import DeadLetter, WindowAggregate, payload_bytes
 from transforms.bigquery import (
     AGGREGATES_BQ_CDC_SCHEMA, AGGREGATES_BQ_SCHEMA, BIGQUERY_WRITE_FAILED,
     DEAD_LETTERS_BQ_SCHEMA, WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery,
@@ -72,7 +72,7 @@ def test_dead_letters_and_failed_rows_become_dead_letter_rows():
   dead = DeadLetter('invalid', 'A', 'garbage \ud800', 'not UTF-8')
   row = bigquery_tools.beam_row_from_dict(bigquery_dead_letter_row(dead),
                                           DEAD_LETTERS_BQ_SCHEMA)
-  assert row.data.decode('utf-8', 'surrogatepass') == dead.data
+  assert row.data == payload_bytes(dead.data) == b'garbage \xed\xa0\x80'
   failed = bigquery_failed_row(TABLE, {
       'error_message': 'row too large', 'failed_row': bigquery_cdc_row(PANE)})
   assert failed['reason'] == BIGQUERY_WRITE_FAILED

@@ -14,7 +14,8 @@ import os
 import pytest
 from apache_beam.transforms import trigger
 
-from conftest import MINUTE, SECOND, T0, data, mark, payload, run_replay, write_replay
+from conftest import (
+    MINUTE, SECOND, T0, as_sent, data, letters, mark, payload, run_replay, write_replay)
 from tools import reference, traffic
 from pipeline.run import final_panes
 from test_replay_and_cli import cli
@@ -139,10 +140,8 @@ def test_the_bulk_cli_equals_the_contract_on_a_larger_replay(tmp_path):
       expected.windows)
   with open(out / 'dead_letter.jsonl', encoding='utf-8') as f:
     dead = [json.loads(line) for line in f]
-  assert sorted((d['source'], d['data']) for d in dead if d['reason'] == 'too_late') == sorted(
-      expected.too_late)
-  assert sorted((d['source'], d['data']) for d in dead if d['reason'] == 'invalid') == sorted(
-      expected.invalid)
+  assert letters(dead, 'too_late') == as_sent(expected.too_late)
+  assert letters(dead, 'invalid') == as_sent(expected.invalid)
   assert os.path.exists(out / 'aggregates.sqlite')
 
 

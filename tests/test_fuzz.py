@@ -22,12 +22,14 @@ import pytest
 from apache_beam.testing import test_pipeline
 
 from conftest import (
-    MINUTE, T0, data, make_config, mark, payload, read_jsonl, run_replay, write_replay)
+    MINUTE, T0, as_sent, data, letters, make_config, mark, payload, read_jsonl, run_replay,
+    write_replay)
 from pipeline.build import build_bulk
 from pipeline.run import final_panes, reconcile
 from test_replay_and_cli import cli
 from tools import reference
 from transforms.aggregate import Stats
+from transforms.model import dead_letter_payload, payload_bytes
 from transforms.bulk import ReadReplayInChunks
 from transforms.parse import MAX_NESTING, MAX_PAYLOAD_BYTES, InvalidPayload, parse_payload
 from transforms.replay import ReplayError, compile_replay, index_replay
@@ -310,11 +312,10 @@ def test_hostile_payloads_through_the_bulk_pipeline_are_accounted_for(tmp_path):
   assert 0 < accounting['invalid'] < len(sample) and accounting['too_late'] > 0
   dead = read_jsonl(config.dead_letter_path)
   invalid = [d for d in dead if d['reason'] == 'invalid']
-  assert collections.Counter((d['source'], d['data']) for d in invalid) == (
-      collections.Counter(expected.invalid))
+  assert collections.Counter((d['source'], dead_letter_payload(d)) for d in invalid) == (
+      collections.Counter((source, payload_bytes(body)) for source, body in expected.invalid))
   assert all(d['detail'] for d in invalid)
-  assert sorted((d['source'], d['data']) for d in dead if d['reason'] == 'too_late') == sorted(
-      expected.too_late)
+  assert letters(dead, 'too_late') == as_sent(expected.too_late)
   finals = final_panes(config.aggregates_path)
   assert {w: (p['count'], p['sum'], p['min'], p['max']) for w, p in finals.items()} == (
       expected.windows)
@@ -336,10 +337,11 @@ def test_poison_payloads_are_dead_lettered_on_every_path(run):
       data('A', payload('good', T0, value=1e308)), data('A', payload('good2', T0, value=1e308))])
   assert outputs.accounting == {
       'received': 7, 'invalid': 5, 'too_late': 0, 'duplicate': 0, 'aggregated': 2}
-  details = {d['data']: d['detail'] for d in outputs.dead_letters if d['reason'] == 'invalid'}
-  assert set(details) == set(POISON.values())
+  details = {dead_letter_payload(d): d['detail'] for d in outputs.dead_letters
+             if d['reason'] == 'invalid'}
+  assert set(details) == {payload_bytes(body) for body in POISON.values()}
   for words, body in POISON.items():
-    assert words in details[body], details[body]
+    assert words in details[payload_bytes(body)], details[payload_bytes(body)]
   assert [a['sum'] for a in outputs.aggregates] == [MAX]
 
 

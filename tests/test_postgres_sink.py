@@ -11,7 +11,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from psycopg import sql
 
-from transforms.model import DeadLetter, WindowAggregate
+from transforms.model import DeadLetter, WindowAggregate, payload_bytes
 from transforms.postgres import (
     Backoff, UpsertPostgres, WriteDeadLettersToPostgres, postgres_connect, with_backoff)
 from transforms.sinks import check_identifier
@@ -85,9 +85,8 @@ def test_dead_letters_are_stored_exactly_even_when_not_utf8(postgres_dsn, pg_tab
     stored = conn.execute(sql.SQL(
         'SELECT reason, source, data, detail, written_at FROM {}').format(
             sql.Identifier(pg_table))).fetchall()
-  assert sorted(
-      DeadLetter(r[0], r[1], bytes(r[2]).decode('utf-8', 'surrogatepass'), r[3])
-      for r in stored) == sorted(letters)
+  assert sorted((r[0], r[1], bytes(r[2]), r[3]) for r in stored) == sorted(
+      (d.reason, d.source, payload_bytes(d.data), d.detail) for d in letters)
   assert all(r[4] is not None for r in stored)
 
 

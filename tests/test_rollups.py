@@ -19,7 +19,8 @@ import sys
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from conftest import MINUTE, SECOND, T0, data, mark, payload, read_jsonl, write_replay
+from conftest import (
+    MINUTE, SECOND, T0, as_sent, data, letters, mark, payload, read_jsonl, write_replay)
 from tools import reference, traffic
 from pipeline.checks import parse_rollups
 from pipeline.config import BUNDLED_REPLAY, ConfigError, RunConfig
@@ -89,7 +90,7 @@ def figures(finals):
 
 
 def dead(path, reason):
-  return sorted((d['source'], d['data']) for d in read_jsonl(path) if d['reason'] == reason)
+  return letters(read_jsonl(path), reason)
 
 
 @pytest.fixture(scope='module')
@@ -112,8 +113,8 @@ def test_the_primary_outputs_are_those_of_a_run_without_rollups(hand_made_run):
   assert expected.accounting == dict(
       received=53, invalid=1, too_late=5, duplicate=1, aggregated=46)
   assert figures(final_panes(str(out / 'aggregates.jsonl'))) == expected.windows
-  assert dead(out / 'dead_letter.jsonl', 'too_late') == sorted(expected.too_late)
-  assert dead(out / 'dead_letter.jsonl', 'invalid') == sorted(expected.invalid)
+  assert dead(out / 'dead_letter.jsonl', 'too_late') == as_sent(expected.too_late)
+  assert dead(out / 'dead_letter.jsonl', 'invalid') == as_sent(expected.invalid)
   assert {d['reason'] for d in read_jsonl(out / 'dead_letter.jsonl')} == {'invalid', 'too_late'}
   # Besides the contract's files: SQLite, the evidence, each rollup's folder, the report.
   assert sorted(os.listdir(out)) == [
@@ -136,7 +137,7 @@ def test_each_rollup_is_a_run_of_its_own_size(hand_made_run, size, lateness):
   assert all(p['window_end'] - p['window_start'] == size * 1000
              for p in read_jsonl(rollup / 'aggregates.jsonl'))
   # Its own too-late events only; invalid payloads stay in the primary's file.
-  assert dead(rollup / 'dead_letter.jsonl', 'too_late') == sorted(expected.too_late)
+  assert dead(rollup / 'dead_letter.jsonl', 'too_late') == as_sent(expected.too_late)
   assert {d['reason'] for d in read_jsonl(rollup / 'dead_letter.jsonl')} <= {'too_late'}
   assert f'rollup {size} s (lateness {lateness} s)' in result.stdout
 

@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from tools import traffic
 from tools.traffic import Data, Line, Profile, SourceWatermark
+from transforms.model import payload_bytes
 
 TARGETS = ('pubsub', 'kafka', 'replay')
 DEFAULT_PROJECT = 'tidemark-local'
@@ -108,8 +109,8 @@ def to_publish(data: Data, offset_ms: int = 0) -> Published:
 
 def encode(payload: str) -> bytes:
   """Payload bytes; a lone surrogate (deliberate garbage) goes out as the
-  invalid UTF-8 it stands for."""
-  return payload.encode('utf-8', 'surrogatepass')
+  invalid UTF-8 it stands for (``model.payload_bytes``, as dead letters keep it)."""
+  return payload_bytes(payload)
 
 
 def pubsub_message(message: Published) -> Tuple[bytes, Dict[str, str]]:

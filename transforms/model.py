@@ -6,6 +6,8 @@ Everything here is plain data: no Beam, no I/O. Times are epoch milliseconds
 
 from __future__ import annotations
 
+import base64
+import codecs
 import datetime
 import zlib
 from typing import NamedTuple, Optional
@@ -53,6 +55,39 @@ class Event(NamedTuple):
   message_id: Optional[str] = None  # as in RawMessage
 
 
+def _escaped_bytes(error: UnicodeError):
+  """Encoding error handler: a lone surrogate U+DC80..U+DCFF is the byte it
+  stands for (PEP 383, how ``decode_payload`` keeps an undecodable byte); any
+  other lone surrogate is its 3-byte form (``surrogatepass``)."""
+  if not isinstance(error, UnicodeEncodeError):
+    raise error
+  out = bytearray()
+  for ch in error.object[error.start:error.end]:
+    code = ord(ch)
+    out += bytes([code - 0xDC00]) if 0xDC80 <= code <= 0xDCFF else ch.encode(
+        'utf-8', 'surrogatepass')
+  return bytes(out), error.end
+
+
+codecs.register_error('tidemark.payload', _escaped_bytes)
+
+
+def payload_bytes(data: str) -> bytes:
+  """The payload's exact bytes: what a byte source (Kafka, Pub/Sub) delivered,
+  and for a replay file's string its UTF-8 form, each lone surrogate escape as
+  above. The simulator publishes these bytes, so a replay's dead letters carry
+  the same bytes whether it is read directly or through a broker."""
+  return data.encode('utf-8', 'tidemark.payload')
+
+
+def dead_letter_payload(record: dict) -> bytes:
+  """The exact payload bytes of a dead letter's JSON object (contract section
+  5): ``data_base64`` when the payload is not valid UTF-8, else ``data``."""
+  if 'data_base64' in record:
+    return base64.b64decode(record['data_base64'], validate=True)
+  return record['data'].encode('utf-8')
+
+
 class DeadLetter(NamedTuple):
   """A message that is not aggregated, and why (contract section 4), with the
   message's identity at its source where the source gives one."""
@@ -63,12 +98,17 @@ class DeadLetter(NamedTuple):
   message_id: Optional[str] = None
 
   def to_json_dict(self) -> dict:
-    record = {
-        'reason': self.reason,
-        'source': self.source,
-        'data': self.data,
-        'detail': self.detail,
-    }
+    """The contract's object. A payload that is not valid UTF-8 has ``data``
+    as valid text (each undecodable byte U+FFFD) and ``data_base64``, its exact
+    bytes, so every JSON reader and text column accepts it (contract section 5)."""
+    record = {'reason': self.reason, 'source': self.source, 'data': self.data,
+              'detail': self.detail}
+    if not self.data.isascii():
+      exact = payload_bytes(self.data)
+      text = exact.decode('utf-8', 'replace')
+      if text != self.data:  # not valid UTF-8: it held a lone surrogate
+        record['data'] = text
+        record['data_base64'] = base64.b64encode(exact).decode('ascii')
     if self.message_id is not None:
       record['message_id'] = self.message_id
     return record

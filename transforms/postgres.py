@@ -142,7 +142,7 @@ def postgres_dead_letter_insert(table: str):
       key=sql.SQL(', ').join(map(sql.Identifier, POSTGRES_DEAD_LETTER_KEY)))
 
 
-class _DeadLetterRow:
+class PostgresDeadLetterRow:
   """A dead letter as a row of POSTGRES_DEAD_LETTER_COLUMNS."""
 
   def __init__(self, window_size_ms: Optional[int]):
@@ -291,7 +291,7 @@ class WriteDeadLettersToPostgres(beam.PTransform):
 
   def expand(self, dead_letters: beam.PCollection[DeadLetter]):
     write = beam.ParDo(_PostgresBatchFn(
-        self._dsn, self._table, self._backoff, _DeadLetterRow(self._window_size_ms),
+        self._dsn, self._table, self._backoff, PostgresDeadLetterRow(self._window_size_ms),
         postgres_dead_letters_ddl, postgres_dead_letter_insert, sort_key=_dead_letter_order))
     return scope_dead_letters(
         dead_letters, self._customer_id, f'postgres table {self._table}', write)

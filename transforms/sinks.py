@@ -24,7 +24,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.writers import make_parent
-from transforms.model import TOO_LATE, DeadLetter, WindowAggregate
+from transforms.model import TOO_LATE, DeadLetter, WindowAggregate, payload_bytes
 from transforms.parse import InvalidPayload, parse_payload
 
 _LOG = logging.getLogger(__name__)
@@ -248,5 +248,5 @@ class UpsertSqlite(beam.PTransform):
 
 def dead_letter_row(dead: DeadLetter) -> tuple:
   """A dead letter as a row of DEAD_LETTER_COLUMNS, ``data`` as the payload's
-  bytes (lone surrogates kept, as the sources read them)."""
-  return (dead.reason, dead.source, dead.data.encode('utf-8', 'surrogatepass'), dead.detail)
+  exact bytes (``model.payload_bytes``)."""
+  return (dead.reason, dead.source, payload_bytes(dead.data), dead.detail)

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import read_jsonl
 from tools import reference
+from transforms.model import dead_letter_payload, payload_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROJECT = 'tidemark-it'
@@ -113,10 +114,11 @@ def test_simulated_traffic_through_the_emulator_equals_an_independent_count(
       '--shift-to-now', '--record', str(record))
   assert result.returncode == 0, result.stderr
   assert 'messages/s' in result.stdout
-  # As the wire carries them: a lone surrogate goes out as invalid UTF-8 and
-  # comes back in the lossless surrogateescape form (transforms.sources).
-  sent = [(r['source'], r['data'].encode('utf-8', 'surrogatepass').decode(
-      'utf-8', 'surrogateescape')) for r in read_jsonl(str(record))]
+  # As the wire carries them: a lone surrogate goes out as invalid UTF-8
+  # (model.payload_bytes) and comes back in the lossless surrogateescape form
+  # (transforms.sources).
+  sent = [(r['source'], payload_bytes(r['data']).decode('utf-8', 'surrogateescape'))
+          for r in read_jsonl(str(record))]
   assert len(sent) == SIMULATED
 
   # What the simulator does not make: a valid event whose ts attribute is
@@ -188,6 +190,8 @@ def test_simulated_traffic_through_the_emulator_equals_an_independent_count(
       w: (c, pytest.approx(s), lo, hi) for w, (c, s, lo, hi) in expected_windows.items()}
   dead = read_jsonl(config.dead_letter_path)
   assert all(d['reason'] == 'invalid' for d in dead)
-  assert sorted((d['source'], d['data']) for d in dead) == sorted(expected_invalid)
+  assert sorted((d['source'], dead_letter_payload(d)) for d in dead) == sorted(
+      (source, payload_bytes(data)) for source, data in expected_invalid)
   binary = [d for d in dead if d['data'].startswith('{"event_id": "bin"')]
-  assert binary[0]['data'].encode('utf-8', 'surrogateescape') == not_utf8
+  assert dead_letter_payload(binary[0]) == not_utf8
+  assert binary[0]['data'] == not_utf8.decode('utf-8', 'replace')

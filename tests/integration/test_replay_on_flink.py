@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from conftest import as_sent, letters
 from tools import reference, traffic
 from pipeline.run import final_panes
 from tests.integration.conftest import flink_args
@@ -54,8 +55,8 @@ def _run(replay: str, out: str, *extra: str) -> dict:
       'accounting': accounting,
       'finals': {w: (p['count'], p['sum'], p['min'], p['max'])
                  for w, p in final_panes(os.path.join(out, 'aggregates.jsonl')).items()},
-      'too_late': sorted((d['source'], d['data']) for d in dead if d['reason'] == 'too_late'),
-      'invalid': sorted((d['source'], d['data']) for d in dead if d['reason'] == 'invalid'),
+      'too_late': letters(dead, 'too_late'),
+      'invalid': letters(dead, 'invalid'),
   }
 
 
@@ -78,8 +79,8 @@ def test_a_replay_on_flink_equals_the_direct_runner_and_the_contract(tmp_path, f
   for outputs in (direct, bulk, flink):
     assert outputs['accounting'] == expected.accounting
     assert outputs['finals'] == expected.windows
-    assert outputs['too_late'] == sorted(expected.too_late)
-    assert outputs['invalid'] == sorted(expected.invalid)
+    assert outputs['too_late'] == as_sent(expected.too_late)
+    assert outputs['invalid'] == as_sent(expected.invalid)
   assert flink == direct == bulk
 
 
@@ -97,8 +98,8 @@ def test_the_standard_flink_runner_runs_a_replay_exactly(tmp_path):
   assert expected.accounting['duplicate'] > 0 and expected.accounting['invalid'] > 0
   assert flink['accounting'] == expected.accounting
   assert flink['finals'] == expected.windows
-  assert flink['too_late'] == sorted(expected.too_late)
-  assert flink['invalid'] == sorted(expected.invalid)
+  assert flink['too_late'] == as_sent(expected.too_late)
+  assert flink['invalid'] == as_sent(expected.invalid)
 
 
 def _republish_under_earlier_ids(replay: str, share: float, seed: int) -> int:
