@@ -14,7 +14,7 @@ import datetime
 import io
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
-from pipeline.outputs import Breakdown, RunOutputs, breakdown, payload_fields
+from pipeline.outputs import Breakdown, RunOutputs, breakdown, payload_fields, watermark_lags
 from transforms.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 
 #: Pane timings in firing order.
@@ -54,7 +54,14 @@ def _stacked_bars(ax, groups: Dict[str, Dict[str, int]], outcomes: Iterable[str]
       ax.barh(names, values, left=left, color=COLORS[outcome], label=outcome)
       left = [a + b for a, b in zip(left, values)]
   ax.invert_yaxis()
+  _counts(ax.xaxis)
   _legend_outside(ax)
+
+
+def _counts(axis) -> None:
+  """Ticks at whole numbers only: the axis counts messages, panes or windows."""
+  from matplotlib.ticker import MaxNLocator
+  axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _legend_outside(ax, **kwargs) -> None:
@@ -112,24 +119,30 @@ def dead_letter_chart(outputs: RunOutputs) -> Optional[Chart]:
     else:
       times[record['reason']].append(parsed[4])
   fig, ax = plt.subplots(figsize=(8, 3))
-  if times:
+  reasons = [r for r in (TOO_LATE, DUPLICATE) if times.get(r)]
+  if reasons:
     # one bin per window, at most 200 (wider bins, whole windows each, beyond)
     size_ms = outputs.window_size_s * 1000
     low = min(min(v) for v in times.values()) // size_ms * size_ms
     high = max(max(v) for v in times.values()) // size_ms * size_ms + size_ms
     step = size_ms * -(-(high - low) // size_ms // 200 or 1)
     edges = [_utc(t) for t in range(low, high + step, step)]
-    reasons = [r for r in (TOO_LATE, DUPLICATE) if times.get(r)]
     ax.hist([[_utc(t) for t in times[r]] for r in reasons], bins=edges, stacked=True,
             color=[COLORS[r] for r in reasons], label=reasons)
     _legend_outside(ax)
   ax.set_xlabel('event time (UTC)')
   ax.set_ylabel('messages')
+  _counts(ax.yaxis)
   fig.autofmt_xdate()
-  return Chart('Dead letters over event time', _svg(fig),
-               f'Too-late and duplicate messages by the window their event time falls in. '
-               f'{unreadable:,} invalid payloads carry no readable event time and are not '
-               f'drawn (by source in the accounting above).')
+  drawn = {(TOO_LATE,): 'Too-late messages', (DUPLICATE,): 'Duplicates',
+           (TOO_LATE, DUPLICATE): 'Too-late messages and duplicates'}.get(tuple(reasons))
+  caption = f'{drawn} by the window their event time falls in. ' if drawn else ''
+  if outputs.duplicates is None:
+    caption += 'This run did not record its duplicates one by one: they are not drawn. '
+  if unreadable:
+    caption += (f'{unreadable:,} invalid payloads carry no readable event time and are not '
+                'drawn (listed by reason below).')
+  return Chart('Dead letters over event time', _svg(fig), caption.strip())
 
 
 def lateness(outputs: RunOutputs) -> Optional[Tuple[List[float], List[float]]]:
@@ -178,6 +191,7 @@ def lateness_chart(outputs: RunOutputs) -> Optional[Chart]:
               textcoords='offset points')
   ax.set_xlabel('seconds the watermark was past the window end when the message arrived')
   ax.set_ylabel('messages')
+  _counts(ax.yaxis)
   _legend_outside(ax)
   return Chart('Lateness', _svg(fig),
                f'{len(within) + len(too_late):,} messages arrived after their window had '
@@ -197,9 +211,16 @@ def watermark_chart(outputs: RunOutputs) -> Optional[Chart]:
   ax.set_xlabel('messages arrived')
   ax.set_ylabel('watermark (UTC)')
   _legend_outside(ax, title='source')
-  return Chart('Watermark per source', _svg(fig),
-               'Each source\'s watermark as the replay went on; the pipeline watermark '
-               'is the lowest of them, so the source lowest here held every window back.')
+  lags = watermark_lags(outputs)
+  caption = ('Each source\'s watermark as the replay went on; the pipeline watermark is the '
+             'lowest of them, so the source lowest here held every window back.')
+  slowest = max(sorted(lags), key=lambda s: lags[s])
+  if lags[slowest] > 0:
+    ahead = min(sorted(lags), key=lambda s: lags[s])
+    caption += (f' At the end, source {slowest} was {lags[slowest]:,.0f} s behind source '
+                f'{ahead}' + (f', more than the allowed lateness ({outputs.allowed_lateness_s} s)'
+                             if lags[slowest] > outputs.allowed_lateness_s else '') + '.')
+  return Chart('Watermark per source', _svg(fig), caption)
 
 
 def completeness_chart(outputs: RunOutputs) -> Optional[Chart]:
@@ -221,6 +242,8 @@ def completeness_chart(outputs: RunOutputs) -> Optional[Chart]:
       bottom = [a + b for a, b in zip(bottom, values)]
   ax.set_xlabel('window start (UTC)')
   ax.set_ylabel('panes (all keys)')
+  ax.set_ylim(0, max(bottom) * 1.08 or 1)  # the tallest bar whole, with room above it
+  _counts(ax.yaxis)
   _legend_outside(ax)
   fig.autofmt_xdate()
   finals = outputs.final_panes()
@@ -236,19 +259,27 @@ def rollup_chart(outputs: RunOutputs) -> Optional[Chart]:
   if not rollups:
     return None
   plt = _plt()
-  fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(rollups)))
-  names = [f'{r["window_size_s"]} s' for r in rollups]
-  fields = (('windows_with_differences', 'windows that differ', '#5dade2'),
-            ('events_only_in_rollup', 'events only the rollup accepted', COLORS[AGGREGATED]),
-            ('events_only_in_primary', 'events only the primary accepted', COLORS[TOO_LATE]),
-            ('windows_unexplained', 'windows unexplained', COLORS[INVALID]))
-  height = 0.8 / len(fields)
-  for i, (field, label, color) in enumerate(fields):
-    ax.barh([n + i * height for n in range(len(names))], [r.get(field, 0) for r in rollups],
-            height=height, color=color, label=label)
-  ax.set_yticks([n + 0.4 - height / 2 for n in range(len(names))], names)
-  ax.invert_yaxis()
-  _legend_outside(ax)
+  names = [f'{r["window_size_s"]} s rollup' for r in rollups]
+  panels = (
+      ('windows', (('windows_with_differences', 'windows that differ', '#5dade2'),
+                   ('windows_unexplained', 'windows unexplained', COLORS[INVALID]))),
+      ('events', (('events_only_in_rollup', 'events only the rollup accepted',
+                   COLORS[AGGREGATED]),
+                  ('events_only_in_primary', 'events only the primary accepted',
+                   COLORS[TOO_LATE]))))
+  fig, axes = plt.subplots(2, 1, figsize=(8, 1.6 + 1.2 * len(rollups)), squeeze=False)
+  for ax, (unit, fields) in zip((a[0] for a in axes), panels):
+    height = 0.8 / len(fields)
+    for i, (field, label, color) in enumerate(fields):
+      ax.barh([n + i * height for n in range(len(names))], [r.get(field, 0) for r in rollups],
+              height=height, color=color, label=label)
+    ax.set_yticks([n + 0.4 - height / 2 for n in range(len(names))], names)
+    ax.invert_yaxis()
+    ax.set_xlabel(unit)
+    ax.set_xlim(0, max(1, *(r.get(f, 0) for r in rollups for f, _, _ in fields)) * 1.05)
+    _counts(ax.xaxis)
+    _legend_outside(ax)
+  fig.tight_layout()
   return Chart('Rollup reconciliation', _svg(fig),
                (outputs.reconciliation or {}).get('rule', ''))
 

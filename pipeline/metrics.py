@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 
-from pipeline.outputs import RunOutputs
+from pipeline.outputs import RunOutputs, watermark_lags
 from transforms.model import CATEGORIES
 
 METRICS_NAME = 'metrics.prom'
@@ -61,10 +61,9 @@ def run_metrics(outputs: RunOutputs):
     lag = Gauge('tidemark_watermark_lag_seconds',
                 "How far a source's watermark is behind the most advanced source's",
                 ['source'], registry=registry)
-    last = {s: h[-1][1] for s, h in outputs.replay_watermarks.items() if h}
+    lags = watermark_lags(outputs)
     for source in outputs.replay_watermarks:
-      lag.labels(source=source).set(
-          (max(last.values()) - last[source]) / 1000 if source in last and last else 0)
+      lag.labels(source=source).set(lags.get(source, 0))
   Gauge('tidemark_allowed_lateness_seconds', 'The allowed lateness of the run',
         registry=registry).set(settings['allowed_lateness_s'])
   Gauge('tidemark_window_size_seconds', 'The window size of the run',

@@ -10,12 +10,14 @@ by source and by customer as far as those files tell.
 from __future__ import annotations
 
 import collections
+import datetime
 import json
 import os
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from transforms.files import file_identity
-from transforms.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
+from transforms.model import (
+    AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE, dead_letter_payload)
 from transforms.parse import InvalidPayload, parse_payload
 from transforms.replay import Messages, ReplayError, compile_replay, watermark_history
 
@@ -204,3 +206,48 @@ def breakdown(outputs: RunOutputs) -> Breakdown:
       counts[merged] = count - sum(counts[k] for k in (INVALID, TOO_LATE, DUPLICATE))
   return Breakdown(dict(by_source), dict(by_customer), merged)
 
+
+
+def watermark_lags(outputs: RunOutputs) -> Dict[str, float]:
+  """For a replay: how many seconds each source's last watermark is behind the
+  most advanced source's ({} when the outputs hold no watermark history)."""
+  last = {s: h[-1][1] for s, h in (outputs.replay_watermarks or {}).items() if h}
+  if not last:
+    return {}
+  ahead = max(last.values())
+  return {s: (ahead - last[s]) / 1000 if s in last else 0.0
+          for s in outputs.replay_watermarks or {}}
+
+
+class DeadLetterKind(NamedTuple):
+  """Dead letters that failed for the same stated reason."""
+  reason: str
+  what: str  # the detail (an invalid payload), or the closed window (too late)
+  letters: int
+  example: str  # the first such payload; bytes that are not UTF-8 as \\xNN
+
+
+def dead_letter_kinds(outputs: RunOutputs) -> List[DeadLetterKind]:
+  """The dead letters grouped by what went wrong, most frequent first: invalid
+  payloads by their ``detail``, too-late ones by the window that had closed
+  (their details differ by the event time only)."""
+  size_ms = outputs.window_size_s * 1000
+  groups: Dict[Tuple[str, str], List] = {}
+  for record in outputs.dead_letters:
+    what = record.get('detail', '')
+    parsed = payload_fields(record['data']) if record['reason'] == TOO_LATE else None
+    if parsed is not None:
+      start = parsed[4] - parsed[4] % size_ms
+      what = (f'window [{_instant(start)}, {_instant(start + size_ms)}) had closed '
+              f'(allowed lateness {outputs.allowed_lateness_s} s)')
+    group = groups.setdefault((record['reason'], what), [0, record])
+    group[0] += 1
+  kinds = [DeadLetterKind(reason, what, count,
+                          dead_letter_payload(first).decode('utf-8', 'backslashreplace'))
+           for (reason, what), (count, first) in groups.items()]
+  return sorted(kinds, key=lambda k: (-k.letters, k.reason, k.what))
+
+
+def _instant(millis: int) -> str:
+  return datetime.datetime.fromtimestamp(millis / 1000, datetime.timezone.utc).strftime(
+      '%Y-%m-%dT%H:%M:%SZ')

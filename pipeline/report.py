@@ -7,8 +7,9 @@ letters, the duplicates and the reconciliation when the run wrote them, and a
 replay input when it is still there) and writes two files into it:
 
 * ``report.html``: one self-contained page (charts inline as SVG, no network):
-  the accounting as a picture, in total, per source and per customer; dead
-  letters by reason over event time; how late the late messages were, against
+  the slowest source's watermark lag; every kind of dead letter with its count
+  and an example; the accounting as a picture, in total, per source and per
+  customer; dead letters over event time; how late the late messages were, against
   the allowed lateness; each source's watermark over the replay; every
   window's panes by timing; and each rollup's reconciliation;
 * ``metrics.prom``: the same figures in Prometheus' text format
@@ -35,7 +36,8 @@ from typing import Callable, Iterable, List, Optional, Tuple
 
 from pipeline.charts import Chart, charts
 from pipeline.metrics import METRICS_NAME, run_metrics
-from pipeline.outputs import NotARunFolder, RunOutputs, UnreadableOutput, load
+from pipeline.outputs import (
+    NotARunFolder, RunOutputs, UnreadableOutput, dead_letter_kinds, load, watermark_lags)
 from transforms.model import CATEGORIES
 
 REPORT_NAME = 'report.html'
@@ -51,7 +53,8 @@ h1 { font-size: 1.5em; margin-bottom: 0.2em } h2 { font-size: 1.15em; margin-top
 table { border-collapse: collapse } td, th { padding: 0.2em 0.8em; text-align: right }
 th { text-align: left; font-weight: 500; color: #555 } figure { margin: 1em 0 }
 figure img { max-width: 100%; height: auto } figcaption { color: #555 }
-.note { color: #777 }
+.note { color: #777 } table.kinds { font-size: 0.92em } .kinds td.what { text-align: left }
+code { font-size: 0.95em; word-break: break-all }
 '''
 
 # Marks the page once the browser has decoded every chart: a check (and a
@@ -71,6 +74,49 @@ def _table(rows: Iterable[Tuple[str, object]]) -> str:
   return '<table>' + ''.join(
       f'<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>'
       for k, v in rows) + '</table>'
+
+
+#: The most kinds of dead letter the page lists (the rest are summed).
+MAX_KINDS = 40
+_EXAMPLE_CHARS = 120
+
+
+def _dead_letter_table(outputs: RunOutputs) -> str:
+  """Every kind of dead letter with its count and one payload, so an on-call
+  engineer sees what went wrong without opening the file."""
+  kinds = dead_letter_kinds(outputs)
+  if not kinds:
+    return ''
+  rows = ''.join(
+      f'<tr><td class="what">{html.escape(k.reason)}</td><td>{k.letters:,}</td>'
+      f'<td class="what">{html.escape(k.what)}</td>'
+      f'<td class="what"><code>{html.escape(_shown(k.example))}</code></td></tr>'
+      for k in kinds[:MAX_KINDS])
+  rest = kinds[MAX_KINDS:]
+  more = (f'<p class="note">and {len(rest):,} more kinds ({sum(k.letters for k in rest):,} dead '
+          'letters): see dead_letter.jsonl.</p>') if rest else ''
+  return (f'<h2>Dead letters by reason ({len(kinds):,} kinds)</h2><table class="kinds">'
+          '<tr><th>reason</th><th>count</th><th>what went wrong</th><th>example payload</th>'
+          f'</tr>{rows}</table>{more}')
+
+
+def _shown(payload: str) -> str:
+  """A payload as one line of readable text: control characters escaped, cut short."""
+  if not payload:
+    return '(empty)'
+  text = ''.join(c if c.isprintable() else c.encode('unicode_escape').decode('ascii')
+                 for c in payload[:_EXAMPLE_CHARS])
+  return text + ('\u2026' if len(payload) > _EXAMPLE_CHARS else '')
+
+
+def _lag(outputs: RunOutputs) -> List[Tuple[str, str]]:
+  lags = watermark_lags(outputs)
+  if not lags or max(lags.values()) <= 0:
+    return []
+  slowest = max(sorted(lags), key=lambda s: lags[s])
+  ahead = min(sorted(lags), key=lambda s: lags[s])
+  return [('slowest source', f'{slowest}: its watermark ended {lags[slowest]:,.0f} s behind '
+                             f'source {ahead}\'s')]
 
 
 def render_html(outputs: RunOutputs, made: List[Chart]) -> str:
@@ -104,14 +150,14 @@ def render_html(outputs: RunOutputs, made: List[Chart]) -> str:
                       f'{settings["allowed_lateness_s"]} s, early firing '
                       f'{settings.get("early_firing_s")} s'),
            ('started', manifest.get('started_at', '')), ('ended', manifest.get('ended_at', '')),
-           ('seconds', manifest.get('seconds', ''))]
+           ('seconds', manifest.get('seconds', ''))] + _lag(outputs)
   return (
       '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
       f'<title>Tidemark run {html.escape(str(manifest.get("run_id", "")))}</title>'
       f'<style>{_STYLE}</style></head><body>'
       f'<h1>Tidemark run report</h1>'
       f'<p class="status {"ok" if good else "bad"}">{html.escape(verdict)}</p>'
-      f'{_table(about)}<h2>{heading}</h2>{_table(rows)}'
+      f'{_table(about)}<h2>{heading}</h2>{_table(rows)}{_dead_letter_table(outputs)}'
       f'{figures}{missing}<script>{_SCRIPT}</script></body></html>')
 
 

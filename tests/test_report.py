@@ -316,3 +316,107 @@ def test_the_report_of_an_interrupted_run_shows_what_it_wrote_and_says_so(tmp_pa
   page = report.render_html(outputs, charts.charts(outputs))
   assert 'What the run wrote before it stopped' in page and 'did not finish' in page
   assert 'class="status bad"' in page
+
+
+# --- what an on-call engineer reads ------------------------------------------------
+
+
+@pytest.fixture
+def figures(monkeypatch):
+  """The matplotlib figures behind each chart, by title, to check what is drawn."""
+  made = []
+  monkeypatch.setattr(charts, '_svg', lambda fig: made.append(fig) or '<svg/>')
+
+  def draw(outputs) -> dict:
+    made.clear()
+    titles = [c.title for c in charts.charts(outputs)]
+    return dict(zip(titles, made))
+  yield draw
+  from matplotlib import pyplot
+  pyplot.close('all')
+
+
+def _bars(ax) -> list:
+  from matplotlib.patches import Rectangle
+  return [p for p in ax.patches if isinstance(p, Rectangle) and p.get_height() > 0]
+
+
+def test_the_report_states_the_lagging_sources_lag(incident_run):
+  lag = {dict(labels)['source']: value for (name, labels), value in _samples(
+      os.path.join(incident_run, METRICS_NAME)).items()
+      if name == 'tidemark_watermark_lag_seconds'}
+  assert lag == run_outputs.watermark_lags(run_outputs.load(incident_run))
+  assert lag['C'] == 88 and lag['A'] == 0
+  page = open(os.path.join(incident_run, report.REPORT_NAME), encoding='utf-8').read()
+  assert "C: its watermark ended 88 s behind source A&#x27;s" in page
+  caption = next(c.caption for c in charts.charts(run_outputs.load(incident_run))
+                 if c.title == 'Watermark per source')
+  assert caption.endswith('source C was 88 s behind source A, more than the allowed '
+                          'lateness (30 s).')
+
+
+def test_the_report_lists_every_kind_of_dead_letter_with_a_count_and_an_example(
+    incident_run):
+  outputs = run_outputs.load(incident_run)
+  kinds = run_outputs.dead_letter_kinds(outputs)
+  dead = outputs.dead_letters
+  invalid_details = {d['detail'] for d in dead if d['reason'] == 'invalid'}
+  assert len(invalid_details) == 20
+  assert {k.what for k in kinds if k.reason == 'invalid'} == invalid_details
+  # too-late letters differ by their event time only: one kind per closed window
+  assert [k.letters for k in kinds if k.reason == 'too_late'] == [21, 15, 1]
+  assert sum(k.letters for k in kinds) == len(dead) == 87 + 37
+  assert [k.letters for k in kinds] == sorted((k.letters for k in kinds), reverse=True)
+  for kind in kinds:
+    if kind.reason == 'invalid':
+      assert kind.example == run_outputs.dead_letter_payload(
+          next(d for d in dead if d['detail'] == kind.what)).decode('utf-8', 'backslashreplace')
+  page = open(os.path.join(incident_run, report.REPORT_NAME), encoding='utf-8').read()
+  assert 'Dead letters by reason (23 kinds)' in page
+  assert page.count('<tr><td class="what">') == 23
+  assert '\\xed\\xa0\\x80' in page  # a lone surrogate's bytes, readable
+  assert 'not a JSON object: Input data was truncated' in page
+
+
+def test_every_count_axis_has_whole_ticks_and_every_bar_fits(incident_run, figures):
+  drawn = figures(run_outputs.load(incident_run))
+  counted = {'Accounting': 'x', 'Dead letters over event time': 'y', 'Lateness': 'y',
+             'Window completeness': 'y'}
+  for title, axis in counted.items():
+    for ax in drawn[title].axes:
+      low, high = ax.get_xlim() if axis == 'x' else ax.get_ylim()
+      ticks = [t for t in (ax.get_xticks() if axis == 'x' else ax.get_yticks())
+               if low <= t <= high]
+      assert ticks and all(float(t).is_integer() for t in ticks), (title, ticks)
+      tops = [(p.get_x() + p.get_width()) if axis == 'x' else (p.get_y() + p.get_height())
+              for p in _bars(ax)]
+      assert tops and max(tops) < high, (title, max(tops), high)
+
+
+def test_a_chart_names_only_what_it_draws(incident_run, tmp_path, figures):
+  outputs = run_outputs.load(incident_run)
+  [dead] = [c for c in charts.charts(outputs) if c.title == 'Dead letters over event time']
+  assert outputs.duplicates is None  # the bulk replay does not record them
+  assert dead.caption.startswith('Too-late messages by the window')
+  assert 'did not record its duplicates one by one: they are not drawn' in dead.caption
+  labels = figures(outputs)['Dead letters over event time'].axes[0].get_legend_handles_labels()
+  assert labels[1] == ['too_late']
+
+
+def test_the_rollup_chart_draws_windows_and_events_on_their_own_labelled_axes(
+    tmp_path, figures):
+  lines = [data('A', payload('a', T0 + 1000)), mark('A', T0 + 2 * MINUTE),
+           data('A', payload('b', T0 + 5000))]  # late for 60 s, in time for the rollup
+  replay = write_replay(str(tmp_path / 'replay.jsonl'), lines)
+  out = str(tmp_path / 'out')
+  assert tidemark_run.main(['--source', f'replay:{replay}', '--output-dir', out,
+                            '--allowed-lateness', '0', '--rollup', '300:300']) == 0
+  fig = figures(run_outputs.load(out))['Rollup reconciliation']
+  windows, events = fig.axes[:2]
+  assert (windows.get_xlabel(), events.get_xlabel()) == ('windows', 'events')
+  assert windows.get_legend_handles_labels()[1] == ['windows that differ', 'windows unexplained']
+  assert events.get_legend_handles_labels()[1] == [
+      'events only the rollup accepted', 'events only the primary accepted']
+  assert [p.get_width() for p in events.patches] == [1, 0]  # only-rollup, only-primary
+  for ax in (windows, events):
+    assert all(float(t).is_integer() for t in ax.get_xticks())

@@ -129,6 +129,9 @@ def test_the_report_renders_every_chart_in_chromium(tools, runs):
   assert result.returncode == 0, result.stderr[-2000:]
   # set by the page's script once the browser has decoded each chart image
   assert '<html lang="en" data-charts="5" data-charts-rendered="5">' in result.stdout
+  # what on-call reads first: the lagging source and every kind of dead letter
+  assert "C: its watermark ended 88 s behind source A's" in result.stdout
+  assert 'Dead letters by reason (23 kinds)' in result.stdout
   shot = os.path.join(os.path.dirname(page), 'report.png')
   subprocess.run(['chromium', '--headless', '--no-sandbox', '--disable-gpu',
                   '--hide-scrollbars', '--window-size=1100,2400', f'--screenshot={shot}',
