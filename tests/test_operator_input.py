@@ -461,3 +461,58 @@ def test_a_dataflow_job_writes_into_the_bucket_its_customer_file_names(tmp_path)
   result = deploy('--customer', 'dataflow-inc', '--customers-dir', str(tmp_path),
                   '--target', 'dataflow', '--dry-run')
   assert_refused(result, '/deploy/dataflow', 'output_dir')
+
+
+# ---------------------------------------------------------------------------
+# What a run says: what the operator must know, nothing they cannot act on.
+
+
+def test_ctrl_c_while_the_input_is_read_exits_130_writing_nothing(
+    replay, tmp_path, monkeypatch, capsys):
+  from pipeline import run
+
+  def interrupted(config):  # as a Ctrl-C lands while a large replay is indexed
+    raise KeyboardInterrupt
+  monkeypatch.setattr(run, 'read_source', interrupted)
+  out = tmp_path / 'out'
+  assert run.main(list(run_args(replay, out)[1:])) == 130
+  err = capsys.readouterr().err
+  assert 'SIGINT: stopped while reading the input; nothing was run or written' in err
+  assert 'Traceback' not in err and not out.exists()
+
+
+def test_a_mostly_invalid_input_is_warned_about_and_still_accounted(tmp_path):
+  lines = [data('A', payload(f'e{i}', 915148800000 + i)) for i in range(999)]  # 1999
+  lines += [data('A', payload('ok', T0)), mark('A', T0 + 120_000)]
+  replay = write_replay(tmp_path / 'r.jsonl', lines)
+  result = cli(*run_args(replay, tmp_path / 'out'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert ('999 of 1,000 messages (99.9 %) were invalid: the input is mostly not events'
+          in result.stderr)
+  few = write_replay(tmp_path / 'few.jsonl', lines[-3:])
+  fine = cli(*run_args(few, tmp_path / 'fine'))
+  assert fine.returncode == 0 and 'were invalid' not in fine.stderr
+
+
+def test_a_stream_run_prints_the_exact_accounting_only(replay, tmp_path):
+  result = cli(*run_args(replay, tmp_path / 'out', '--replay-mode', 'stream'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'received' in result.stdout
+  assert 'beam counters' not in result.stdout + result.stderr
+  assert 'best effort' not in result.stdout + result.stderr
+
+
+def test_an_empty_replay_runs_without_library_warnings(tmp_path):
+  replay = write_replay(tmp_path / 'empty.jsonl', [''])
+  result = cli(*run_args(replay, tmp_path / 'out'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'Warning' not in result.stderr, result.stderr  # matplotlib's UserWarning among them
+
+
+def test_run_help_names_every_exit_code():
+  result = cli('run', '--help')
+  assert result.returncode == 0
+  text = ' '.join(result.stdout.split())
+  for code in ('0 the run finished', '1 the job failed', '2 a bad setting',
+               '3 the outputs did not reconcile', '130 / 143 stopped by SIGINT / SIGTERM'):
+    assert code in text, code
