@@ -6,8 +6,9 @@ setuptools.setup(
     name='tidemark',
     version='0.1.0',
     description='Windowed event-time aggregation where every event is accounted for.',
-    packages=['pipeline', 'transforms'],
-    package_data={'pipeline': ['data/*.jsonl', 'customer.schema.json']},
+    packages=setuptools.find_packages(include=['pipeline', 'pipeline.*', 'transforms',
+                                               'transforms.*']),
+    package_data={'pipeline': ['data/*.jsonl'], 'pipeline.deployment': ['customer.schema.json']},
     python_requires='>=3.10',
     install_requires=[
         # Pinned to the version whose Java jars (Kafka expansion service, Flink

@@ -34,11 +34,11 @@ from typing import List, Optional
 
 #: command -> module with ``main(argv) -> int``
 COMMANDS = {
-    'run': 'pipeline.run',
+    'run': 'pipeline.launch.run',
     'generate': 'tools.traffic',
     'bench': 'tools.bench',
-    'deploy': 'pipeline.deploy',
-    'report': 'pipeline.report',
+    'deploy': 'pipeline.deployment.deploy',
+    'report': 'pipeline.readback.report',
     'simulate': 'tools.simulate',
 }
 #: Commands served by the development tools (a checkout's tools/ package).

@@ -174,7 +174,7 @@ start_worker_pool() {
   # The workers' database credentials: a libpq password file (on Kubernetes a
   # mounted secret); scripts/postgres.sh writes the test database's.
   PGPASSFILE=${PGPASSFILE:-$STAGE/pgpass} \
-    setsid nohup "$PYTHON" -m pipeline.worker_pool --host 127.0.0.1 --port "$POOL_PORT" \
+    setsid nohup "$PYTHON" -m pipeline.launch.worker_pool --host 127.0.0.1 --port "$POOL_PORT" \
       >>"$LOG_DIR/flink-worker-pool.log" 2>&1 </dev/null &
   echo $! > "$RUN_DIR/flink-worker-pool.pid"
   if ! wait_ports 60 "$!" "$POOL_PORT"; then

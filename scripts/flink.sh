@@ -66,12 +66,12 @@ start_expansion() {
 # cluster never ends for it, and the cluster's TaskManagers read the files by
 # path while the job can run (an SDK worker that fetches artifacts at start).
 # So a detached submission names its cluster job in its folder and the folder
-# goes once that job has ended (pipeline/flink_cluster.py); folders naming no
+# goes once that job has ended (pipeline/deployment/flink_cluster.py); folders naming no
 # job go only while the job server is stopped (--unrecorded), when no
 # submission can be staging or running in it.
 clean_artifacts() {
   [ -d "$ARTIFACTS" ] || return 0
-  (cd "$ROOT" && "$PYTHON" -m pipeline.flink_cluster clean-artifacts "$ARTIFACTS" "$@") \
+  (cd "$ROOT" && "$PYTHON" -m pipeline.deployment.flink_cluster clean-artifacts "$ARTIFACTS" "$@") \
     || echo "flink: could not clean $ARTIFACTS" >&2
 }
 

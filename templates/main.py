@@ -14,8 +14,8 @@ from typing import List, Optional
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.build import build_run, is_streaming, read_source
-from pipeline.config import RunConfig
+from pipeline.launch.build import build_run, is_streaming, read_source
+from pipeline.settings.config import RunConfig
 
 
 def main(argv: Optional[List[str]] = None) -> None:

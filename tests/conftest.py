@@ -11,12 +11,12 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from pipeline.build import Built, build, build_bulk
-from pipeline.config import RunConfig
-from transforms.bulk import ReadReplayInChunks
-from transforms.model import dead_letter_payload, payload_bytes
-from transforms.replay import index_replay
-from transforms.sources import ReadReplay
+from pipeline.launch.build import Built, build, build_bulk
+from pipeline.settings.config import RunConfig
+from transforms.flow.bulk import ReadReplayInChunks
+from transforms.rules.model import dead_letter_payload, payload_bytes
+from transforms.rules.replay import index_replay
+from transforms.connectors.sources import ReadReplay
 
 T0 = 1705543200000  # 2024-01-18T02:00:00Z
 SECOND = 1000

@@ -20,10 +20,11 @@ from apache_beam.transforms.window import TimestampedValue
 
 from conftest import (
     MINUTE, SECOND, T0, data, mark, panes_of, payload, streaming_pipeline)
-from pipeline.reconciliation import final_panes
+from pipeline.readback.reconciliation import final_panes
 from tools import reference
-from transforms.admission import AdmissionRules, Grid, RouteAndDeduplicate
-from transforms.model import AGGREGATED, DUPLICATE, TOO_LATE, Event, window_spec
+from transforms.rules.admission import AdmissionRules
+from transforms.flow.gate import Grid, RouteAndDeduplicate
+from transforms.rules.model import AGGREGATED, DUPLICATE, TOO_LATE, Event, window_spec
 
 W0 = T0  # window [02:00, 02:01)
 W1 = T0 + MINUTE

@@ -122,7 +122,7 @@ def test_the_watcher_reads_the_accounting_and_dates_on_time_panes(tmp_path):
   assert end == 60000 and seconds > 0
 
   # A run in progress writes into its staging folder: the watcher follows it.
-  from transforms.files import MANIFEST, RUNNING, STAGING_PREFIX
+  from pipeline.runfolder.files import MANIFEST, RUNNING, STAGING_PREFIX
   staging = tmp_path / (STAGING_PREFIX + 'abc')
   staging.mkdir()
   (staging / MANIFEST).write_text(json.dumps({'status': RUNNING, 'started_at': 'now'}))

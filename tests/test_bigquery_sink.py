@@ -10,12 +10,12 @@ import pytest
 from apache_beam.io.gcp import bigquery_tools
 from apache_beam.io.gcp.bigquery import WriteToBigQuery
 
-from transforms.model import DeadLetter, WindowAggregate, payload_bytes
-from transforms.bigquery import (
-    AGGREGATES_BQ_CDC_SCHEMA, AGGREGATES_BQ_SCHEMA, BIGQUERY_WRITE_FAILED,
-    DEAD_LETTERS_BQ_SCHEMA, WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery,
-    bigquery_cdc_row, bigquery_dead_letter_row, bigquery_failed_row)
-from transforms.sinks import AGGREGATE_COLUMNS, AGGREGATE_KEY, aggregate_row
+from transforms.rules.model import DeadLetter, WindowAggregate, payload_bytes
+from transforms.connectors.bigquery import (
+    AGGREGATES_BQ_CDC_SCHEMA, AGGREGATES_BQ_SCHEMA, BIGQUERY_WRITE_FAILED, DEAD_LETTERS_BQ_SCHEMA,
+    WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery, bigquery_cdc_row,
+    bigquery_dead_letter_row, bigquery_failed_row)
+from transforms.connectors.sinks import AGGREGATE_COLUMNS, AGGREGATE_KEY, aggregate_row
 
 TABLE = 'tidemark-prod:finserve_aggregates.trading_1m'
 DEAD = 'tidemark-prod:finserve_aggregates.dead_letters'

@@ -17,12 +17,12 @@ from apache_beam.transforms import trigger
 from conftest import (
     MINUTE, SECOND, T0, as_sent, data, letters, mark, payload, run_replay, write_replay)
 from tools import reference, traffic
-from pipeline.run import final_panes
+from pipeline.launch.run import final_panes
 from test_replay_and_cli import cli
-from transforms import aggregate
-from transforms.bulk import AggregateWindowsInBulk, evaluated_early_firing, fire_panes
-from transforms.model import Event
-from transforms.replay import Messages, ReplayError, compile_replay, index_replay, read_chunk
+from transforms.flow import aggregate
+from transforms.flow.bulk import AggregateWindowsInBulk, evaluated_early_firing, fire_panes
+from transforms.rules.model import Event
+from transforms.rules.replay import Messages, ReplayError, compile_replay, index_replay, read_chunk
 
 
 def _generated(tmp_path, messages: int, seed: int, **profile) -> str:

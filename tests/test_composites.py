@@ -15,11 +15,11 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
 from conftest import MINUTE, SECOND, T0, payload, streaming_pipeline
-from transforms.accounting import CountOutcomes
-from transforms.aggregate import AggregateWindows
-from transforms.model import INVALID, Event, RawMessage, WindowAggregate
-from transforms.parse import ParseEvents
-from transforms.rollup import Rollup
+from transforms.flow.accounting import CountOutcomes
+from transforms.flow.aggregate import AggregateWindows
+from transforms.rules.model import INVALID, Event, RawMessage, WindowAggregate
+from transforms.flow.parse import ParseEvents
+from transforms.flow.rollup import Rollup
 
 
 def _event(event_id: str, event_time: int, value: float, key: str = 'AAPL') -> Event:

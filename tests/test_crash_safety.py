@@ -1,6 +1,6 @@
 """A crashed or interrupted run never looks like a complete one.
 
-The run folder protocol on its own (transforms/files.py: staging, manifest,
+The run folder protocol on its own (pipeline/runfolder/files.py: staging, manifest,
 commit, an interrupted commit finished by the next run), then real launches
 of ``python -m pipeline run`` stopped with SIGTERM, SIGINT and SIGKILL
 mid-run, next to an earlier complete run that must stay intact.
@@ -21,9 +21,9 @@ import time
 import pytest
 
 from conftest import REPO, T0, data, mark, payload, write_replay
-from pipeline.reconciliation import holds_finished_run, live_output_dir, read_manifest
+from pipeline.readback.reconciliation import holds_finished_run, live_output_dir, read_manifest
 from tools import reference, traffic
-from transforms.files import (
+from pipeline.runfolder.files import (
     COMMITTING, COMPLETE, INCOMPLETE, MANIFEST, RUNNING, STAGING_PREFIX, RunFolder, read_json)
 
 NAMES = ('aggregates.jsonl', 'dead_letter.jsonl', 'accounting.json', 'duplicates.jsonl')
@@ -174,8 +174,8 @@ class Job:
 
 
 def unbounded_run(out):
-  from pipeline.config import RunConfig
-  from pipeline.run import prepare_output
+  from pipeline.settings.config import RunConfig
+  from pipeline.launch.run import prepare_output
   config = RunConfig(source='kafka:localhost:9/topic', window_size_s=60, allowed_lateness_s=30,
                      early_firing_s=None, output_dir=str(out), sqlite_path=None, shards=1)
   run = prepare_output(config)
@@ -192,7 +192,7 @@ def unbounded_run(out):
     ('CANCELLED', 'stopped', True), ('DONE', 'complete', True), ('CANCELLED', 'stopped', False)])
 def test_an_unbounded_run_is_committed_when_it_stops(tmp_path, state, status, fired):
   from apache_beam.runners.runner import PipelineState
-  from pipeline.run import finish
+  from pipeline.launch.run import finish
   out = tmp_path / 'out'
   config, run = unbounded_run(out)
   assert read_json(os.path.join(run.folder.staging, MANIFEST))['status'] == RUNNING
@@ -215,8 +215,8 @@ def test_an_unbounded_run_is_committed_when_it_stops(tmp_path, state, status, fi
 
 def test_a_bounded_job_that_did_not_reconcile_is_not_committed(tmp_path):
   from apache_beam.runners.runner import PipelineState
-  from pipeline.config import RunConfig
-  from pipeline.run import finish, prepare_output
+  from pipeline.settings.config import RunConfig
+  from pipeline.launch.run import finish, prepare_output
   replay = write_replay(tmp_path / 'r.jsonl', [data('A', payload('e1', T0))])
   config = RunConfig(source=f'replay:{replay}', window_size_s=60, allowed_lateness_s=30,
                      early_firing_s=None, output_dir=str(tmp_path / 'out'), sqlite_path=None,
@@ -240,7 +240,7 @@ def restored_handlers():
 
 
 def test_signals_interrupt_a_stream_and_wait_for_the_commit(restored_handlers):
-  from pipeline.run import StopSignals
+  from pipeline.launch.run import StopSignals
   signals = StopSignals().install()
   with pytest.raises(KeyboardInterrupt, match='SIGTERM'):
     os.kill(os.getpid(), signal.SIGTERM)

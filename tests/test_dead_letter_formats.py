@@ -21,13 +21,13 @@ from apache_beam.io.gcp import bigquery_tools
 from psycopg import sql
 
 from test_fuzz import payloads
-from transforms.bigquery import DEAD_LETTERS_BQ_SCHEMA, bigquery_dead_letter_row
-from transforms.model import INVALID, DeadLetter, dead_letter_payload, payload_bytes
-from transforms.parse import InvalidPayload, parse_payload
-from transforms.postgres import (
+from transforms.connectors.bigquery import DEAD_LETTERS_BQ_SCHEMA, bigquery_dead_letter_row
+from transforms.rules.model import INVALID, DeadLetter, dead_letter_payload, payload_bytes
+from transforms.rules.payload import InvalidPayload, parse_payload
+from transforms.connectors.postgres import (
     PostgresDeadLetterRow, postgres_dead_letter_insert, postgres_dead_letters_ddl)
-from transforms.sources import decode_payload
-from transforms.writers import json_line
+from transforms.connectors.sources import decode_payload
+from transforms.connectors.writers import json_line
 
 
 def _fuzz_dead_letters(n: int = 100_000) -> List[DeadLetter]:

@@ -19,10 +19,10 @@ import yaml
 from apache_beam.options.pipeline_options import (
     PipelineOptions, PortableOptions, StandardOptions)
 
-from pipeline import customer as customers
-from pipeline.config import BUNDLED_REPLAY, RunConfig
-from pipeline.deploy import launch_command
-from pipeline.options import TidemarkOptions
+from pipeline.deployment import customer as customers
+from pipeline.settings.config import BUNDLED_REPLAY, RunConfig
+from pipeline.deployment.deploy import launch_command
+from pipeline.settings.options import TidemarkOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUSTOMER_FILES = sorted(glob.glob(os.path.join(REPO, 'templates', 'customers', '*.*')))
@@ -181,7 +181,7 @@ def test_a_resume_dry_run_prints_the_restore_from_the_latest_checkpoint():
 
 
 def test_the_latest_retained_checkpoint_is_the_newest_complete_one(tmp_path):
-  from pipeline.flink_cluster import FlinkCluster
+  from pipeline.deployment.flink_cluster import FlinkCluster
 
   class Cluster(FlinkCluster):
     def config(self):
@@ -376,7 +376,7 @@ def test_the_template_entry_point_loads():
   assert 'FLEX_TEMPLATE_PYTHON_SETUP_FILE=${WORKDIR}/setup.py' in dockerfile
 
 
-#: Customer-file fields (JSON pointers into pipeline/customer.schema.json) and
+#: Customer-file fields (JSON pointers into pipeline/deployment/customer.schema.json) and
 #: the option each becomes (customer.run_parameters).
 SCHEMA_FIELDS = {
     '/properties/customer_id': ('customer_id',),

@@ -3,7 +3,7 @@
 import json
 
 from conftest import MINUTE, T0, data, mark, payload, run_replay
-from transforms.diagnostics import resident_mib
+from transforms.flow.diagnostics import resident_mib
 
 HOUR = 60 * MINUTE
 

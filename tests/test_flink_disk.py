@@ -1,5 +1,5 @@
 """What a Flink job leaves on disk: the job server's staged artifacts of jobs
-that have ended (pipeline/flink_cluster.py, recorded by pipeline/submit.py) and
+that have ended (pipeline/deployment/flink_cluster.py, recorded by pipeline/launch/submit.py) and
 the folders of TaskManagers that no longer run (scripts/flink-cluster.sh
 clean-stale). No service is started; clusters are stand-ins."""
 
@@ -16,8 +16,9 @@ import pytest
 from apache_beam.portability import common_urns
 from apache_beam.portability.api import beam_job_api_pb2, beam_runner_api_pb2
 
-from pipeline import flink_cluster, submit
-from pipeline.flink_cluster import (
+from pipeline.deployment import flink_cluster
+from pipeline.launch import submit
+from pipeline.deployment.flink_cluster import (
     JOB_RECORD, Job, JobRecord, artifact_records, clean_artifacts, read_job_record,
     stale_artifact_folders, staging_folders, write_job_record)
 

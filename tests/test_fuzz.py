@@ -24,15 +24,15 @@ from apache_beam.testing import test_pipeline
 from conftest import (
     MINUTE, T0, as_sent, data, letters, make_config, mark, payload, read_jsonl, run_replay,
     write_replay)
-from pipeline.build import build_bulk
-from pipeline.run import final_panes, reconcile
+from pipeline.launch.build import build_bulk
+from pipeline.launch.run import final_panes, reconcile
 from test_replay_and_cli import cli
 from tools import reference
-from transforms.aggregate import Stats
-from transforms.model import dead_letter_payload, payload_bytes
-from transforms.bulk import ReadReplayInChunks
-from transforms.parse import MAX_NESTING, MAX_PAYLOAD_BYTES, InvalidPayload, parse_payload
-from transforms.replay import ReplayError, compile_replay, index_replay
+from transforms.flow.aggregate import Stats
+from transforms.rules.model import dead_letter_payload, payload_bytes
+from transforms.flow.bulk import ReadReplayInChunks
+from transforms.rules.payload import MAX_NESTING, MAX_PAYLOAD_BYTES, InvalidPayload, parse_payload
+from transforms.rules.replay import ReplayError, compile_replay, index_replay
 
 Payload = Union[str, bytes]
 MAX = sys.float_info.max

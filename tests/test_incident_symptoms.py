@@ -8,7 +8,7 @@ index and timing, not only the figures.
 from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import MINUTE, SECOND, T0, as_sent, data, letters, mark, panes_of, payload, tick
-from transforms.model import WindowAggregate
+from transforms.rules.model import WindowAggregate
 
 W0 = T0  # window [02:00, 02:01)
 W1 = T0 + MINUTE  # window [02:01, 02:02)

@@ -13,13 +13,13 @@ import pytest
 import yaml
 
 from conftest import T0, data, mark, payload, write_replay
-from pipeline import customer as customers
-from pipeline import targets
-from pipeline.checks import MAX_SECONDS, parse_rollups
-from pipeline.config import ConfigError, RunConfig
-from pipeline.deploy import dataflow_command
-from pipeline.options import option_dests, parse_args
-from transforms.sinks import SQLITE_DDL
+from pipeline.deployment import customer as customers
+from pipeline.settings import targets
+from pipeline.settings.checks import MAX_SECONDS, parse_rollups
+from pipeline.settings.config import ConfigError, RunConfig
+from pipeline.deployment.deploy import dataflow_command
+from pipeline.settings.options import option_dests, parse_args
+from transforms.connectors.sinks import SQLITE_DDL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUSTOMERS = os.path.join(REPO, 'templates', 'customers')
@@ -469,7 +469,7 @@ def test_a_dataflow_job_writes_into_the_bucket_its_customer_file_names(tmp_path)
 
 def test_ctrl_c_while_the_input_is_read_exits_130_writing_nothing(
     replay, tmp_path, monkeypatch, capsys):
-  from pipeline import run
+  from pipeline.launch import run
 
   def interrupted(config):  # as a Ctrl-C lands while a large replay is indexed
     raise KeyboardInterrupt

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tools import reference
-from transforms.parse import (
+from transforms.rules.payload import (
     MAX_NESTING, MAX_PAYLOAD_BYTES, InvalidPayload, nesting_depth, parse_payload)
 
 GOOD = {'event_id': 'e-1', 'customer_id': 'fin.serve_1-x', 'key': 'AAPL', 'value': 12.5,

@@ -15,7 +15,7 @@ from psycopg import sql
 
 from conftest import REPO
 from tools import traffic
-from transforms.model import dead_letter_payload
+from transforms.rules.model import dead_letter_payload
 
 pytestmark = pytest.mark.integration
 

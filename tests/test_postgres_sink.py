@@ -11,10 +11,10 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from psycopg import sql
 
-from transforms.model import DeadLetter, WindowAggregate, payload_bytes
-from transforms.postgres import (
+from transforms.rules.model import DeadLetter, WindowAggregate, payload_bytes
+from transforms.connectors.postgres import (
     Backoff, UpsertPostgres, WriteDeadLettersToPostgres, postgres_connect, with_backoff)
-from transforms.sinks import check_identifier
+from transforms.connectors.sinks import check_identifier
 
 pytestmark = pytest.mark.integration
 
@@ -135,8 +135,9 @@ def test_parallel_writers_with_overlapping_windows_converge_on_the_highest_pane(
   # in bundles of 40: no deadlock, no lost update, the highest pane wins.
   import threading
 
-  from transforms.postgres import _PostgresBatchFn, postgres_aggregates_ddl, postgres_upsert
-  from transforms.sinks import row_lock_order, aggregate_row
+  from transforms.connectors.postgres import (
+      _PostgresBatchFn, postgres_aggregates_ddl, postgres_upsert)
+  from transforms.connectors.sinks import row_lock_order, aggregate_row
   everything = [p for w in range(150) for p in panes(w * 60000, key=f'K{w % 7}')]
   errors = []
 
@@ -182,7 +183,7 @@ def test_a_customer_scoped_dead_letter_writer_refuses_other_customers_payloads(
 
   def check(refused):
     assert_that(refused, equal_to(foreign))
-  with caplog.at_level('WARNING', logger='transforms.sinks'):
+  with caplog.at_level('WARNING', logger='transforms.connectors.sinks'):
     run_pipeline(letters, WriteDeadLettersToPostgres(
         postgres_dsn, pg_table, customer_id='finserve'), check)
   stored = rows(postgres_dsn, pg_table, 'reason, source, data, detail')

@@ -7,7 +7,7 @@ import io
 import apache_beam as beam
 import pytest
 
-from transforms.accounting import PROGRESS_BAR_WIDTH, LAUNCHER_PID, ReportProgress
+from transforms.flow.accounting import PROGRESS_BAR_WIDTH, LAUNCHER_PID, ReportProgress
 
 
 class Terminal(io.StringIO):

@@ -13,9 +13,9 @@ from apache_beam.utils.timestamp import Timestamp
 
 from conftest import T0, payload
 from tools import reference, simulate, traffic
-from pipeline.config import ConfigError, RunConfig, watermark_risks
-from pipeline.runners import capabilities
-from transforms.sources import (
+from pipeline.settings.config import ConfigError, RunConfig, watermark_risks
+from pipeline.settings.runners import capabilities
+from transforms.connectors.sources import (
     ReadPubSubEvents, check_subscription_path, decode_payload, timestamp_from_attribute)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

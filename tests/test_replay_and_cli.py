@@ -11,8 +11,9 @@ import pytest
 
 from conftest import MINUTE, T0, as_sent, data, letters, mark, payload, tick, write_replay
 from tools import reference, traffic
-from pipeline.run import final_panes
-from transforms.replay import Messages, ProcessingTime, ReplayError, Watermark, compile_replay
+from pipeline.launch.run import final_panes
+from transforms.rules.replay import (
+    Messages, ProcessingTime, ReplayError, Watermark, compile_replay)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -164,7 +165,7 @@ def test_the_runners_late_drops_are_read_from_the_jobs_metrics():
   from apache_beam.metrics.execution import MetricKey, MetricResult
   from apache_beam.metrics.metricbase import MetricName
 
-  from pipeline.summary import RUNNER_LATE_DROPS, runner_late_drops
+  from pipeline.launch.summary import RUNNER_LATE_DROPS, runner_late_drops
 
   class Finished:
     def __init__(self, counters):

@@ -1,4 +1,4 @@
-"""The run report, its charts and metrics (pipeline/report.py, charts.py,
+"""The run report, its charts and metrics (pipeline/readback/report.py, charts.py,
 metrics.py, outputs.py) against a real run's outputs.
 
 The bundled incident replay is run once through the CLI (the DirectRunner's
@@ -23,11 +23,11 @@ import xml.etree.ElementTree as ElementTree
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import charts, outputs as run_outputs, report
-from pipeline.metrics import METRICS_NAME
-from pipeline import run as tidemark_run
+from pipeline.readback import charts, outputs as run_outputs, report
+from pipeline.readback.metrics import METRICS_NAME
+from pipeline.launch import run as tidemark_run
 from tests.conftest import data, mark, payload, read_jsonl, write_replay
-from transforms.model import CATEGORIES
+from transforms.rules.model import CATEGORIES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINUTE = 60_000

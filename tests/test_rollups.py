@@ -22,10 +22,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from conftest import (
     MINUTE, SECOND, T0, as_sent, data, letters, mark, payload, read_jsonl, write_replay)
 from tools import reference, traffic
-from pipeline.checks import parse_rollups
-from pipeline.config import BUNDLED_REPLAY, ConfigError, RunConfig
-from pipeline.reconciliation import final_panes, reconcile_rollups
-from pipeline.run import Reconciliation, reconcile_run
+from pipeline.settings.checks import parse_rollups
+from pipeline.settings.config import BUNDLED_REPLAY, ConfigError, RunConfig
+from pipeline.readback.reconciliation import final_panes, reconcile_rollups
+from pipeline.launch.run import Reconciliation, reconcile_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOUR = 60 * MINUTE

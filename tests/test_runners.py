@@ -1,13 +1,13 @@
-"""The runner table (pipeline/runners.py) and the choices that read it."""
+"""The runner table (pipeline/settings/runners.py) and the choices that read it."""
 
 from __future__ import annotations
 
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.checks import ConfigError
-from pipeline.config import RunConfig
-from pipeline.runners import OTHER, RUNNERS, capabilities, runner_name
+from pipeline.settings.checks import ConfigError
+from pipeline.settings.config import RunConfig
+from pipeline.settings.runners import OTHER, RUNNERS, capabilities, runner_name
 
 
 def test_a_runner_is_known_by_its_class_name_however_it_is_given():

@@ -3,7 +3,7 @@
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.settings.config import ConfigError, RunConfig
 
 
 @pytest.mark.parametrize('args, field', [

@@ -7,8 +7,8 @@ import sqlite3
 import apache_beam as beam
 from apache_beam.testing import test_pipeline
 
-from transforms.model import WindowAggregate
-from transforms.sinks import UpsertSqlite
+from transforms.rules.model import WindowAggregate
+from transforms.connectors.sinks import UpsertSqlite
 
 
 def panes(window_start):

@@ -3,9 +3,9 @@
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.build import topic_sink
-from pipeline.config import ConfigError, RunConfig, parse_aggregates_topic
-from transforms.topics import PublishAggregatesToKafka, PublishAggregatesToPubSub
+from pipeline.launch.build import topic_sink
+from pipeline.settings.config import ConfigError, RunConfig, parse_aggregates_topic
+from transforms.connectors.topics import PublishAggregatesToKafka, PublishAggregatesToPubSub
 
 
 def config(tmp_path, topic):

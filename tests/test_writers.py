@@ -9,9 +9,9 @@ import random
 import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from transforms.accounting import accounting_progress
-from transforms.model import CATEGORIES
-from transforms.writers import WriteJsonLines, WriteLatestJson, _AppendFromCheckpointFn
+from transforms.flow.accounting import accounting_progress
+from transforms.rules.model import CATEGORIES
+from transforms.connectors.writers import WriteJsonLines, WriteLatestJson, _AppendFromCheckpointFn
 
 
 def _record(n: int) -> dict:
@@ -115,8 +115,8 @@ def test_the_graph_of_a_scoped_checkpointed_run_flattens_only_like_windowed_inpu
   import logging
 
   from conftest import data, make_config, payload, write_replay
-  from pipeline.build import build
-  from transforms.sources import ReadReplay
+  from pipeline.launch.build import build
+  from transforms.connectors.sources import ReadReplay
   replay = write_replay(str(tmp_path / 'r.jsonl'), [data('A', payload('e1', 1705543200000))])
   config = dataclasses.replace(
       make_config(tmp_path, replay), sink='postgres', customer_id='finserve',
@@ -134,7 +134,7 @@ def test_the_accounting_writer_never_waits_for_the_run_lock_of_its_folder(tmp_pa
   import re
   import threading
 
-  from transforms.files import RunFolder
+  from pipeline.runfolder.files import RunFolder
   out = tmp_path / 'out'
   run = RunFolder(str(out), ('accounting.json',), re.compile('rollup'), staged=False).open()
   done = threading.Event()

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from tools import traffic
 from tools.traffic import Data, Line, Profile, SourceWatermark
-from transforms.model import payload_bytes
+from transforms.rules.model import payload_bytes
 
 TARGETS = ('pubsub', 'kafka', 'replay')
 DEFAULT_PROJECT = 'tidemark-local'
@@ -50,7 +50,7 @@ class Published(NamedTuple):
 
 
 def _fields(payload: str) -> Optional[tuple]:
-  from transforms.parse import InvalidPayload, parse_payload
+  from transforms.rules.payload import InvalidPayload, parse_payload
   try:
     return parse_payload(payload)
   except InvalidPayload:

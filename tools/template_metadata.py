@@ -1,5 +1,5 @@
 """Writes templates/metadata.json (the Flex Template's parameters) from the
-option definitions in pipeline/options.py:
+option definitions in pipeline/settings/options.py:
 
   python -m tools.template_metadata [PATH]
 
@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from pipeline.options import template_metadata
+from pipeline.settings.options import template_metadata
 
 PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     'templates', 'metadata.json')

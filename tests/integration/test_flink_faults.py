@@ -32,7 +32,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from integration.conftest import JOB_ENDPOINT, REPO
 from integration.test_kafka_on_flink import Traffic
-from pipeline.flink_cluster import FlinkCluster
+from pipeline.deployment.flink_cluster import FlinkCluster
 from tools import reference
 
 pytestmark = pytest.mark.integration

@@ -25,7 +25,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from integration.conftest import KAFKA_EXPANSION_SERVICE, REPO, flink_args
 from integration.test_kafka_on_flink import Traffic
-from pipeline.reconciliation import final_panes
+from pipeline.readback.reconciliation import final_panes
 from tools import reference
 
 pytestmark = pytest.mark.integration
@@ -89,8 +89,8 @@ def test_a_bounded_read_of_a_fresh_backlog_finishes_with_every_window_closed(
 
 
 def test_a_partition_without_records_is_named_before_the_run(kafka_broker, tmp_path):
-  from pipeline.config import RunConfig
-  from pipeline.summary import source_warnings
+  from pipeline.settings.config import RunConfig
+  from pipeline.launch.summary import source_warnings
   topic = f'tidemark-empty-{uuid.uuid4().hex[:8]}'
   admin = AdminClient({'bootstrap.servers': kafka_broker})
   admin.create_topics([NewTopic(topic, 2, 1)])[topic].result(30)

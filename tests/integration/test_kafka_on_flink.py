@@ -28,11 +28,11 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from conftest import as_sent, letters
 from integration.conftest import KAFKA_EXPANSION_SERVICE, flink_args
 from tools import reference
-from pipeline.build import build, read_source
-from pipeline.config import RunConfig
-from pipeline.run import final_panes, prepare_output
-from transforms.model import dead_letter_payload
-from transforms.sources import decode_payload
+from pipeline.launch.build import build, read_source
+from pipeline.settings.config import RunConfig
+from pipeline.launch.run import final_panes, prepare_output
+from transforms.rules.model import dead_letter_payload
+from transforms.connectors.sources import decode_payload
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.config import BUNDLED_REPLAY
+from pipeline.settings.config import BUNDLED_REPLAY
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONTRACT_FILES = ('aggregates.jsonl', 'dead_letter.jsonl', 'accounting.json', 'duplicates.jsonl',

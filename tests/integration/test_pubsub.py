@@ -17,7 +17,7 @@ import pytest
 
 from conftest import read_jsonl
 from tools import reference
-from transforms.model import dead_letter_payload, payload_bytes
+from transforms.rules.model import dead_letter_payload, payload_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROJECT = 'tidemark-it'
@@ -116,7 +116,7 @@ def test_simulated_traffic_through_the_emulator_equals_an_independent_count(
   assert 'messages/s' in result.stdout
   # As the wire carries them: a lone surrogate goes out as invalid UTF-8
   # (model.payload_bytes) and comes back in the lossless surrogateescape form
-  # (transforms.sources).
+  # (transforms.connectors.sources).
   sent = [(r['source'], payload_bytes(r['data']).decode('utf-8', 'surrogateescape'))
           for r in read_jsonl(str(record))]
   assert len(sent) == SIMULATED
@@ -147,8 +147,8 @@ def test_simulated_traffic_through_the_emulator_equals_an_independent_count(
   # the wall-clock watermark has closed the last window, then cancel.
   from apache_beam.options.pipeline_options import PipelineOptions
   import apache_beam as beam
-  from pipeline.build import build, read_source
-  from pipeline.config import RunConfig, watermark_risks
+  from pipeline.launch.build import build, read_source
+  from pipeline.settings.config import RunConfig, watermark_risks
   out = tmp_path / 'out'
   out.mkdir()
   source = 'pubsub:' + ','.join(f'{s}={p}' for s, p in sorted(subscriptions.items()))

@@ -43,9 +43,9 @@ from tools import reference, traffic
 from tools.bench import deployed as bench_deployed
 from tools.bench import drain as bench_drain
 from tools.bench import stream as bench_stream
-from pipeline.reconciliation import live_output_dir
-from pipeline.run import final_panes
-from transforms.diagnostics import resident_mib
+from pipeline.readback.reconciliation import live_output_dir
+from pipeline.launch.run import final_panes
+from transforms.flow.diagnostics import resident_mib
 
 
 def _flag(extra: List[str], name: str, default: str) -> str:

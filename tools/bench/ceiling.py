@@ -18,11 +18,11 @@ from typing import List, Optional
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.config import RunConfig
-from transforms.aggregate import AggregateWindows
-from transforms.parse import ParseEvents
-from transforms.writers import WriteJsonLines
-from transforms.sources import ReadKafkaEvents
+from pipeline.settings.config import RunConfig
+from transforms.flow.aggregate import AggregateWindows
+from transforms.flow.parse import ParseEvents
+from transforms.connectors.writers import WriteJsonLines
+from transforms.connectors.sources import ReadKafkaEvents
 
 
 def build_ceiling(p: beam.Pipeline, config: RunConfig) -> None:

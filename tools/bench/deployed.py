@@ -38,7 +38,7 @@ from tools import simulate, traffic
 from tools.bench.stream import (
     _BASE_MS, _port_open, _step_lines, _wait, _Watcher, descendants, latency_summary,
     max_sustained, service_pid, step_verdict, tree_cpu_seconds)
-from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
+from transforms.rules.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MASTER = '127.0.0.1:' + os.environ.get('FLINK_REST_PORT', '18081')
@@ -137,7 +137,7 @@ def _checkpoint_summary(cluster, jid: str) -> dict:
 
 def bench_deployed(args: argparse.Namespace, extra: List[str]) -> dict:
   from confluent_kafka.admin import AdminClient, NewTopic
-  from pipeline.flink_cluster import FlinkCluster
+  from pipeline.deployment.flink_cluster import FlinkCluster
 
   dsn = args.postgres_dsn or os.environ.get('TIDEMARK_POSTGRES_DSN')
   missing = [what for what, up in (

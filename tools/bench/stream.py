@@ -44,9 +44,9 @@ import uuid
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tools import simulate, traffic
-from pipeline.reconciliation import live_output_dir
-from pipeline.run import Reconciliation, final_panes
-from transforms.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
+from pipeline.readback.reconciliation import live_output_dir
+from pipeline.launch.run import Reconciliation, final_panes
+from transforms.rules.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 
 #: The live throughput target on Kafka -> Flink, events per second.
 TARGET_EVENTS_PER_S = 5000
@@ -457,8 +457,8 @@ def _leaked_consumers(flink_pid: Optional[int], kafka_port: int, before: int) ->
 def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
   from confluent_kafka.admin import AdminClient, NewTopic
   from apache_beam.options.pipeline_options import PipelineOptions
-  from pipeline.config import RunConfig
-  from pipeline.run import reconcile
+  from pipeline.settings.config import RunConfig
+  from pipeline.launch.run import reconcile
 
   if option_value(extra, '--runner') is None:
     extra = flink_args() + list(extra)

@@ -1,0 +1,253 @@
+"""What a run's output folder holds, read back: the figures the report, the
+charts and the metrics are made of.
+
+``load`` reads ``run.json``, the accounting, the panes, the dead letters, the
+duplicates and the reconciliation when the run wrote them, and the replay the
+run read when it is still there unchanged; ``breakdown`` splits the accounting
+by source and by customer as far as those files tell.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import os
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+from pipeline.runfolder.files import file_identity
+from transforms.rules.model import (
+    AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE, dead_letter_payload)
+from transforms.rules.payload import InvalidPayload, parse_payload
+from transforms.rules.replay import Messages, ReplayError, compile_replay, watermark_history
+
+
+class NotARunFolder(ValueError):
+  """The folder is not a Tidemark run's output folder."""
+
+class RunOutputs(NamedTuple):
+  """What one run's folder holds, read once."""
+  directory: str
+  manifest: dict
+  accounting: Dict[str, int]
+  panes: List[dict]
+  dead_letters: List[dict]
+  duplicates: Optional[List[dict]]  # None: the run did not record them
+  reconciliation: Optional[dict]
+  #: the replay the run read, if it is still there unchanged: its messages
+  #: (source, payload, pipeline watermark at arrival) and each source's
+  #: watermark history (``transforms.rules.replay.watermark_history``)
+  replay_messages: Optional[list]
+  replay_watermarks: Optional[Dict[str, List[Tuple[int, int]]]]
+
+  @property
+  def window_size_s(self) -> int:
+    return self.manifest['settings']['window_size_s']
+
+  @property
+  def allowed_lateness_s(self) -> int:
+    return self.manifest['settings']['allowed_lateness_s']
+
+  @property
+  def status(self) -> str:
+    return self.manifest.get('status', 'unknown')
+
+  @property
+  def finished(self) -> bool:
+    """Whether the run finished: otherwise its figures are what it wrote before it stopped."""
+    return self.status in FINISHED
+
+  @property
+  def unaccounted(self) -> int:
+    """``received`` minus every outcome: 0 unless messages went missing."""
+    return self.accounting.get(RECEIVED, 0) - sum(
+        self.accounting.get(k, 0) for k in CATEGORIES if k != RECEIVED)
+
+  def final_panes(self) -> Dict[tuple, dict]:
+    """Each window's pane with the highest index."""
+    finals: Dict[tuple, dict] = {}
+    for pane in self.panes:
+      window = (pane['customer_id'], pane['key'], pane['window_start'])
+      if window not in finals or pane['pane_index'] > finals[window]['pane_index']:
+        finals[window] = pane
+    return finals
+
+
+class UnreadableOutput(ValueError):
+  """An output file of a run that cannot be read as what it should be (empty,
+  cut short, not JSON); the message names the file (and the line)."""
+
+
+def _json_lines(path: str) -> Optional[List[dict]]:
+  if not os.path.exists(path):
+    return None
+  records = []
+  with open(path, encoding='utf-8', errors='surrogateescape') as f:
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          records.append(json.loads(line))
+        except ValueError as e:
+          raise UnreadableOutput(f'{path}:{number}: not a JSON object ({e})') from None
+  return records
+
+
+def _json(path: str) -> Optional[dict]:
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8', errors='surrogateescape') as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    what = 'empty' if not text.strip() else f'not JSON ({e})'
+    raise UnreadableOutput(f'{path}: {what}') from None
+
+
+def _replay(manifest: dict):
+  """The replay's messages and watermark history, or (None, None) when the run
+  did not read a replay or the file is gone or changed since."""
+  described = manifest.get('input') or {}
+  path = described.get('path')
+  if described.get('kind') != 'replay' or not path or not os.path.exists(path):
+    return None, None
+  if 'sha256' in described and file_identity(path).get('sha256') != described['sha256']:
+    return None, None
+  try:
+    replay = compile_replay(path)
+    history, _ = watermark_history(path)
+  except (ReplayError, OSError):
+    return None, None
+  messages = [m for step in replay.steps if isinstance(step, Messages) for m in step.batch]
+  return messages, history
+
+
+#: Run statuses whose accounting is the run's whole (``pipeline.runfolder.files.COMMITTED``).
+FINISHED = ('complete', 'stopped')
+
+
+def written_so_far(outputs: 'RunOutputs') -> Dict[str, int]:
+  """The accounting of what a run that did not finish wrote before it stopped:
+  its dead letters, duplicates and the events in its final panes; ``received``
+  is their sum (messages whose outcome it wrote), not what it read."""
+  counts = collections.Counter(d['reason'] for d in outputs.dead_letters)
+  accounting = {INVALID: counts[INVALID], TOO_LATE: counts[TOO_LATE],
+                DUPLICATE: len(outputs.duplicates or ()),
+                AGGREGATED: sum(p['count'] for p in outputs.final_panes().values())}
+  return {RECEIVED: sum(accounting.values()), **accounting}
+
+
+def load(output_dir: str) -> RunOutputs:
+  """Reads a run's folder; raises NotARunFolder when it has no ``run.json``.
+
+  A run that did not finish (interrupted, killed, failed) is read as what it
+  wrote before it stopped: its accounting is counted from its outputs, and the
+  replay it read is not taken for what it received."""
+  manifest = _json(os.path.join(output_dir, 'run.json'))
+  if manifest is None or 'settings' not in manifest:
+    raise NotARunFolder(f'{output_dir}: no run.json with settings: not a Tidemark output folder')
+  finished = manifest.get('status') in FINISHED
+  messages, history = _replay(manifest) if finished else (None, None)
+  outputs = RunOutputs(
+      directory=output_dir, manifest=manifest,
+      accounting=(finished and _json(os.path.join(output_dir, 'accounting.json')) or
+                  dict.fromkeys(CATEGORIES, 0)),
+      panes=_json_lines(os.path.join(output_dir, 'aggregates.jsonl')) or [],
+      dead_letters=_json_lines(os.path.join(output_dir, 'dead_letter.jsonl')) or [],
+      duplicates=_json_lines(os.path.join(output_dir, 'duplicates.jsonl')),
+      reconciliation=_json(os.path.join(output_dir, 'reconciliation.json')),
+      replay_messages=messages, replay_watermarks=history)
+  return outputs if finished else outputs._replace(accounting=written_so_far(outputs))
+
+
+def payload_fields(data: str) -> Optional[tuple]:
+  """``(event_id, customer_id, key, value, event_time)``, or None if invalid."""
+  try:
+    return parse_payload(data)
+  except InvalidPayload:
+    return None
+
+
+# --- the figures ---------------------------------------------------------------
+
+
+class Breakdown(NamedTuple):
+  """The accounting split by source and by customer, as far as the outputs
+  tell: ``{group: {outcome: count}}``."""
+  by_source: Dict[str, Dict[str, int]]
+  by_customer: Dict[str, Dict[str, int]]
+  #: what the per-source split could not separate (duplicates are only known
+  #: per source when the run recorded them): the name of the merged outcome
+  merged: Optional[str]
+
+
+def breakdown(outputs: RunOutputs) -> Breakdown:
+  """Dead letters and duplicates name their source and (when the payload
+  parses) customer; final panes name their customer; a replay names every
+  message's source. What is left per source once the dead letters and
+  duplicates are taken out is ``aggregated`` (or ``admitted or duplicate``
+  when the run did not record its duplicates)."""
+  by_source: Dict[str, Dict[str, int]] = collections.defaultdict(collections.Counter)
+  by_customer: Dict[str, Dict[str, int]] = collections.defaultdict(collections.Counter)
+  for record in outputs.dead_letters + (outputs.duplicates or []):
+    by_source[record['source']][record['reason']] += 1
+    parsed = payload_fields(record['data']) if record['reason'] != INVALID else None
+    if parsed is not None:
+      by_customer[parsed[1]][record['reason']] += 1
+  for pane in outputs.final_panes().values():
+    by_customer[pane['customer_id']][AGGREGATED] += pane['count']
+  merged = None
+  if outputs.replay_messages is not None:
+    merged = AGGREGATED if outputs.duplicates is not None else 'admitted or duplicate'
+    received = collections.Counter(m.source for m in outputs.replay_messages)
+    for source, count in received.items():
+      counts = by_source[source]
+      counts[RECEIVED] = count
+      counts[merged] = count - sum(counts[k] for k in (INVALID, TOO_LATE, DUPLICATE))
+  return Breakdown(dict(by_source), dict(by_customer), merged)
+
+
+
+def watermark_lags(outputs: RunOutputs) -> Dict[str, float]:
+  """For a replay: how many seconds each source's last watermark is behind the
+  most advanced source's ({} when the outputs hold no watermark history)."""
+  last = {s: h[-1][1] for s, h in (outputs.replay_watermarks or {}).items() if h}
+  if not last:
+    return {}
+  ahead = max(last.values())
+  return {s: (ahead - last[s]) / 1000 if s in last else 0.0
+          for s in outputs.replay_watermarks or {}}
+
+
+class DeadLetterKind(NamedTuple):
+  """Dead letters that failed for the same stated reason."""
+  reason: str
+  what: str  # the detail (an invalid payload), or the closed window (too late)
+  letters: int
+  example: str  # the first such payload; bytes that are not UTF-8 as \\xNN
+
+
+def dead_letter_kinds(outputs: RunOutputs) -> List[DeadLetterKind]:
+  """The dead letters grouped by what went wrong, most frequent first: invalid
+  payloads by their ``detail``, too-late ones by the window that had closed
+  (their details differ by the event time only)."""
+  size_ms = outputs.window_size_s * 1000
+  groups: Dict[Tuple[str, str], List] = {}
+  for record in outputs.dead_letters:
+    what = record.get('detail', '')
+    parsed = payload_fields(record['data']) if record['reason'] == TOO_LATE else None
+    if parsed is not None:
+      start = parsed[4] - parsed[4] % size_ms
+      what = (f'window [{_instant(start)}, {_instant(start + size_ms)}) had closed '
+              f'(allowed lateness {outputs.allowed_lateness_s} s)')
+    group = groups.setdefault((record['reason'], what), [0, record])
+    group[0] += 1
+  kinds = [DeadLetterKind(reason, what, count,
+                          dead_letter_payload(first).decode('utf-8', 'backslashreplace'))
+           for (reason, what), (count, first) in groups.items()]
+  return sorted(kinds, key=lambda k: (-k.letters, k.reason, k.what))
+
+
+def _instant(millis: int) -> str:
+  return datetime.datetime.fromtimestamp(millis / 1000, datetime.timezone.utc).strftime(
+      '%Y-%m-%dT%H:%M:%SZ')

@@ -1,0 +1,374 @@
+"""Bulk replay: a whole replay file through the pipeline on a batch runner.
+
+A replay is a stream written down, so everything a streaming runner learns as
+time passes is known in advance: the pipeline watermark and the processing time
+at each message's arrival, and the steps at which the watermark and processing
+time move. The bulk transforms apply the same rules as the streaming ones to
+that timeline, in chunks of thousands of messages (per-element overhead is what
+limits a Python runner), and emit the same outputs:
+
+* ``ReadReplayInChunks``: the indexed file (``transforms.rules.replay.index_replay``)
+  read chunk by chunk, in parallel;
+* ``ParseChunks``: contract section 1, by ``transforms.rules.payload.parse_payload``;
+* ``AdmitChunks``: too late, duplicate or admitted, by
+  ``transforms.rules.admission.AdmissionRules`` with the watermark each message
+  arrived under, every copy of an ``event_id`` walked in arrival order in its
+  shard;
+* ``AggregateWindowsInBulk``: per window, the panes the streaming windows'
+  trigger (``aggregate.pane_trigger``, read through ``evaluated_early_firing``,
+  which refuses any shape ``fire_panes`` does not evaluate) fires along the
+  replay's timeline.
+
+Elements are lists (one per chunk, shard or window); only the outputs are single
+records.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import pickle
+from collections import defaultdict
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.coders import coder_impl
+from apache_beam.transforms import trigger
+
+from transforms.flow.gate import DUPLICATE_TAG, TOO_LATE_TAG
+from transforms.rules.admission import AdmissionRules
+from transforms.flow import aggregate
+from transforms.flow.aggregate import Stats
+from transforms.rules.model import (
+    AGGREGATED, INVALID, DeadLetter, Event, WindowAggregate, check_early_firing, message_identity,
+    stable_shard, window_spec)
+from transforms.flow.parse import INVALID_TAG
+from transforms.rules.payload import InvalidPayload, parse_payload
+from transforms.rules.replay import ReplayIndex, read_chunk
+
+
+#: A message in a chunk: (arrival index, step, pipeline watermark ms at arrival
+#: or None, processing time s at arrival, source, payload).
+Message = Tuple[int, int, Optional[int], float, str, str]
+#: An event in a chunk, a plain tuple (cheap to encode): arrival index, step,
+#: processing time s at arrival, the event's fields, the watermark it arrived
+#: under, then where it came from. Past the too-late check only the first
+#: ``ADMITTED_FIELDS`` travel on (dedup and aggregation need no payload).
+Row = tuple
+SEQ, STEP, ARRIVED_AT = 0, 1, 2
+EVENT_ID, CUSTOMER_ID, KEY, VALUE, EVENT_TIME, ARRIVAL_WATERMARK, SOURCE, DATA = range(3, 11)
+ADMITTED_FIELDS = ARRIVAL_WATERMARK + 1
+
+
+def row_event(row: Row, digest: str) -> Event:
+  """The row's event; ``digest`` is its replay's (``replay.replay_digest``)."""
+  return Event(row[EVENT_ID], row[CUSTOMER_ID], row[KEY], row[VALUE], row[EVENT_TIME],
+               row[SOURCE], row[DATA], row[ARRIVAL_WATERMARK],
+               message_identity('replay', digest, row[SEQ] + 1))
+
+
+class Chunk(list):
+  """A list of messages, rows or dead letters that travels as one element."""
+
+
+class ChunkCoder(beam.coders.Coder):
+  """Pickle: fast for large nested lists, and it keeps the lone surrogates an
+  invalid payload may hold. Its size estimate is a guess from the length, as
+  the runner estimates sizes of sampled elements on every step and encoding a
+  whole chunk to measure it costs as much as shipping it."""
+
+  def _create_impl(self):
+    return coder_impl.CallbackCoderImpl(
+        lambda chunk: pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL), pickle.loads,
+        lambda chunk: _ROW_SIZE_GUESS * len(chunk))
+
+  def is_deterministic(self) -> bool:
+    return False
+
+  def to_type_hint(self):
+    return Chunk
+
+  def __eq__(self, other):
+    return type(self) is type(other)
+
+  def __hash__(self):
+    return hash(type(self))
+
+
+_ROW_SIZE_GUESS = 256
+beam.coders.registry.register_coder(Chunk, ChunkCoder)
+
+
+class ReadReplayInChunks(beam.PTransform):
+  """The indexed replay as lists of messages, one per chunk, read in parallel."""
+
+  def __init__(self, index: ReplayIndex):
+    super().__init__()
+    self.index = index
+
+  def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[List[Message]]:
+    path = self.index.path
+    return (
+        pbegin
+        | 'Chunks' >> beam.Create(self.index.chunks)
+        | 'Spread' >> beam.Reshuffle()
+        | 'Read' >> beam.Map(lambda chunk: Chunk(read_chunk(path, chunk))).with_output_types(Chunk))
+
+
+class _ParseChunkFn(beam.DoFn):
+
+  def __init__(self, digest: str):
+    self._digest = digest
+
+  def process(self, messages: List[Message]) -> Iterable:
+    rows: List[Row] = Chunk()
+    invalid: List[DeadLetter] = Chunk()
+    digest = self._digest
+    for seq, step, watermark, processing_time, source, data in messages:
+      try:
+        fields = parse_payload(data)
+      except InvalidPayload as e:
+        invalid.append(DeadLetter(INVALID, source, data, str(e),
+                                  message_identity('replay', digest, seq + 1)))
+        continue
+      rows.append((seq, step, processing_time, *fields, watermark, source, data))
+    yield rows
+    if invalid:
+      yield pvalue.TaggedOutput(INVALID_TAG, invalid)
+
+
+class ParseChunks(beam.PTransform):
+  """Payloads to Events, a chunk at a time.
+
+  Returns a DoOutputsTuple: ``events`` (lists of rows) and ``invalid`` (lists
+  of DeadLetter with reason ``invalid``).
+  """
+
+  def __init__(self, digest: str = ''):
+    super().__init__()
+    self._digest = digest
+
+  def expand(self, chunks: beam.PCollection[List[Message]]):
+    return chunks | 'Validate' >> beam.ParDo(_ParseChunkFn(self._digest)).with_output_types(
+        Chunk).with_outputs(INVALID_TAG, main='events')
+
+
+class _TooLateOrShardFn(beam.DoFn):
+  """Rule 2 needs nothing but the row, so it is decided before the shuffle,
+  where the payload is still at hand; the rest go to their id's shard."""
+
+  def __init__(self, rules: AdmissionRules, shards: int, digest: str):
+    self._rules = rules
+    self._shards = shards
+    self._digest = digest
+
+  def process(self, rows: List[Row]) -> Iterable:
+    rules, shards = self._rules, self._shards
+    by_shard: Dict[int, List[Row]] = defaultdict(Chunk)
+    too_late: List[DeadLetter] = Chunk()
+    for row in rows:
+      if rules.too_late(row[EVENT_TIME], row[ARRIVAL_WATERMARK]):
+        too_late.append(rules.too_late_letter(row_event(row, self._digest)))
+      else:
+        by_shard[stable_shard(row[EVENT_ID], shards)].append(row[:ADMITTED_FIELDS])
+    yield from by_shard.items()
+    if too_late:
+      yield pvalue.TaggedOutput(TOO_LATE_TAG, too_late)
+
+
+class _AdmitShardFn(beam.DoFn):
+  """Every copy of the shard's ids in arrival order, decided by the rules."""
+
+  #: How often (rows) the ids of closed windows are forgotten.
+  PRUNE_EVERY = 50000
+
+  def __init__(self, rules: AdmissionRules):
+    self._rules = rules
+
+  def process(self, element: Tuple[int, Iterable[List[Row]]]) -> Iterable:
+    rules = self._rules
+    spec = rules.spec
+    _, chunks = element
+    rows = sorted((row for chunk in chunks for row in chunk), key=lambda r: r[SEQ])
+    first: Dict[str, int] = {}  # event_id -> closing of its first admitted copy
+    by_window: Dict[int, List[Row]] = defaultdict(Chunk)
+    duplicates = 0
+    for n, row in enumerate(rows, 1):
+      known = row[ARRIVAL_WATERMARK]
+      event_id = row[EVENT_ID]
+      outcome = rules.decide(row[EVENT_TIME], known, first.get(event_id))
+      if outcome == AGGREGATED:
+        first[event_id] = spec.closing(row[EVENT_TIME])
+        by_window[spec.start(row[EVENT_TIME])].append(row)
+      else:  # too late was decided before the shuffle
+        duplicates += 1
+      if n % self.PRUNE_EVERY == 0 and known is not None:
+        first = {i: c for i, c in first.items() if c > known}
+    yield from by_window.items()
+    yield pvalue.TaggedOutput(AGGREGATED, len(rows) - duplicates)
+    yield pvalue.TaggedOutput(DUPLICATE_TAG, duplicates)
+
+
+class AdmittedChunks(NamedTuple):
+  """What ``AdmitChunks`` makes of the rows."""
+  #: ``(window start, rows)`` of admitted events
+  admitted: beam.PCollection
+  #: lists of DeadLetter with reason ``too_late``
+  too_late: beam.PCollection
+  #: per shard, how many copies were duplicates
+  duplicate: beam.PCollection
+  #: per shard, how many events were admitted
+  aggregated: beam.PCollection
+
+
+class AdmitChunks(beam.PTransform):
+  """Too late, duplicate or admitted, for every row of every chunk; returns
+  ``AdmittedChunks``. ``digest`` identifies the replay in the too-late dead
+  letters' message ids."""
+
+  def __init__(self, window_size_s: int, allowed_lateness_s: int, shards: int = 8,
+               digest: str = ''):
+    super().__init__()
+    self._digest = digest
+    self._rules = AdmissionRules(window_spec(window_size_s, allowed_lateness_s))
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+      raise ValueError(f'shards must be a positive integer, got {shards!r}')
+    self._shards = shards
+
+  def expand(self, rows: beam.PCollection[List[Row]]) -> AdmittedChunks:
+    routed = rows | 'TooLateOrShard' >> beam.ParDo(
+        _TooLateOrShardFn(self._rules, self._shards, self._digest)).with_output_types(
+            Tuple[int, Chunk]).with_outputs(TOO_LATE_TAG, main='by_shard')
+    admitted = (
+        routed.by_shard
+        | 'GroupByShard' >> beam.GroupByKey()
+        | 'FirstCopies' >> beam.ParDo(_AdmitShardFn(self._rules)).with_output_types(
+            Tuple[int, Chunk]).with_outputs(DUPLICATE_TAG, AGGREGATED, main='admitted'))
+    return AdmittedChunks(
+        admitted.admitted, routed[TOO_LATE_TAG], admitted[DUPLICATE_TAG],
+        admitted[AGGREGATED])
+
+
+def evaluated_early_firing(declared: trigger.TriggerFn,
+                           accumulation=trigger.AccumulationMode.ACCUMULATING) -> Optional[int]:
+  """The early firing delay of the declared trigger (``aggregate.pane_trigger``),
+  the one parameter ``fire_panes`` evaluates it by. Raises ValueError for a
+  trigger of any other shape: ``fire_panes`` evaluates accumulating
+  ``AfterWatermark(early=AfterProcessingTime(s) or none, late=AfterCount(1))``."""
+  early, late = (getattr(getattr(declared, part, None), 'underlying', None)
+                 for part in ('early', 'late'))
+  if (type(declared) is not trigger.AfterWatermark or late != trigger.AfterCount(1)
+      or accumulation != trigger.AccumulationMode.ACCUMULATING
+      or (early is not None and type(early) is not trigger.AfterProcessingTime)):
+    raise ValueError(
+        'the bulk replay evaluates accumulating AfterWatermark(early=AfterProcessingTime(s), '
+        f'late=AfterCount(1)); the windows declare {declared!r}, {accumulation!r}')
+  return None if early is None else early.delay
+
+
+def fire_panes(
+    rows: Sequence[Row],
+    window_end: int,
+    early_firing_s: Optional[int],
+    watermark_steps: Sequence[Tuple[int, Optional[int]]],
+    processing_time_steps: Sequence[Tuple[int, float]]) -> List[Tuple[str, tuple]]:
+  """The panes the streaming trigger fires for one (customer, key, window):
+  ``(timing, (count, sum, min, max))`` in pane order.
+
+  ``rows`` are the window's accepted events for the key, in arrival order. The
+  on-time pane fires at the step where the watermark reaches the window end (if
+  anything arrived before it); before that, an early pane fires at the first
+  processing-time step ``early_firing_s`` after the first event since the last
+  pane; after it, every step that brings events fires a late pane.
+  """
+  marks = [(m if m is not None else math.inf) for _, m in watermark_steps]
+  end_step = watermark_steps[bisect.bisect_left(marks, window_end)][0]
+  panes: List[Tuple[str, tuple]] = []
+  combine = Stats()
+  acc = combine.create_accumulator()
+  on_time = [r for r in rows if r[STEP] < end_step]
+  late = rows[len(on_time):]
+
+  if on_time:
+    clock = iter(
+        [(s, t) for s, t in processing_time_steps if s < end_step] if early_firing_s else ())
+    next_tick = next(clock, None)
+    timer = None
+    for row in on_time:
+      while next_tick is not None and next_tick[0] < row[STEP]:
+        if timer is not None and next_tick[1] >= timer:
+          panes.append(('EARLY', combine.extract_output(acc)))
+          timer = None
+        next_tick = next(clock, None)
+      acc = combine.add_input(acc, row[VALUE])
+      if early_firing_s and timer is None:
+        timer = row[ARRIVED_AT] + early_firing_s
+    while next_tick is not None:
+      if timer is not None and next_tick[1] >= timer:
+        panes.append(('EARLY', combine.extract_output(acc)))
+        timer = None
+      next_tick = next(clock, None)
+    panes.append(('ON_TIME', combine.extract_output(acc)))
+
+  i = 0
+  while i < len(late):
+    step = late[i][STEP]
+    while i < len(late) and late[i][STEP] == step:
+      acc = combine.add_input(acc, late[i][VALUE])
+      i += 1
+    panes.append(('LATE', combine.extract_output(acc)))
+  return panes
+
+
+class _AggregateWindowFn(beam.DoFn):
+
+  def __init__(self, window_size_s: int, early_firing_s: Optional[int],
+               watermark_steps, processing_time_steps):
+    self._size_ms = window_size_s * 1000
+    self._early = early_firing_s
+    self._watermark_steps = watermark_steps
+    self._processing_time_steps = processing_time_steps
+
+  def process(self, element: Tuple[int, Iterable[List[Row]]]) -> Iterable[WindowAggregate]:
+    start, chunks = element
+    rows = sorted((row for chunk in chunks for row in chunk), key=lambda r: r[SEQ])
+    by_key: Dict[Tuple[str, str], List[Row]] = defaultdict(list)
+    for row in rows:
+      by_key[(row[CUSTOMER_ID], row[KEY])].append(row)
+    end = start + self._size_ms
+    for (customer_id, key), key_rows in by_key.items():
+      panes = fire_panes(
+          key_rows, end, self._early, self._watermark_steps, self._processing_time_steps)
+      for index, (timing, (count, total, low, high)) in enumerate(panes):
+        yield WindowAggregate(
+            customer_id, key, start, end, count, total, low, high, index, timing)
+
+
+class AggregateWindowsInBulk(beam.PTransform):
+  """The window aggregates of a whole replay, pane by pane.
+
+  Takes ``(window start, rows)`` of admitted events (AdmitChunks). Returns
+  WindowAggregate, every pane.
+  """
+
+  def __init__(self, window_size_s: int, allowed_lateness_s: int,
+               early_firing_s: Optional[int], index: ReplayIndex):
+    super().__init__()
+    window_spec(window_size_s, allowed_lateness_s)  # validates
+    check_early_firing(early_firing_s)
+    self._size = window_size_s
+    # the streaming windows' own trigger, evaluated along the replay's timeline
+    self._early = evaluated_early_firing(
+        aggregate.pane_trigger(early_firing_s), aggregate.PANE_ACCUMULATION)
+    self._watermark_steps = index.watermark_steps
+    self._processing_time_steps = index.processing_time_steps
+
+  def expand(self, keyed_rows: beam.PCollection[Tuple[int, List[Row]]]):
+    return (
+        keyed_rows
+        | 'GroupByWindow' >> beam.GroupByKey()
+        | 'FirePanes' >> beam.ParDo(_AggregateWindowFn(
+            self._size, self._early, self._watermark_steps,
+            self._processing_time_steps)).with_output_types(WindowAggregate))
+

@@ -1,0 +1,195 @@
+"""Contract section 1 in one place: the rules a payload must pass to be an event
+(plain Python; ``transforms.flow.parse.ParseEvents`` applies them in a pipeline)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import re
+from typing import Annotated, Tuple, Union
+
+import msgspec
+import numpy as np
+
+from transforms.rules.model import (
+    MAX_EVENT_TIME, MIN_EVENT_TIME)
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+#: The deepest nesting of arrays and objects a payload may have (the event
+#: object itself is level 1), ignored fields included.
+MAX_NESTING = 128
+
+
+class _Payload(msgspec.Struct):
+  """The wire shape; unknown fields are ignored."""
+  event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+  customer_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]  # + _CUSTOMER_ID
+  key: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+  value: Union[int, float]
+  event_time: Union[int, str]
+
+
+_DECODER = msgspec.json.Decoder(_Payload)
+#: Checked after decoding: a pattern in msgspec.Meta costs twice as much.
+_CUSTOMER_ID = re.compile(r'[A-Za-z0-9_.-]+')
+
+#: Only ASCII digits are digits (``\d`` and ``int()`` take any Unicode digit).
+_RFC3339 = re.compile(
+    r'([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?'
+    r'(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))')
+#: Per byte: +1 for an opening bracket, -1 for a closing one.
+_BRACKET_STEPS = np.zeros(256, dtype=np.int8)
+_BRACKET_STEPS[list(b'[{')] = 1
+_BRACKET_STEPS[list(b']}')] = -1
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_MS = datetime.timedelta(milliseconds=1)
+
+
+class InvalidPayload(ValueError):
+  """The payload breaks contract section 1; the message says how."""
+
+
+def parse_rfc3339_ms(text: str) -> int:
+  """Epoch milliseconds of an RFC 3339 timestamp with a zone (sub-ms truncated)."""
+  match = _RFC3339.fullmatch(text)
+  if match is None:
+    raise InvalidPayload(
+        f'event_time {text[:64]!r} is not an RFC 3339 timestamp with a zone')
+  (year, month, day, hour, minute, second, fraction, zulu, sign, off_h,
+   off_m) = match.groups()
+  try:
+    if zulu:
+      zone = datetime.timezone.utc
+    else:
+      if int(off_h) > 23 or int(off_m) > 59:
+        raise ValueError('zone offset out of range')
+      offset = datetime.timedelta(hours=int(off_h), minutes=int(off_m))
+      zone = datetime.timezone(-offset if sign == '-' else offset)
+    instant = datetime.datetime(
+        int(year), int(month), int(day), int(hour), int(minute), int(second),
+        tzinfo=zone)
+  except ValueError as e:
+    raise InvalidPayload(f'event_time {text!r} is not a valid instant: {e}') from None
+  millis = int((fraction or '0')[:3].ljust(3, '0'))
+  return (instant - _EPOCH) // _MS + millis
+
+
+def nesting_depth(raw: bytes) -> int:
+  """How deep arrays and objects nest in a JSON text (0 for a scalar),
+  brackets inside strings aside; an unbalanced text counts its open brackets."""
+  # Without its escaped backslashes and quotes, a text's strings are what lies
+  # between the odd and the even quotes.
+  text = np.frombuffer(raw.replace(b'\\\\', b'').replace(b'\\"', b''), dtype=np.uint8)
+  steps = _BRACKET_STEPS[text]
+  # (Counting quotes in a byte wraps around, which keeps the parity.)
+  steps[(np.cumsum(text == ord('"'), dtype=np.uint8) & 1).view(bool)] = 0
+  return int(np.cumsum(steps, dtype=np.int32).max(initial=0))
+
+
+def _too_deep(depth: int) -> str:
+  return f'payload is nested {depth} levels deep, over the limit of {MAX_NESTING}'
+
+
+class _Names(list):
+  """The member names of a JSON object, in order."""
+
+
+def _names(pairs) -> _Names:
+  return _Names(name for name, _ in pairs)
+
+
+def _ignore(_) -> None:
+  return None
+
+
+def _check_fields_given_once(raw: bytes) -> None:
+  # JSON leaves the meaning of a repeated name to the reader (msgspec checks
+  # every copy and keeps the last), so a field given twice is invalid.
+  try:
+    names = json.loads(
+        raw, object_pairs_hook=_names, parse_int=_ignore, parse_float=_ignore,
+        parse_constant=_ignore)
+  except (ValueError, RecursionError):
+    return  # msgspec decoded it; its verdict stands
+  for field in _Payload.__struct_fields__:
+    if names.count(field) > 1:
+      raise InvalidPayload(f'invalid field: {field} is given more than once')
+
+
+def _check_members(raw: bytes) -> None:
+  """The nesting and repeated-field rules, for a payload with other members."""
+  # Cheap tests first: a payload with few brackets cannot be deep, and one
+  # without escapes that writes each name once gives each field once.
+  count = raw.count
+  if count(b'[') + count(b'{') > MAX_NESTING:
+    depth = nesting_depth(raw)
+    if depth > MAX_NESTING:
+      raise InvalidPayload(_too_deep(depth))
+  if (count(b'"event_') > 2 or count(b'"key"') > 1 or count(b'"value"') > 1 or
+      count(b'"customer_id"') > 1 or b'\\' in raw):
+    _check_fields_given_once(raw)
+
+
+def parse_payload(data: Union[str, bytes]) -> Tuple[str, str, str, float, int]:
+  """Returns ``(event_id, customer_id, key, value, event_time_ms)``.
+
+  Raises InvalidPayload with a readable reason naming the field. Besides the
+  fields' rules, a payload must be UTF-8 (no lone surrogates, escaped or not),
+  nest arrays and objects at most ``MAX_NESTING`` levels deep, and give each
+  event field once.
+  """
+  if isinstance(data, str):
+    try:
+      raw = data.encode('utf-8')
+    except UnicodeEncodeError:
+      raise InvalidPayload('payload is not valid UTF-8 (lone surrogate)') from None
+  else:
+    raw = bytes(data)
+  if len(raw) > MAX_PAYLOAD_BYTES:
+    raise InvalidPayload(
+        f'payload is {len(raw)} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit')
+  if not isinstance(data, str):
+    try:
+      raw.decode('utf-8')  # msgspec skips ignored fields unchecked
+    except UnicodeDecodeError as e:
+      raise InvalidPayload(f'payload is not valid UTF-8 ({e.reason} at byte {e.start})') from None
+  # Decoding recurses once per level: a payload nested deeper than the stack
+  # allows raises RecursionError, and one the decoder took is checked after.
+  try:
+    payload = _DECODER.decode(raw)
+  except msgspec.ValidationError as e:
+    raise InvalidPayload(f'invalid field: {e}') from None
+  except msgspec.DecodeError as e:
+    raise InvalidPayload(f'not a JSON object: {e}') from None
+  except RecursionError:
+    depth = nesting_depth(raw)
+    raise InvalidPayload(  # within the limit only where the stack was nearly full
+        _too_deep(depth) if depth > MAX_NESTING else 'payload is nested too deeply to decode'
+    ) from None
+  # As many quotes as the five fields need (their names, and the strings among
+  # their values) leave no room for another member: nothing nests or repeats.
+  if raw.count(b'"') != (18 if isinstance(payload.event_time, str) else 16):
+    _check_members(raw)
+
+  if _CUSTOMER_ID.fullmatch(payload.customer_id) is None:
+    raise InvalidPayload(
+        f'invalid field: customer_id {payload.customer_id[:64]!r} has characters outside '
+        'A-Z a-z 0-9 _ . - - at `$.customer_id`')
+  value = payload.value
+  if isinstance(value, int):
+    try:
+      value = float(value)
+    except OverflowError:
+      raise InvalidPayload('value is out of the range of a double') from None
+  if not math.isfinite(value):
+    raise InvalidPayload('value is not a finite number')
+
+  event_time = payload.event_time
+  if isinstance(event_time, str):
+    event_time = parse_rfc3339_ms(event_time)
+  if not MIN_EVENT_TIME <= event_time < MAX_EVENT_TIME:
+    raise InvalidPayload(
+        f'event_time {event_time} ms is outside [2000-01-01T00:00:00Z, '
+        '2100-01-01T00:00:00Z)')
+  return (payload.event_id, payload.customer_id, payload.key, value, event_time)
