@@ -31,7 +31,7 @@ setuptools.setup(
                  'mypy>=1.10,<3',
                  # what an operator loads dead letters with: DuckDB and jq (libjq)
                  'duckdb>=1.1,<3', 'jq>=1.6,<2'],
-        # `python -m pipeline bench stream --py-spy PATH` profiles the SDK worker.
+        # `python -m tools bench stream --py-spy PATH` profiles the SDK worker.
         'bench': ['py-spy>=0.3.14'],
     },
     entry_points={'console_scripts': ['tidemark=pipeline.__main__:main']},

@@ -7,20 +7,14 @@ Commands:
                 [--allowed-lateness L] [--rollup SIZE:LATENESS ...] [--output-dir DIR]
                 [Beam options...]
             python -m pipeline run --help    (every option; an unknown one stops the run)
-  generate  write an incident-like replay file
-            python -m pipeline generate --out PATH [--messages N] [--seed S]
-  bench     benchmarks printing one JSON line per run
-            python -m pipeline bench replay --messages N [Beam options for the run]
-            python -m pipeline bench soak --hours 24 --rate 1 --tick 60 [Beam options]
-            python -m pipeline bench stream [--rates 250,500,...] [--step-seconds S] [Beam options]
   deploy    launch one customer's pipeline (templates/customers/NAME.yaml)
             python -m pipeline deploy (--customer NAME | --customer-file PATH)
                 --target dataflow|flink [--dry-run]
   report    a run's report page and metrics (written by every run; again on demand)
             python -m pipeline report OUTPUT_DIR [--out PATH] [--serve HOST:PORT]
-  simulate  publish incident-like traffic to Pub/Sub or Kafka, or write a replay
-            python -m pipeline simulate --to pubsub|kafka|replay [--rate R]
-                [--messages N] [--shift-to-now] [--out PATH] ...
+
+The development tools (generate, simulate, bench) are ``python -m tools`` in a
+checkout; they do not ship with the pipeline.
 """
 
 from __future__ import annotations
@@ -35,14 +29,11 @@ from typing import List, Optional
 #: command -> module with ``main(argv) -> int``
 COMMANDS = {
     'run': 'pipeline.launch.run',
-    'generate': 'tools.traffic',
-    'bench': 'tools.bench',
     'deploy': 'pipeline.deployment.deploy',
     'report': 'pipeline.readback.report',
-    'simulate': 'tools.simulate',
 }
-#: Commands served by the development tools (a checkout's tools/ package).
-TOOL_COMMANDS = ('generate', 'bench', 'simulate')
+#: The development tools' commands: ``python -m tools`` (a checkout's tools/).
+TOOL_COMMANDS = ('generate', 'simulate', 'bench')
 
 
 #: What Beam's local SDK workers log on every start that a user cannot act on:
@@ -76,19 +67,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(__doc__.strip())
     return 0
   command, rest = argv[0], argv[1:]
+  if command in TOOL_COMMANDS:
+    print(f'tidemark: {command!r} is a development tool: python -m tools {command} '
+          '(from a Tidemark checkout)', file=sys.stderr)
+    return 2
   if command not in COMMANDS:
     print(__doc__.strip(), file=sys.stderr)
     print(f'\nunknown command {command!r}; commands: {", ".join(COMMANDS)}', file=sys.stderr)
     return 2
-  try:
-    module = importlib.import_module(COMMANDS[command])
-  except ModuleNotFoundError as e:
-    if command not in TOOL_COMMANDS or not (e.name or '').startswith('tools'):
-      raise
-    print(f'tidemark: {command!r} is a development tool: run it from a Tidemark checkout '
-          '(the tools/ package does not ship with the pipeline)', file=sys.stderr)
-    return 2
-  return module.main(rest)
+  return importlib.import_module(COMMANDS[command]).main(rest)
 
 
 if __name__ == '__main__':

@@ -97,7 +97,7 @@ def test_rates_must_be_positive_and_increasing():
 
 def test_the_watcher_reads_the_accounting_and_dates_on_time_panes(tmp_path):
   accounting, aggregates = tmp_path / 'accounting.json', tmp_path / 'aggregates.jsonl'
-  watcher = bench_stream._Watcher(str(tmp_path))
+  watcher = bench_stream.Watcher(str(tmp_path))
   watcher.poll()  # nothing written yet
   assert watcher.counts() == (0, 0)
   accounting.write_text(json.dumps(
@@ -155,7 +155,7 @@ def test_steady_spread_ignores_the_warm_up():
 
 def test_the_stream_bench_names_what_to_start_when_services_are_down(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'pipeline', 'bench', 'stream', '--bootstrap-servers',
+      [sys.executable, '-m', 'tools', 'bench', 'stream', '--bootstrap-servers',
        '127.0.0.1:9', '--job_endpoint=localhost:9', '--runner=PortableRunner',
        '--kafka-expansion-service=localhost:9', '--workdir', str(tmp_path)],
       cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -114,9 +114,9 @@ def test_the_direct_runner_wall_clock_watermark_is_flagged_before_running():
   assert watermark_risks(config('--allowed-lateness=0'), 'DirectRunner') == []  # replay
 
 
-def cli(*args):
+def cli(*args, module='pipeline'):
   env = {**os.environ, 'PYTHONPATH': REPO}
-  return subprocess.run([sys.executable, '-m', 'pipeline', *args], cwd=REPO,
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO,
                         capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -176,7 +176,7 @@ def test_simulate_to_replay_keeps_every_outcome_when_shifted(tmp_path):
   plain, shifted = tmp_path / 'plain.jsonl', tmp_path / 'shifted.jsonl'
   for path, extra in ((plain, []), (shifted, ['--shift-to-now'])):
     result = cli('simulate', '--to', 'replay', '--out', str(path), '--messages', '600',
-                 '--seed', '5', '--rate', '0', *extra)
+                 '--seed', '5', '--rate', '0', *extra, module='tools')
     assert result.returncode == 0, result.stderr
     assert 'messages/s' in result.stdout
   a = reference.compute(str(plain), 60, 30)

@@ -18,10 +18,11 @@ from transforms.rules.replay import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cli(*args, cwd=None):
+def cli(*args, cwd=None, module='pipeline'):
+  """``python -m pipeline ARGS`` (or ``module``: ``tools`` for the development tools)."""
   env = {**os.environ, 'PYTHONPATH': REPO}
   return subprocess.run(
-      [sys.executable, '-m', 'pipeline', *args], cwd=cwd or REPO, capture_output=True,
+      [sys.executable, '-m', module, *args], cwd=cwd or REPO, capture_output=True,
       text=True, timeout=900, env=env)
 
 
@@ -144,7 +145,8 @@ def test_the_default_run_needs_no_arguments(tmp_path):
 
 
 def test_the_replay_benchmark_prints_one_json_line_of_figures(tmp_path):
-  result = cli('bench', 'replay', '--messages', '400', '--workdir', str(tmp_path))
+  result = cli('bench', 'replay', '--messages', '400', '--workdir', str(tmp_path),
+               module='tools')
   assert result.returncode == 0, result.stderr[-3000:]
   figures = json.loads(result.stdout.strip().splitlines()[-1])
   assert figures['bench'] == 'replay' and figures['messages'] == 400
@@ -186,3 +188,24 @@ def test_the_runners_late_drops_are_read_from_the_jobs_metrics():
   assert runner_late_drops(Finished([
       received, counter('Aggregate/GroupByKey', *RUNNER_LATE_DROPS, 2),
       counter('Rollup/GroupByKey', *RUNNER_LATE_DROPS, 1)])) == 3
+
+
+def test_the_product_cli_lists_only_product_commands_and_points_to_the_tools(tmp_path):
+  shown = cli('--help')
+  assert shown.returncode == 0
+  commands = [line.split()[0] for line in shown.stdout.splitlines()
+              if line.startswith('  ') and not line.startswith('   ')]
+  assert commands == ['run', 'deploy', 'report']
+  for tool in ('generate', 'simulate', 'bench'):
+    refused = cli(tool, '--help', cwd=str(tmp_path))  # from any folder
+    assert refused.returncode == 2 and 'Traceback' not in refused.stderr
+    assert f'python -m tools {tool}' in refused.stderr
+  tools = cli('--help', module='tools')
+  assert tools.returncode == 0
+  assert [line.split()[0] for line in tools.stdout.splitlines()
+          if line.startswith('  ') and not line.startswith('   ')] == [
+              'generate', 'simulate', 'bench']
+  written = cli('generate', '--out', str(tmp_path / 'r.jsonl'), '--messages', '50',
+                module='tools')
+  assert written.returncode == 0, written.stderr[-2000:]
+  assert (tmp_path / 'r.jsonl').stat().st_size > 0

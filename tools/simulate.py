@@ -1,4 +1,4 @@
-"""``python -m pipeline simulate``: publish incident-like traffic to a real
+"""``python -m tools simulate``: publish incident-like traffic to a real
 broker (Pub/Sub, Kafka) or write it as a replay, at a chosen rate.
 
 The traffic is ``tools.traffic.generate(profile)`` (three sources with skew,
@@ -287,7 +287,7 @@ def _sources_arg(text: str) -> Tuple[Tuple[str, float, float], ...]:
 
 def main(argv: List[str]) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m pipeline simulate',
+      prog='python -m tools simulate',
       description='Publish incident-like traffic to Pub/Sub or Kafka, or write a replay.')
   parser.add_argument('--to', required=True, choices=TARGETS)
   parser.add_argument('--messages', type=int, default=Profile().messages)

@@ -211,9 +211,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: List[str]) -> int:
-  """``python -m pipeline generate``: write an incident-like replay."""
+  """``python -m tools generate``: write an incident-like replay."""
   parser = argparse.ArgumentParser(
-      prog='python -m pipeline generate',
+      prog='python -m tools generate',
       description='Write an incident-like replay (contract section 2).')
   parser.add_argument('--out', required=True, help='replay file to write')
   add_arguments(parser)

@@ -391,7 +391,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   if isinstance(source, ReadReplayInChunks):  # a bulk replay
     use_every_core(options, argv, source.index.messages)
     os.environ[LAUNCHER_PID] = str(os.getpid())
-  tune_live_bundles(options, config)
+  tune_live_bundles(options, config.unbounded)
   try:
     check_flink_job_server(options)
     warnings = watermark_risks(config, runner_name(options))

@@ -19,8 +19,9 @@ from pipeline.settings.checks import (
 from pipeline.settings.options import TidemarkOptions, checkpoint_interval_ms, option_dests
 from pipeline.settings.runners import capabilities, runner_name
 from pipeline.settings.targets import (
-    SOURCE_KINDS, check_host_port, check_outputs, check_replay_file, parse_aggregates_topic,
-    parse_kafka_target, parse_pubsub_target, sink_settings)
+    SOURCE_KINDS, check_folder, check_host_port, check_output_file, check_replay_file,
+    check_sqlite_file, parse_aggregates_topic, parse_kafka_target, parse_pubsub_target,
+    sink_settings)
 from transforms.connectors.writers import is_local
 
 #: The embedded default: a bundled incident-like replay.
@@ -356,7 +357,7 @@ def watermark_risks(config: RunConfig, runner: Optional[str]) -> List[str]:
       f'({lateness} s) after its event time may be dead-lettered as too_late, and '
       f'one more than window + lateness ({size + lateness} s) behind always is. '
       'Historical event times are all too late: publish them rebased to now '
-      '(python -m pipeline simulate --shift-to-now).')
+      '(python -m tools simulate --shift-to-now).')
   if skew is None:
     return [trap + ' Set --expected-skew (seconds) to have this checked.']
   if skew >= size + lateness:
@@ -371,3 +372,26 @@ def watermark_risks(config: RunConfig, runner: Optional[str]) -> List[str]:
             'events WILL be lost from the aggregates (they reach the dead letter); '
             f'raise --allowed-lateness to at least {skew} s.']
   return []
+
+
+def check_outputs(config: RunConfig) -> None:
+  """That the run can write every local output, its rollups' too, and that
+  what it would replace is its own: folders writable (or creatable), no
+  folder where a file goes, an existing SQLite file a Tidemark database.
+  Writes nothing; ConfigError names the option. An OUTPUT_DIR on an object
+  store (``gs://...``) is checked for a filesystem that serves its scheme;
+  the run finds out whether it may write there when it opens its folder."""
+  from apache_beam.io.filesystems import FileSystems
+
+  if not is_local(config.output_dir):
+    try:
+      FileSystems.get_filesystem(config.output_dir)
+    except ValueError as e:
+      raise ConfigError('--output-dir', str(e)) from None
+    return
+  for size_config in (config,) + config.rollup_configs:
+    check_folder('--output-dir', size_config.output_dir)
+    for path in size_config.output_paths:
+      check_output_file('--output-dir', path)
+    if size_config.sqlite_path:
+      check_sqlite_file('--sqlite', size_config.sqlite_path)

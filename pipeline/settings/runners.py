@@ -10,12 +10,9 @@ are here too.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Union
+from typing import Dict, List, NamedTuple, Optional, Union
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
-
-if TYPE_CHECKING:
-  from pipeline.settings.config import RunConfig
 
 
 class Capabilities(NamedTuple):
@@ -97,11 +94,11 @@ def use_every_core(options: PipelineOptions, argv: List[str], messages: int) -> 
 LIVE_MAX_BUNDLE_TIME_MS = '250'
 
 
-def tune_live_bundles(options: PipelineOptions, config: RunConfig) -> None:
-  """Shorter bundles for an unbounded source on a portable runner, unless
-  ``--max_bundle_time_mills`` was given."""
+def tune_live_bundles(options: PipelineOptions, unbounded: bool) -> None:
+  """Shorter bundles for an unbounded source (``unbounded``) on a portable
+  runner, unless ``--max_bundle_time_mills`` was given."""
   from pipeline.settings.options import FlinkRunnerJavaOptions
   flink = options.view_as(FlinkRunnerJavaOptions)
-  if (config.unbounded and not capabilities(options).in_process
+  if (unbounded and not capabilities(options).in_process
       and flink.max_bundle_time_mills is None):
     flink.max_bundle_time_mills = LIVE_MAX_BUNDLE_TIME_MS

@@ -12,13 +12,10 @@ import re
 import sqlite3
 import tempfile
 import urllib.parse
-from typing import TYPE_CHECKING, Any, Dict, Tuple
+from typing import Any, Dict, Tuple
 
 from pipeline.settings.checks import ConfigError
 from pipeline.settings.options import TidemarkOptions
-
-if TYPE_CHECKING:
-  from pipeline.settings.config import RunConfig
 
 SOURCE_KINDS = ('replay', 'pubsub', 'kafka')
 TOPIC_KINDS = ('kafka', 'pubsub')
@@ -262,27 +259,3 @@ def check_sqlite_file(field: str, path: str) -> None:
     raise ConfigError(
         field, f'{path!r} exists and is not a Tidemark SQLite database; the run would '
         'replace it, so it is refused: remove the file or name another')
-
-
-def check_outputs(config: RunConfig) -> None:
-  """That the run can write every local output, its rollups' too, and that
-  what it would replace is its own: folders writable (or creatable), no
-  folder where a file goes, an existing SQLite file a Tidemark database.
-  Writes nothing; ConfigError names the option. An OUTPUT_DIR on an object
-  store (``gs://...``) is checked for a filesystem that serves its scheme;
-  the run finds out whether it may write there when it opens its folder."""
-  from apache_beam.io.filesystems import FileSystems
-
-  from transforms.connectors.writers import is_local
-  if not is_local(config.output_dir):
-    try:
-      FileSystems.get_filesystem(config.output_dir)
-    except ValueError as e:
-      raise ConfigError('--output-dir', str(e)) from None
-    return
-  for size_config in (config,) + config.rollup_configs:
-    check_folder('--output-dir', size_config.output_dir)
-    for path in size_config.output_paths:
-      check_output_file('--output-dir', path)
-    if size_config.sqlite_path:
-      check_sqlite_file('--sqlite', size_config.sqlite_path)

@@ -1,4 +1,4 @@
-"""``python -m pipeline bench stream`` end to end against the real broker and
+"""``python -m tools bench stream`` end to end against the real broker and
 job server: one short step, then the accounting checks it makes. Speed is not
 asserted (benchmarks print figures)."""
 
@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_a_short_ramp_prints_one_json_line_and_accounts_for_everything(
     kafka_broker, flink_job_server, tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'pipeline', 'bench', 'stream', '--rates', '100',
+      [sys.executable, '-m', 'tools', 'bench', 'stream', '--rates', '100',
        '--step-seconds', '10', '--window-size', '10', '--allowed-lateness', '5',
        '--bootstrap-servers', KAFKA_BOOTSTRAP, '--workdir', str(tmp_path),
        *flink_args(flink_job_server), '--sqlite=none'],

@@ -57,10 +57,10 @@ def topics(emulator):
     publisher.delete_topic(topic=publisher.topic_path(PROJECT, prefix + source))
 
 
-def _cli(*args):
+def _cli(*args, module='pipeline'):
   env = {**os.environ, 'PYTHONPATH': REPO}
   return subprocess.run(
-      [sys.executable, '-m', 'pipeline', *args], cwd=REPO, capture_output=True, text=True,
+      [sys.executable, '-m', module, *args], cwd=REPO, capture_output=True, text=True,
       timeout=300, env=env)
 
 
@@ -111,7 +111,7 @@ def test_simulated_traffic_through_the_emulator_equals_an_independent_count(
       '--window-size', str(WINDOW_S), '--allowed-lateness', str(LATENESS_S),
       '--sources', 'A:0.4:1,B:0.35:1,C:0.25:2', '--straggler-share', '0',
       '--boundary-share', '0.15', '--redelivery-share', '0.15', '--garbage-share', '0.15',
-      '--shift-to-now', '--record', str(record))
+      '--shift-to-now', '--record', str(record), module='tools')
   assert result.returncode == 0, result.stderr
   assert 'messages/s' in result.stdout
   # As the wire carries them: a lone surrogate goes out as invalid UTF-8

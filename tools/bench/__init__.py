@@ -1,4 +1,4 @@
-"""``python -m pipeline bench``: benchmarks that print figures, one JSON line per run.
+"""``python -m tools bench``: benchmarks that print figures, one JSON line per run.
 
   replay   a generated incident replay through the whole pipeline (any runner;
            on the DirectRunner in bulk unless --replay-mode stream is passed
@@ -231,7 +231,7 @@ def _bench_soak(args: argparse.Namespace, extra: List[str]) -> dict:
 
 def main(argv: List[str]) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m pipeline bench', description=__doc__, allow_abbrev=False,
+      prog='python -m tools bench', description=__doc__, allow_abbrev=False,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('kind', choices=['replay', 'soak', 'stream', 'drain', 'deployed'])
   parser.add_argument('--messages', type=int, default=10000)

@@ -1,4 +1,4 @@
-"""``python -m pipeline bench deployed``: the shape customers deploy, under a ramp.
+"""``python -m tools bench deployed``: the shape customers deploy, under a ramp.
 
 Needs the Kafka broker, the Flink job server, the session cluster (with its
 Python worker pool) and PostgreSQL running (``scripts/kafka.sh start``,
@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 
 from tools import simulate, traffic
 from tools.bench.stream import (
-    _BASE_MS, _port_open, _step_lines, _wait, _Watcher, descendants, latency_summary,
+    BASE_MS, port_open, step_lines, wait_until, Watcher, descendants, latency_summary,
     max_sustained, service_pid, step_verdict, tree_cpu_seconds)
 from transforms.rules.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 
@@ -142,10 +142,10 @@ def bench_deployed(args: argparse.Namespace, extra: List[str]) -> dict:
   dsn = args.postgres_dsn or os.environ.get('TIDEMARK_POSTGRES_DSN')
   missing = [what for what, up in (
       (f'Kafka at {args.bootstrap_servers} (scripts/kafka.sh start)',
-       _port_open(args.bootstrap_servers.split(',')[0])),
+       port_open(args.bootstrap_servers.split(',')[0])),
       (f'the Flink job server at {JOB_ENDPOINT} (scripts/flink.sh start)',
-       _port_open(JOB_ENDPOINT)),
-      (f'the Flink cluster at {MASTER} (scripts/flink-cluster.sh start)', _port_open(MASTER)),
+       port_open(JOB_ENDPOINT)),
+      (f'the Flink cluster at {MASTER} (scripts/flink-cluster.sh start)', port_open(MASTER)),
       ('PostgreSQL: --postgres-dsn (scripts/postgres.sh start prints it)', dsn))
       if not up]
   if missing:
@@ -161,7 +161,7 @@ def bench_deployed(args: argparse.Namespace, extra: List[str]) -> dict:
   os.makedirs(workdir)
   spec = _customer_file(args, os.path.join(workdir, 'benchco.json'), run_id, topics, dsn)
   job_name = spec['deploy']['flink']['job_name']
-  plan = [(rate, _step_lines(args, k, rate, args.step_seconds, customers=(CUSTOMER,)))
+  plan = [(rate, step_lines(args, k, rate, args.step_seconds, customers=(CUSTOMER,)))
           for k, rate in enumerate([args.rates[0]] + list(args.rates))]
   # The customer's source names are its topics: the simulator publishes to PREFIX + source.
   target = simulate.KafkaTarget(args.bootstrap_servers, prefix)
@@ -174,7 +174,7 @@ def bench_deployed(args: argparse.Namespace, extra: List[str]) -> dict:
     raise SystemExit(f'bench deployed: deploy failed:\n{deployed.stderr[-3000:]}')
   job = cluster.wait_for_job(job_name, 120)
   output_dir = os.path.join(workdir, 'tidemark-output')
-  watcher = _Watcher(output_dir)
+  watcher = Watcher(output_dir)
   rows = _RowWatcher(dsn, spec['sink']['table'])
   watcher.start()
   rows.start()
@@ -188,8 +188,8 @@ def bench_deployed(args: argparse.Namespace, extra: List[str]) -> dict:
 
   try:
     rate, lines = plan[0]  # warm-up: until the job has read it all
-    simulate.simulate(lines, target, rate, int(time.time() * 1000) - _BASE_MS, count)
-    if not _wait(lambda: watcher.counts()[1] >= watcher.published, args.startup_timeout):
+    simulate.simulate(lines, target, rate, int(time.time() * 1000) - BASE_MS, count)
+    if not wait_until(lambda: watcher.counts()[1] >= watcher.published, args.startup_timeout):
       raise SystemExit(f'bench deployed: the job did not catch up with the warm-up in '
                        f'{args.startup_timeout} s; see {workdir}')
     for rate, lines in plan[1:]:
@@ -199,7 +199,7 @@ def bench_deployed(args: argparse.Namespace, extra: List[str]) -> dict:
       cpu0 = {n: tree_cpu_seconds(p, n in tree) for n, p in pids.items()}
       watcher.start_step()
       step_start = time.time()
-      simulate.simulate(lines, target, rate, int(step_start * 1000) - _BASE_MS, count)
+      simulate.simulate(lines, target, rate, int(step_start * 1000) - BASE_MS, count)
       step_end = time.time()
       step = step_verdict(rate, watcher.end_step(), args.slack_seconds)
       wall = step_end - step_start
@@ -217,9 +217,9 @@ def bench_deployed(args: argparse.Namespace, extra: List[str]) -> dict:
       if not step['sustained']:
         break
     published = watcher.published
-    drained = _wait(lambda: watcher.counts()[1] >= published, args.drain_timeout)
+    drained = wait_until(lambda: watcher.counts()[1] >= published, args.drain_timeout)
     settle = 2 * args.allowed_lateness + 6 * args.window_size + 3 * args.checkpoint_interval
-    _wait(lambda: watcher.counts() == (published, published), settle, every_s=2)
+    wait_until(lambda: watcher.counts() == (published, published), settle, every_s=2)
     result['checkpoints'] = _checkpoint_summary(cluster, job.jid)
   finally:
     try:

@@ -1,4 +1,4 @@
-"""``python -m pipeline bench drain``: how fast a Kafka backlog drains through
+"""``python -m tools bench drain``: how fast a Kafka backlog drains through
 Flink, the pipeline beside the stateless ceiling, in the same command.
 
 Needs a running Kafka broker and Flink job server (``scripts/kafka.sh start``,
@@ -33,7 +33,7 @@ import uuid
 from typing import Dict, List, Sequence, Tuple
 
 from tools import simulate, traffic
-from tools.bench.stream import _require_services, flink_args, option_value
+from tools.bench.stream import require_services, flink_args, option_value
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -82,7 +82,7 @@ def _timed(command: Sequence[str], log_path: str) -> Tuple[int, float]:
 def bench_drain(args: argparse.Namespace, extra: List[str]) -> dict:
   if option_value(extra, '--runner') is None:
     extra = flink_args() + list(extra)
-  problem = _require_services(args.bootstrap_servers, extra)
+  problem = require_services(args.bootstrap_servers, extra)
   if problem:
     raise SystemExit(problem.replace('bench stream', 'bench drain'))
   per_topic = args.messages // 3

@@ -1,4 +1,4 @@
-"""``python -m pipeline bench stream``: the highest rate the pipeline sustains
+"""``python -m tools bench stream``: the highest rate the pipeline sustains
 reading Kafka on Flink, and the event-to-final-pane latency.
 
 Needs a running Kafka broker and Flink job server (``scripts/kafka.sh start``,
@@ -51,7 +51,7 @@ from transforms.rules.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO
 #: The live throughput target on Kafka -> Flink, events per second.
 TARGET_EVENTS_PER_S = 5000
 #: Event times of the generated traffic start here and are shifted to "now".
-_BASE_MS = traffic.INCIDENT_START_MS
+BASE_MS = traffic.INCIDENT_START_MS
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CLK_TCK = os.sysconf('SC_CLK_TCK')
 
@@ -214,7 +214,7 @@ def tree_cpu_seconds(root: int, with_descendants: bool = True) -> float:
   return sum(table[p][1] for p in pids if p in table)
 
 
-class _Watcher(threading.Thread):
+class Watcher(threading.Thread):
   """Polls the run's outputs: the latest accounting record, and the wall time
   (ms) at which each window's ON_TIME pane first appeared."""
 
@@ -333,7 +333,7 @@ def tcp_connections(pid: int, remote_port: int) -> int:
   return count
 
 
-def _port_open(address: str) -> bool:
+def port_open(address: str) -> bool:
   host, _, port = address.rpartition(':')
   try:
     with socket.create_connection((host or 'localhost', int(port)), timeout=2):
@@ -352,32 +352,32 @@ def option_value(extra: Sequence[str], name: str) -> Optional[str]:
   return None
 
 
-def _require_services(bootstrap: str, extra: Sequence[str]) -> Optional[str]:
+def require_services(bootstrap: str, extra: Sequence[str]) -> Optional[str]:
   """None when Kafka, the job server and the expansion service answer; else
   what to start."""
   missing = []
-  if not _port_open(bootstrap.split(',')[0]):
+  if not port_open(bootstrap.split(',')[0]):
     missing.append(f'Kafka at {bootstrap} (scripts/kafka.sh start)')
   job = option_value(extra, '--job_endpoint')
-  if job and not _port_open(job):
+  if job and not port_open(job):
     missing.append(f'the Flink job server at {job} (scripts/flink.sh start)')
   expansion = option_value(extra, '--kafka-expansion-service') or option_value(
       extra, '--kafka_expansion_service') or 'localhost:' + os.environ.get(
           'KAFKA_EXPANSION_PORT', '18096')
-  if not _port_open(expansion):
+  if not port_open(expansion):
     missing.append(f'the Kafka expansion service at {expansion} (scripts/flink.sh start)')
   if missing:
     return 'bench stream: not running: ' + '; '.join(missing)
   return None
 
 
-def _step_lines(args: argparse.Namespace, step: int, rate: float, seconds: float,
+def step_lines(args: argparse.Namespace, step: int, rate: float, seconds: float,
                 customers: Tuple[str, ...] = traffic.Profile.customers) -> List[traffic.Line]:
   """The simulator's traffic for one step, event ids made unique across steps."""
   profile = traffic.Profile(
       messages=max(1, int(rate * seconds)), seed=args.seed + step, rate_per_s=rate,
       window_size_s=args.window_size, allowed_lateness_s=args.allowed_lateness,
-      start_ms=_BASE_MS, customers=customers)
+      start_ms=BASE_MS, customers=customers)
   tag = f'"event_id": "s{step}-'
   return [traffic.Data(line.source, line.payload.replace('"event_id": "', tag, 1),
                        line.event_time)
@@ -385,7 +385,7 @@ def _step_lines(args: argparse.Namespace, step: int, rate: float, seconds: float
           for line in traffic.generate(profile)]
 
 
-def _wait(predicate, timeout_s: float, every_s: float = 0.5) -> bool:
+def wait_until(predicate, timeout_s: float, every_s: float = 0.5) -> bool:
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
     if predicate():
@@ -462,7 +462,7 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
 
   if option_value(extra, '--runner') is None:
     extra = flink_args() + list(extra)
-  problem = _require_services(args.bootstrap_servers, extra)
+  problem = require_services(args.bootstrap_servers, extra)
   if problem:
     raise SystemExit(problem)
   py_spy = os.path.join(os.path.dirname(sys.executable), 'py-spy')
@@ -487,7 +487,7 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
   config = RunConfig.from_options(PipelineOptions(run_args))
 
   # Traffic for every step is generated before anything is timed.
-  plan = [(rate, _step_lines(args, k, rate, args.step_seconds))
+  plan = [(rate, step_lines(args, k, rate, args.step_seconds))
           for k, rate in enumerate([args.rates[0]] + list(args.rates))]
   target = simulate.KafkaTarget(args.bootstrap_servers, prefix)
   log_path = os.path.join(args.workdir, f'stream-{run_id}.log')
@@ -499,7 +499,7 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
              os.environ.get('PATH', ''))
   proc = subprocess.Popen([sys.executable, '-m', 'pipeline', 'run', *run_args],
                           stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT, env=env)
-  watcher = _Watcher(config.output_dir)
+  watcher = Watcher(config.output_dir)
   watcher.start()
   kafka_port = int(args.bootstrap_servers.split(',')[0].rsplit(':', 1)[1])
   flink_pid = service_pid('flink')
@@ -516,9 +516,9 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
       watcher.published += 1
 
     rate, lines = plan[0]
-    simulate.simulate(lines, target, rate, int(time.time() * 1000) - _BASE_MS, count)
+    simulate.simulate(lines, target, rate, int(time.time() * 1000) - BASE_MS, count)
     published = watcher.published
-    if not _wait(lambda: watcher.counts()[1] >= published or proc.poll() is not None,
+    if not wait_until(lambda: watcher.counts()[1] >= published or proc.poll() is not None,
                  args.startup_timeout):
       raise SystemExit(f'bench stream: the job did not catch up with {published} warm-up '
                        f'messages within {args.startup_timeout} s; see {log_path}')
@@ -535,7 +535,7 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
       cpu0 = {n: tree_cpu_seconds(p, n != 'bench') for n, p in pids.items() if p}
       watcher.start_step()
       step_start = time.time()
-      simulate.simulate(lines, target, rate, int(step_start * 1000) - _BASE_MS, count)
+      simulate.simulate(lines, target, rate, int(step_start * 1000) - BASE_MS, count)
       step_end = time.time()
       samples = watcher.end_step()
       published = watcher.published
@@ -557,7 +557,7 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
 
     # Drain, let every window close, then check the accounting.
     drained_at = time.monotonic()
-    drained = _wait(lambda: watcher.counts()[1] >= published, args.drain_timeout)
+    drained = wait_until(lambda: watcher.counts()[1] >= published, args.drain_timeout)
     result['drain_s'] = round(time.monotonic() - drained_at, 1)
 
     def reconciled():
@@ -567,7 +567,7 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
       except (Reconciliation, OSError, ValueError, KeyError):
         return False
     settle = args.window_size + args.allowed_lateness + 60
-    consistent = drained and _wait(reconciled, settle, every_s=2)
+    consistent = drained and wait_until(reconciled, settle, every_s=2)
   finally:
     # Each clean-up step runs whatever happened before it.
     try:
