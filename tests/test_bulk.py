@@ -17,7 +17,7 @@ from apache_beam.transforms import trigger
 from conftest import (
     MINUTE, SECOND, T0, as_sent, data, letters, mark, payload, run_replay, write_replay)
 from tools import reference, traffic
-from pipeline.launch.run import final_panes
+from pipeline.readback.reconciliation import final_panes
 from test_replay_and_cli import cli
 from transforms.flow import aggregate
 from transforms.flow.bulk import AggregateWindowsInBulk, evaluated_early_firing, fire_panes

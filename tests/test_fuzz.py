@@ -25,7 +25,7 @@ from conftest import (
     MINUTE, T0, as_sent, data, letters, make_config, mark, payload, read_jsonl, run_replay,
     write_replay)
 from pipeline.launch.build import build_bulk
-from pipeline.launch.run import final_panes, reconcile
+from pipeline.readback.reconciliation import final_panes, reconcile
 from test_replay_and_cli import cli
 from tools import reference
 from transforms.flow.aggregate import Stats

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import MINUTE, T0, as_sent, data, letters, mark, payload, tick, write_replay
 from tools import reference, traffic
-from pipeline.launch.run import final_panes
+from pipeline.readback.reconciliation import final_panes
 from transforms.rules.replay import (
     Messages, ProcessingTime, ReplayError, Watermark, compile_replay)
 

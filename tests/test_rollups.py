@@ -25,7 +25,7 @@ from tools import reference, traffic
 from pipeline.settings.checks import parse_rollups
 from pipeline.settings.config import BUNDLED_REPLAY, ConfigError, RunConfig
 from pipeline.readback.reconciliation import final_panes, reconcile_rollups
-from pipeline.launch.run import Reconciliation, reconcile_run
+from pipeline.readback.reconciliation import Reconciliation, reconcile_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOUR = 60 * MINUTE

@@ -8,7 +8,8 @@ never quoting the file:
 1. every value but the description is one line of visible text (no control
    characters: values end up in a launch command), the rule of
    ``pipeline.settings.checks.check_text``;
-2. its shape, against ``pipeline/deployment/customer.schema.json`` (JSON Schema 2020-12);
+2. its shape, against ``pipeline/deployment/customer.schema.json`` (JSON Schema 2020-12),
+   whose customer id rule and numeric limits are the run's own (SCHEMA_RULES);
 3. ownership: a customer's file may only name that customer's resources. Every
    Pub/Sub subscription id, Kafka topic and PostgreSQL table, and the dataset of
    every BigQuery table, must start with the customer id or its *token* (the id
@@ -29,9 +30,29 @@ import os
 import re
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
-from pipeline.settings.checks import ConfigError, RollupError, check_rollups, check_text
+from pipeline.settings.checks import (
+    MAX_SECONDS, MAX_SHARDS, ConfigError, RollupError, check_rollups, check_text)
+from transforms.rules.model import CUSTOMER_ID_PATTERN, is_customer_id
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), 'customer.schema.json')
+_WINDOW = '/properties/window/properties'
+_ROLLUP = _WINDOW + '/rollups/items/properties'
+#: The schema's rules that are defined in Python, by JSON pointer into
+#: customer.schema.json: the customer id's rule (transforms.rules.model) and
+#: the limits of the settings a run checks (pipeline.settings.checks): every
+#: duration at most MAX_SECONDS, the shards at most MAX_SHARDS. ``schema()``
+#: fills them in, ``python -m tools.template_metadata`` writes them into the
+#: file, and a test fails while the file differs. (The deploy section's limits
+#: are the runners' own, and are written in the file alone.)
+SCHEMA_RULES: Dict[str, Any] = {
+    '/properties/customer_id/pattern': '^' + CUSTOMER_ID_PATTERN + '$',
+    _WINDOW + '/size_s/maximum': MAX_SECONDS,
+    _WINDOW + '/allowed_lateness_s/maximum': MAX_SECONDS,
+    _WINDOW + '/early_firing_s/maximum': MAX_SECONDS,
+    _ROLLUP + '/size_s/maximum': MAX_SECONDS,
+    _ROLLUP + '/allowed_lateness_s/maximum': MAX_SECONDS,
+    '/properties/shards/maximum': MAX_SHARDS,
+}
 #: Where customer files are looked for, relative to the working directory (the
 #: deploy repository's layout); TIDEMARK_CUSTOMERS_DIR or --customers-dir say
 #: otherwise.
@@ -84,17 +105,14 @@ def owns(customer_id: str, name: str) -> bool:
   return False
 
 
-#: A customer's name: its customer id (contract section 1), also its file's name.
-_NAME = re.compile(r'[A-Za-z0-9_.-]{1,64}\Z')
-
-
 def find(name: str, directory: Optional[str] = None) -> str:
   """The file of customer ``name`` in ``directory`` (NAME.yaml, .yml or .json).
 
   A name is never a path: nothing outside ``directory`` is read (load_file
   reads a file by its path).
   """
-  if not _NAME.fullmatch(name) or name in ('.', '..'):
+  # A customer's name is its customer id (contract section 1), also its file's name.
+  if not is_customer_id(name) or name in ('.', '..'):
     raise CustomerFileError(
         repr(name), None, 'is not a customer name (1-64 characters of A-Z a-z 0-9 _ . -); '
         'a file elsewhere is read by its path with --customer-file PATH')
@@ -140,12 +158,31 @@ def _rule(rule: str, value: Any) -> str:
   return words[rule].format(value) if rule in words else f'breaks the schema rule {rule!r}'
 
 
+def schema_field(document: Dict[str, Any], pointer: str) -> Tuple[Any, str]:
+  """The object holding the field ``pointer`` names in a schema, and its key
+  (KeyError if the object is not there)."""
+  *parents, key = pointer.strip('/').split('/')
+  node: Any = document
+  for part in parents:
+    node = node[int(part)] if isinstance(node, list) else node[part]
+  return node, key
+
+
+def schema() -> Dict[str, Any]:
+  """customer.schema.json with SCHEMA_RULES filled in, as files are checked
+  against it."""
+  with open(SCHEMA_PATH, encoding='utf-8') as f:
+    document = json.load(f)
+  for pointer, value in SCHEMA_RULES.items():
+    node, key = schema_field(document, pointer)
+    node[key] = value
+  return document
+
+
 def _schema_errors(spec: Any) -> List[Tuple[str, str]]:
   import jsonschema
-  with open(SCHEMA_PATH, encoding='utf-8') as f:
-    schema = json.load(f)
   validator = jsonschema.Draft202012Validator(
-      schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+      schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
   found = []
   # Root causes first: a property failing its own rule is also "unevaluated"
   # for its parent, which would otherwise hide the field at fault.

@@ -44,7 +44,7 @@ ROLLUP_PREFIX = 'Rollup'
 def read_source(config: RunConfig) -> Union[EventSource, ReadReplayInChunks]:
   """The source transform; a replay file is read and checked here, before
   anything runs (ReplayError names a bad line)."""
-  if config.source_kind == 'replay' and config.replay_mode == 'bulk':
+  if config.bulk:
     return ReadReplayInChunks(index_replay(config.source_target))
   if config.source_kind == 'replay':
     return ReadReplay(config.source_target, config.replay_processing_time)
@@ -236,11 +236,12 @@ def build_bulk(p: beam.Pipeline, config: RunConfig, source: ReadReplayInChunks) 
 
 def is_streaming(config: RunConfig) -> bool:
   """Replays, Pub/Sub and Kafka are streams, watermarks and all; a bulk replay
-  knows its whole timeline in advance and runs as a batch."""
-  return config.replay_mode != 'bulk'
+  knows its whole timeline in advance and runs as a batch (``RunConfig.bulk``)."""
+  return not config.bulk
 
 
 def build_run(p: beam.Pipeline, config: RunConfig, source) -> Built:
-  """The one place the flow is chosen: the streaming pipeline (``build``), or
-  for a bulk replay the same rules over the whole file (``build_bulk``)."""
-  return (build if is_streaming(config) else build_bulk)(p, config, source)
+  """The graph of the run's flow (``RunConfig.bulk``): the streaming pipeline
+  (``build``), or for a bulk replay the same rules over the whole file
+  (``build_bulk``)."""
+  return (build_bulk if config.bulk else build)(p, config, source)

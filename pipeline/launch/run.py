@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Union
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (
@@ -24,11 +24,11 @@ from pipeline.readback import report
 from pipeline.readback.metrics import METRICS_NAME
 from pipeline.launch.build import build, build_run, is_streaming, read_source
 from pipeline.settings.checks import ConfigError
-from pipeline.settings.config import ROLLUP_DIR, RunConfig, watermark_risks
+from pipeline.settings.config import RunConfig, watermark_risks
 from pipeline.settings.options import FlinkRunnerJavaOptions
 from pipeline.settings.runners import capabilities, runner_name, tune_live_bundles, use_every_core
-from pipeline.readback.reconciliation import (  # noqa: F401  (reconcile* are imported from here too)
-    Reconciliation, RollupAccounting, final_panes, reconcile, reconcile_run, refused_lines,
+from pipeline.readback.reconciliation import (
+    Reconciliation, RollupAccounting, reconcile_run, refused_lines,
     rollup_lines)
 from transforms.flow.accounting import LAUNCHER_PID
 from transforms.flow.bulk import ReadReplayInChunks
@@ -36,6 +36,7 @@ from pipeline.runfolder.files import (
     COMPLETE, FAILED, INCOMPLETE, RUNNING, STOPPED, FolderBusy, RunFolder, create_empty,
     write_json_atomically)
 from transforms.rules.model import CATEGORIES
+from pipeline.runfolder import names
 from pipeline.runfolder.objects import ObjectRunFolder
 from transforms.connectors.writers import is_local
 from transforms.rules.replay import ReplayError
@@ -44,14 +45,6 @@ from pipeline.launch.submit import (
 from pipeline.launch.summary import (
     RUNNER_LATE_DROPS, accounting_warnings, print_accounting, print_metrics, runner_late_drops,
     source_warnings)
-
-
-def output_names(config: RunConfig) -> Tuple[str, ...]:
-  """The names a run's files have in OUTPUT_DIR (and in each rollup's folder)."""
-  return tuple(os.path.basename(p) for p in (
-      config.aggregates_path, config.dead_letter_path, config.accounting_path,
-      config.memory_path, config.refused_path, config.duplicates_path,
-      config.reconciliation_path)) + ('aggregates.sqlite', report.REPORT_NAME, METRICS_NAME)
 
 
 def _redact(dsn: Optional[str]) -> Optional[str]:
@@ -103,7 +96,7 @@ def prepare_output(config: RunConfig, options: Optional[PipelineOptions] = None,
   # Workers write here on the DirectRunner and LOOPBACK; elsewhere on their own disks.
   here = capabilities(runner).in_process or (environment or '').upper() == 'LOOPBACK'
   settings = {**dataclasses.asdict(config), 'postgres_dsn': _redact(config.postgres_dsn)}
-  owned = (output_names(config), re.compile(ROLLUP_DIR.format(size='[0-9]+')))
+  owned = (names.OUTPUT_FILES, re.compile(names.ROLLUP_DIR.format(size='[0-9]+')))
   manifest = {'runner': runner, 'settings': settings, 'input': describe_input(config, source)}
   folder: Union[RunFolder, ObjectRunFolder]
   # a job restored from a checkpoint or savepoint continues the files it wrote
@@ -388,7 +381,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     standard.runner = 'DirectRunner'
   # Read now: the portable runner clears the runner option when it submits the job.
   runner_caps = capabilities(options)
-  if isinstance(source, ReadReplayInChunks):  # a bulk replay
+  if config.bulk:
+    assert isinstance(source, ReadReplayInChunks)
     use_every_core(options, argv, source.index.messages)
     os.environ[LAUNCHER_PID] = str(os.getpid())
   tune_live_bundles(options, config.unbounded)

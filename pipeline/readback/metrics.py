@@ -11,9 +11,10 @@ from __future__ import annotations
 import collections
 
 from pipeline.readback.outputs import RunOutputs, watermark_lags
+from pipeline.runfolder import names
 from transforms.rules.model import CATEGORIES
 
-METRICS_NAME = 'metrics.prom'
+METRICS_NAME = names.METRICS
 
 
 def run_metrics(outputs: RunOutputs):

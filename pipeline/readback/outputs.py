@@ -15,9 +15,11 @@ import json
 import os
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
+from pipeline.runfolder import names
 from pipeline.runfolder.files import file_identity
 from transforms.rules.model import (
-    AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE, dead_letter_payload)
+    AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE, WindowKey, dead_letter_payload,
+    final_panes_of)
 from transforms.rules.payload import InvalidPayload, parse_payload
 from transforms.rules.replay import Messages, ReplayError, compile_replay, watermark_history
 
@@ -63,14 +65,9 @@ class RunOutputs(NamedTuple):
     return self.accounting.get(RECEIVED, 0) - sum(
         self.accounting.get(k, 0) for k in CATEGORIES if k != RECEIVED)
 
-  def final_panes(self) -> Dict[tuple, dict]:
+  def final_panes(self) -> Dict[WindowKey, dict]:
     """Each window's pane with the highest index."""
-    finals: Dict[tuple, dict] = {}
-    for pane in self.panes:
-      window = (pane['customer_id'], pane['key'], pane['window_start'])
-      if window not in finals or pane['pane_index'] > finals[window]['pane_index']:
-        finals[window] = pane
-    return finals
+    return final_panes_of(self.panes)
 
 
 class UnreadableOutput(ValueError):
@@ -143,19 +140,19 @@ def load(output_dir: str) -> RunOutputs:
   A run that did not finish (interrupted, killed, failed) is read as what it
   wrote before it stopped: its accounting is counted from its outputs, and the
   replay it read is not taken for what it received."""
-  manifest = _json(os.path.join(output_dir, 'run.json'))
+  manifest = _json(os.path.join(output_dir, names.MANIFEST))
   if manifest is None or 'settings' not in manifest:
     raise NotARunFolder(f'{output_dir}: no run.json with settings: not a Tidemark output folder')
   finished = manifest.get('status') in FINISHED
   messages, history = _replay(manifest) if finished else (None, None)
   outputs = RunOutputs(
       directory=output_dir, manifest=manifest,
-      accounting=(finished and _json(os.path.join(output_dir, 'accounting.json')) or
+      accounting=(finished and _json(os.path.join(output_dir, names.ACCOUNTING)) or
                   dict.fromkeys(CATEGORIES, 0)),
-      panes=_json_lines(os.path.join(output_dir, 'aggregates.jsonl')) or [],
-      dead_letters=_json_lines(os.path.join(output_dir, 'dead_letter.jsonl')) or [],
-      duplicates=_json_lines(os.path.join(output_dir, 'duplicates.jsonl')),
-      reconciliation=_json(os.path.join(output_dir, 'reconciliation.json')),
+      panes=_json_lines(os.path.join(output_dir, names.AGGREGATES)) or [],
+      dead_letters=_json_lines(os.path.join(output_dir, names.DEAD_LETTERS)) or [],
+      duplicates=_json_lines(os.path.join(output_dir, names.DUPLICATES)),
+      reconciliation=_json(os.path.join(output_dir, names.RECONCILIATION)),
       replay_messages=messages, replay_watermarks=history)
   return outputs if finished else outputs._replace(accounting=written_so_far(outputs))
 

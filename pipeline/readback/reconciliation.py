@@ -36,14 +36,15 @@ import sys
 from typing import TYPE_CHECKING, Counter, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from pipeline.runfolder.files import COMMITTED, MANIFEST, RUNNING, STAGING_PREFIX, read_json
-from transforms.rules.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
+from transforms.rules.model import (
+    AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE, WindowKey, final_panes_of)
 from transforms.rules.payload import InvalidPayload, parse_payload
 
 if TYPE_CHECKING:  # the settings' type only: reading outputs back loads no Beam
   from pipeline.settings.config import RunConfig
 
 #: (customer_id, key, window_start, window_end)
-Window = Tuple[str, str, int, int]
+Window = WindowKey
 
 RULE = (
     'rollup final = sum of the primary final panes inside the rollup window '
@@ -86,16 +87,10 @@ def refused_lines(config) -> List[str]:
 
 def final_panes(aggregates_path: str) -> Dict[Window, dict]:
   """The pane with the highest index per (customer_id, key, window)."""
-  finals: Dict[Window, dict] = {}
   if not os.path.exists(aggregates_path):
-    return finals
+    return {}
   with open(aggregates_path, encoding='utf-8') as f:
-    for line in f:
-      pane = json.loads(line)
-      window = (pane['customer_id'], pane['key'], pane['window_start'], pane['window_end'])
-      if window not in finals or pane['pane_index'] > finals[window]['pane_index']:
-        finals[window] = pane
-  return finals
+    return final_panes_of(json.loads(line) for line in f)
 
 
 class Copy(NamedTuple):

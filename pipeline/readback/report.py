@@ -35,12 +35,13 @@ import threading
 from typing import Callable, Iterable, List, Optional, Tuple
 
 from pipeline.readback.charts import Chart, charts
+from pipeline.runfolder import names
 from pipeline.readback.metrics import METRICS_NAME, run_metrics
 from pipeline.readback.outputs import (
     NotARunFolder, RunOutputs, UnreadableOutput, dead_letter_kinds, load, watermark_lags)
 from transforms.rules.model import CATEGORIES
 
-REPORT_NAME = 'report.html'
+REPORT_NAME = names.REPORT
 
 
 # --- the page --------------------------------------------------------------------

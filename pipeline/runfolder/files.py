@@ -42,10 +42,10 @@ import time
 import uuid
 from typing import Dict, Optional, Pattern, Sequence, overload
 
+from pipeline.runfolder import names
 from transforms.connectors.writers import make_parent
 
-#: The manifest of a run, in OUTPUT_DIR and in each staging folder.
-MANIFEST = 'run.json'
+MANIFEST = names.MANIFEST
 STAGING_PREFIX = '.tidemark-run-'
 TRASH_PREFIX = '.tidemark-trash-'
 #: The output folders' locks this process holds: lock file → its open descriptor.

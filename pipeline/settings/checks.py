@@ -3,6 +3,11 @@ customer files: text, durations, rollups. (No Beam import: customer files are
 checked before Beam loads.)
 
 Each raises ConfigError (or RollupError) naming the field and the reason.
+
+The limits of numeric settings (MAX_SECONDS, MAX_SHARDS, MAX_RECORDS) are
+defined here only: the run's checks apply them, customer.schema.json's maxima
+are generated from them (``python -m tools.template_metadata``) and the Flex
+Template's regexes bound their count of digits (pipeline/settings/options.py).
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ class ConfigError(ValueError):
 #: of valid event times (2000-01-01 to 2100-01-01, contract section 1).
 MAX_SECONDS = (MAX_EVENT_TIME - MIN_EVENT_TIME) // 1000
 _TOO_LONG = 'at most {max} seconds (100 years, the span of valid event times), got {value}'
-#: Keys of the gate: at most this many (a customer file allows as many).
+#: Keys of the gate (--shards, a customer file's ``shards``): at most this many.
 MAX_SHARDS = 1024
-#: A count of records as Kafka (a Java long) can take it.
+#: A count of records (--kafka-max-records) as Kafka (a Java long) can take it.
 MAX_RECORDS = 2**63 - 1
 _ROLLUP = re.compile(r' *([+-]?[0-9]+) *: *([+-]?[0-9]+) *\Z')
 #: Unicode categories refused in any text setting: control characters (a

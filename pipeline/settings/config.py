@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.runfolder import names
 from pipeline.settings.checks import (
     MAX_RECORDS, MAX_SHARDS, ConfigError, check_seconds, check_text, parse_rollups)
 from pipeline.settings.options import TidemarkOptions, checkpoint_interval_ms, option_dests
@@ -47,7 +48,7 @@ DEFAULT_KAFKA_EXPANSION_SERVICE = 'localhost:18096'
 REPLAY_MODES = ('stream', 'bulk')
 
 #: The folder of a rollup's outputs inside --output-dir.
-ROLLUP_DIR = 'rollup-{size}s'
+ROLLUP_DIR = names.ROLLUP_DIR
 
 
 def default_replay_mode(kind: str, runner: str, sample_memory: Optional[int],
@@ -95,6 +96,14 @@ class RunConfig:
   #: ((size s, allowed lateness s), ...): larger windows computed in the same
   #: run, each written under OUTPUT_DIR/rollup-SIZEs/ and reconciled
   rollups: Tuple[Tuple[int, int], ...] = ()
+
+  @property
+  def bulk(self) -> bool:
+    """Which flow the run is: a replay in bulk (the batch flow, the whole file
+    in chunks) or, for every other run, the stream. Chosen here once, from
+    ``replay_mode`` (``default_replay_mode`` when not given); the graph, the
+    source and the launcher read it."""
+    return self.source_kind == 'replay' and self.replay_mode == 'bulk'
 
   @property
   def unbounded(self) -> bool:
@@ -155,34 +164,34 @@ class RunConfig:
 
   @property
   def aggregates_path(self) -> str:
-    return os.path.join(self.output_dir, 'aggregates.jsonl')
+    return os.path.join(self.output_dir, names.AGGREGATES)
 
   @property
   def dead_letter_path(self) -> str:
-    return os.path.join(self.output_dir, 'dead_letter.jsonl')
+    return os.path.join(self.output_dir, names.DEAD_LETTERS)
 
   @property
   def accounting_path(self) -> str:
-    return os.path.join(self.output_dir, 'accounting.json')
+    return os.path.join(self.output_dir, names.ACCOUNTING)
 
   @property
   def memory_path(self) -> str:
-    return os.path.join(self.output_dir, 'memory.jsonl')
+    return os.path.join(self.output_dir, names.MEMORY)
 
   @property
   def refused_path(self) -> str:
     """Rows the customer-scoped database sink refused (other customers')."""
-    return os.path.join(self.output_dir, 'refused.jsonl')
+    return os.path.join(self.output_dir, names.REFUSED)
 
   @property
   def duplicates_path(self) -> str:
     """The copies dedup dropped, payloads and all (written where rollups are
     reconciled: which events two window sizes accepted differently)."""
-    return os.path.join(self.output_dir, 'duplicates.jsonl')
+    return os.path.join(self.output_dir, names.DUPLICATES)
 
   @property
   def reconciliation_path(self) -> str:
-    return os.path.join(self.output_dir, 'reconciliation.json')
+    return os.path.join(self.output_dir, names.RECONCILIATION)
 
   def rollup(self, size_s: int, allowed_lateness_s: int) -> 'RunConfig':
     """The settings of one rollup as if it were a run of its own: its window
@@ -193,7 +202,7 @@ class RunConfig:
     return dataclasses.replace(
         self, window_size_s=size_s, allowed_lateness_s=allowed_lateness_s,
         output_dir=output_dir,
-        sqlite_path=self.sqlite_path and os.path.join(output_dir, 'aggregates.sqlite'),
+        sqlite_path=self.sqlite_path and os.path.join(output_dir, names.SQLITE),
         rollups=(), aggregates_topic=None, sample_memory_s=None)
 
   @property
@@ -264,7 +273,7 @@ class RunConfig:
     on_disk = is_local(output_dir)
     sqlite = opts.sqlite
     if sqlite is None:
-      sqlite = os.path.join(output_dir, 'aggregates.sqlite') if on_disk else None
+      sqlite = os.path.join(output_dir, names.SQLITE) if on_disk else None
     elif sqlite.lower() == 'none':
       sqlite = None
     elif not on_disk:

@@ -12,7 +12,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-from pipeline.settings.checks import ConfigError
+from pipeline.settings.checks import MAX_RECORDS, MAX_SECONDS, MAX_SHARDS, ConfigError
+from transforms.rules.model import CUSTOMER_ID_PATTERN
 
 #: Options that are not Tidemark's, described in ``python -m pipeline run --help``.
 BEAM_OPTIONS_HELP = (
@@ -56,7 +57,19 @@ class Option(NamedTuple):
   template_help: Optional[str] = None
 
 
+def _at_most(limit: int, positive: bool = False) -> str:
+  """A template regex's whole number of at most ``limit`` (at least 1 if
+  ``positive``), bounded by its count of digits only: the regex lets through
+  values up to the next power of ten, and RunConfig.from_options refuses those
+  over ``limit`` with its own message (pipeline/settings/checks.py)."""
+  digits = len(str(limit))
+  return f'[1-9][0-9]{{0,{digits - 1}}}' if positive else f'[0-9]{{1,{digits}}}'
+
+
 #: Template regexes that several options share.
+_SECONDS = '^' + _at_most(MAX_SECONDS) + '$'
+_POSITIVE_SECONDS = '^' + _at_most(MAX_SECONDS, positive=True) + '$'
+_ROLLUP = f'{_at_most(MAX_SECONDS, positive=True)}:{_at_most(MAX_SECONDS)}'
 _HOST_PORT = '^[A-Za-z0-9.-]+:[0-9]{1,5}$'
 _SQL_IDENTIFIER = '^[A-Za-z_][A-Za-z0-9_]{0,62}$'
 _BIGQUERY_TABLE = (
@@ -75,21 +88,21 @@ OPTIONS: Tuple[Option, ...] = (
             'pubsub:[NAME=]projects/PROJECT/subscriptions/ID[,...] or '
             'kafka:HOST:PORT[,HOST:PORT]/TOPIC[,TOPIC] (replay:PATH is for local runs).')),
     Option(
-        'window_size', 'Window size (s)', '^[1-9][0-9]{0,5}$',
+        'window_size', 'Window size (s)', _POSITIVE_SECONDS,
         'Fixed window size in whole seconds, at most 100 years (the span of valid event '
         'times). Default: 60.',
         number=True, metavar='SECONDS'),
     Option(
-        'allowed_lateness', 'Allowed lateness (s)', '^[0-9]{1,6}$',
+        'allowed_lateness', 'Allowed lateness (s)', _SECONDS,
         'Allowed lateness in whole seconds, at most 100 years. Default: 30.',
         number=True, metavar='SECONDS'),
     Option(
-        'early_firing', 'Early firing (s)', '^[0-9]{1,5}$',
+        'early_firing', 'Early firing (s)', _SECONDS,
         'Emit an EARLY pane this many seconds of processing time after the first event of'
         ' a window; 0 turns early panes off. Default: 10.',
         number=True, metavar='SECONDS'),
     Option(
-        'rollup', 'Rollups (size:lateness s)', '^[1-9][0-9]{0,6}:[0-9]{1,6}(,[1-9][0-9]{0,6}:[0-9]{1,6})*$',
+        'rollup', 'Rollups (size:lateness s)', f'^{_ROLLUP}(,{_ROLLUP})*$',
         'SIZE:LATENESS (whole seconds): also aggregate the same events in windows of '
         'SIZE, a multiple of --window-size, with their own allowed lateness, into '
         'OUTPUT_DIR/rollup-SIZEs/; OUTPUT_DIR/reconciliation.json then shows each rollup '
@@ -107,12 +120,12 @@ OPTIONS: Tuple[Option, ...] = (
         'to skip). An existing file is replaced only if it is a Tidemark database.',
         metavar='PATH'),
     Option(
-        'sample_memory_every', 'Memory sampling period', '^[1-9][0-9]{0,6}$',
+        'sample_memory_every', 'Memory sampling period', _POSITIVE_SECONDS,
         'Write the worker RSS to OUTPUT_DIR/memory.jsonl each time the watermark passes a'
         ' multiple of this many seconds of event time (soak benchmarks).',
         number=True, metavar='SECONDS'),
     Option(
-        'shards', 'Shards', '^[1-9][0-9]{0,3}$',
+        'shards', 'Shards', '^' + _at_most(MAX_SHARDS, positive=True) + '$',
         'Keys per window for too-late routing and dedup (parallelism). Default: 4.',
         number=True),
     Option(
@@ -120,7 +133,9 @@ OPTIONS: Tuple[Option, ...] = (
         'Database for final aggregates and dead letters, besides the local files: files '
         '(none, the default), postgres or bigquery.'),
     Option(
-        'customer_id', 'Customer id', '^[A-Za-z0-9_.-]{1,64}$',
+        # contract section 1's rule (transforms.rules.model); "$" also matches
+        # before a trailing newline, which the run's checks refuse
+        'customer_id', 'Customer id', '^' + CUSTOMER_ID_PATTERN + '$',
         'Scope the database sink to this customer: rows of any other customer are refused'
         ' (not written, listed in OUTPUT_DIR/refused.jsonl).'),
     Option(
@@ -155,14 +170,14 @@ OPTIONS: Tuple[Option, ...] = (
         'Pub/Sub attribute for runner-side redelivery dedup (default: event_id on runners'
         ' that support it, off on the DirectRunner; "none" to turn off).'),
     Option(
-        'expected_skew', 'Expected skew (s)', '^[0-9]{1,7}$',
+        'expected_skew', 'Expected skew (s)', _SECONDS,
         'pubsub: how many seconds behind the wall clock event times may be when they '
         "arrive (lagging sources, publish delays). The DirectRunner's Pub/Sub watermark "
         'is the wall clock, so a skew above the allowed lateness loses events to '
         'too_late.',
         number=True, metavar='SECONDS'),
     Option(
-        'run_seconds', 'Run for (s)', '^[1-9][0-9]{0,8}$',
+        'run_seconds', 'Run for (s)', _POSITIVE_SECONDS,
         'Unbounded sources: stop the run after this many seconds of wall time (default: '
         'run until interrupted).',
         number=True, metavar='SECONDS'),
@@ -185,7 +200,8 @@ OPTIONS: Tuple[Option, ...] = (
         'HOST:PORT of the Java expansion service for Kafka IO (default: the one '
         'scripts/flink.sh starts, localhost:18096).'),
     Option(
-        'kafka_max_records', 'Kafka records per topic', '^[1-9][0-9]{0,11}$',
+        'kafka_max_records', 'Kafka records per topic',
+        '^' + _at_most(MAX_RECORDS, positive=True) + '$',
         "Stop each Kafka topic's read after this many records (a bounded read).",
         number=True),
     Option(

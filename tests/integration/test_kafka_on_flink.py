@@ -30,7 +30,8 @@ from integration.conftest import KAFKA_EXPANSION_SERVICE, flink_args
 from tools import reference
 from pipeline.launch.build import build, read_source
 from pipeline.settings.config import RunConfig
-from pipeline.launch.run import final_panes, prepare_output
+from pipeline.launch.run import prepare_output
+from pipeline.readback.reconciliation import final_panes
 from transforms.rules.model import dead_letter_payload
 from transforms.connectors.sources import decode_payload
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import as_sent, letters
 from tools import reference, traffic
-from pipeline.launch.run import final_panes
+from pipeline.readback.reconciliation import final_panes
 from tests.integration.conftest import flink_args
 
 WINDOW_S, LATENESS_S = 60, 30

@@ -44,7 +44,7 @@ from tools.bench import deployed as bench_deployed
 from tools.bench import drain as bench_drain
 from tools.bench import stream as bench_stream
 from pipeline.readback.reconciliation import live_output_dir
-from pipeline.launch.run import final_panes
+from pipeline.readback.reconciliation import final_panes
 from transforms.flow.diagnostics import resident_mib
 
 

@@ -45,7 +45,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tools import simulate, traffic
 from pipeline.readback.reconciliation import live_output_dir
-from pipeline.launch.run import Reconciliation, final_panes
+from pipeline.readback.reconciliation import Reconciliation, final_panes
 from transforms.rules.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 
 #: The live throughput target on Kafka -> Flink, events per second.
@@ -458,7 +458,7 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
   from confluent_kafka.admin import AdminClient, NewTopic
   from apache_beam.options.pipeline_options import PipelineOptions
   from pipeline.settings.config import RunConfig
-  from pipeline.launch.run import reconcile
+  from pipeline.readback.reconciliation import reconcile
 
   if option_value(extra, '--runner') is None:
     extra = flink_args() + list(extra)

@@ -24,7 +24,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.connectors.writers import make_parent
-from transforms.rules.model import TOO_LATE, DeadLetter, WindowAggregate, payload_bytes
+from transforms.rules.model import (
+    TOO_LATE, DeadLetter, WindowAggregate, is_customer_id, payload_bytes)
 from transforms.rules.payload import InvalidPayload, parse_payload
 
 _LOG = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ class _CustomerScopeFn(beam.DoFn):
 
 
 def check_customer_id(customer_id: Optional[str]) -> Optional[str]:
-  if customer_id is not None and not re.match(r'^[A-Za-z0-9_.-]{1,64}$', customer_id):
+  """``customer_id`` if it is None or a contract customer id
+  (``transforms.rules.model.is_customer_id``); ValueError otherwise."""
+  if customer_id is not None and not is_customer_id(customer_id):
     raise ValueError(f'customer_id {customer_id!r} is not a contract customer id')
   return customer_id
 

@@ -9,12 +9,26 @@ from __future__ import annotations
 import base64
 import codecs
 import datetime
+import re
 import zlib
-from typing import NamedTuple, Optional
+from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 
 #: Event times must lie in [2000-01-01T00:00:00Z, 2100-01-01T00:00:00Z) (ms).
 MIN_EVENT_TIME = 946684800000
 MAX_EVENT_TIME = 4102444800000
+
+#: A customer id (contract section 1), the one rule that payloads, sinks,
+#: customer files and template options apply: 1 to 64 of A-Z a-z 0-9 _ . -
+CUSTOMER_ID_MAX_LENGTH = 64
+CUSTOMER_ID_PATTERN = f'[A-Za-z0-9_.-]{{1,{CUSTOMER_ID_MAX_LENGTH}}}'
+CUSTOMER_ID = re.compile(CUSTOMER_ID_PATTERN)
+
+
+def is_customer_id(text: object) -> bool:
+  """Whether all of ``text`` is a customer id (``fullmatch``: a trailing
+  newline is refused too)."""
+  return isinstance(text, str) and CUSTOMER_ID.fullmatch(text) is not None
+
 
 #: The contract's dead-letter reasons.
 INVALID = 'invalid'
@@ -112,6 +126,21 @@ class DeadLetter(NamedTuple):
     if self.message_id is not None:
       record['message_id'] = self.message_id
     return record
+
+
+#: A window of the outputs: ``(customer_id, key, window_start, window_end)``.
+WindowKey = Tuple[str, str, int, int]
+
+
+def final_panes_of(panes: Iterable[dict]) -> Dict[WindowKey, dict]:
+  """Contract section 4: a window's final value is its pane with the highest
+  ``pane_index``; ``panes`` are aggregates.jsonl objects, in any order."""
+  finals: Dict[WindowKey, dict] = {}
+  for pane in panes:
+    window = (pane['customer_id'], pane['key'], pane['window_start'], pane['window_end'])
+    if window not in finals or pane['pane_index'] > finals[window]['pane_index']:
+      finals[window] = pane
+  return finals
 
 
 def message_identity(kind: str, *parts) -> str:

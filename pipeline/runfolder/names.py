@@ -1,0 +1,22 @@
+"""The files of a run folder by name: the contract's three and what a run writes
+beside them. The one list: the settings, the commit, the read-back and the
+report all take the names from here."""
+
+AGGREGATES = 'aggregates.jsonl'
+DEAD_LETTERS = 'dead_letter.jsonl'
+ACCOUNTING = 'accounting.json'
+DUPLICATES = 'duplicates.jsonl'
+REFUSED = 'refused.jsonl'
+MEMORY = 'memory.jsonl'
+RECONCILIATION = 'reconciliation.json'
+SQLITE = 'aggregates.sqlite'
+REPORT = 'report.html'
+METRICS = 'metrics.prom'
+#: The manifest of a run, in OUTPUT_DIR and in each staging folder.
+MANIFEST = 'run.json'
+#: A rollup's folder inside OUTPUT_DIR (the same file names inside).
+ROLLUP_DIR = 'rollup-{size}s'
+
+#: Every file a run may write into its folder (and each rollup's), run.json aside.
+OUTPUT_FILES = (AGGREGATES, DEAD_LETTERS, ACCOUNTING, MEMORY, REFUSED, DUPLICATES,
+                RECONCILIATION, SQLITE, REPORT, METRICS)
