@@ -59,7 +59,7 @@ def test_a_duplicate_is_recorded_with_the_window_of_the_first_copy():
       [TimestampedValue(e, e.event_time / 1000) for e in (first, copy)]
   ).advance_watermark_to_infinity()
   with streaming_pipeline() as p:
-    out = p | stream | RouteAndDeduplicate(60, 30)
+    out = p | stream | RouteAndDeduplicate(window_spec(60, 30))
     assert_that(out.duplicates | beam.Map(tuple), equal_to([(
         DUPLICATE, 'B', 'second copy',
         "event_id 'e1' was already aggregated in window [2024-01-18T02:00:00Z, "
@@ -132,7 +132,7 @@ def test_shards_do_not_change_what_the_gate_decides():
         [TimestampedValue(e, e.event_time / 1000) for e in events[30:]]
     ).advance_watermark_to_infinity()
     with streaming_pipeline() as p:
-      out = p | stream | RouteAndDeduplicate(60, 30, shards=shards)
+      out = p | stream | RouteAndDeduplicate(window_spec(60, 30), shards=shards)
 
       def ids(pc, label):
         return pc | label >> beam.Map(

@@ -21,7 +21,7 @@ from pipeline.readback.reconciliation import final_panes
 from test_replay_and_cli import cli
 from transforms.flow import aggregate
 from transforms.flow.bulk import AggregateWindowsInBulk, evaluated_early_firing, fire_panes
-from transforms.rules.model import Event
+from transforms.rules.model import Event, window_spec
 from transforms.rules.replay import Messages, ReplayError, compile_replay, index_replay, read_chunk
 
 
@@ -96,7 +96,7 @@ def test_a_changed_window_trigger_stops_the_bulk_replay_from_building(monkeypatc
       late=trigger.AfterCount(2)))
   index = index_replay(write_replay(str(tmp_path / 'replay.jsonl'), [data('A', payload('a', T0))]))
   with pytest.raises(ValueError, match='late=AfterCount\\(2\\)'):
-    AggregateWindowsInBulk(60, 30, None, index)
+    AggregateWindowsInBulk(window_spec(60, 30), None, index)
 
 
 def test_a_window_whose_events_all_came_after_its_end_starts_with_a_late_pane():

@@ -17,7 +17,7 @@ from apache_beam.transforms.window import TimestampedValue
 from conftest import MINUTE, SECOND, T0, payload, streaming_pipeline
 from transforms.flow.accounting import CountOutcomes
 from transforms.flow.aggregate import AggregateWindows
-from transforms.rules.model import INVALID, Event, RawMessage, WindowAggregate
+from transforms.rules.model import INVALID, Event, RawMessage, WindowAggregate, window_spec
 from transforms.flow.parse import ParseEvents
 from transforms.flow.rollup import Rollup
 
@@ -65,7 +65,7 @@ def test_aggregate_windows_fires_early_on_time_and_late_panes_that_accumulate():
             .add_elements(_stamped(_event('d', T0 + 4 * SECOND, -8.0)))  # late again
             .advance_watermark_to_infinity())
   with streaming_pipeline() as p:
-    panes = p | stream | AggregateWindows(60, 30, early_firing_s=10)
+    panes = p | stream | AggregateWindows(window_spec(60, 30), early_firing_s=10)
     assert_that(panes, equal_to([
         _pane(T0, 1, 1.0, 1.0, 1.0, 0, 'EARLY'),
         _pane(T0, 2, 3.0, 1.0, 2.0, 1, 'ON_TIME'),
@@ -81,7 +81,7 @@ def test_aggregate_windows_keeps_keys_and_windows_apart():
                                    _event('c', T0 + 59 * SECOND, 4.0, key='MSFT')))
             .advance_watermark_to_infinity())
   with streaming_pipeline() as p:
-    panes = p | stream | AggregateWindows(60, 30)
+    panes = p | stream | AggregateWindows(window_spec(60, 30))
     assert_that(panes, equal_to([
         _pane(T0, 1, 1.0, 1.0, 1.0, 0, 'ON_TIME'),
         _pane(T0 + MINUTE, 1, 2.0, 2.0, 2.0, 0, 'ON_TIME'),
@@ -98,7 +98,7 @@ def test_rollup_routes_too_late_and_duplicates_before_it_aggregates():
             .add_elements(_stamped(_event('z', T0 + 3 * SECOND, 9.0)))  # too late
             .advance_watermark_to_infinity())
   with streaming_pipeline() as p:
-    out = p | stream | Rollup(60, 30, shards=2)
+    out = p | stream | Rollup(window_spec(60, 30), shards=2)
     assert_that(out.aggregates, equal_to([_pane(T0, 1, 1.0, 1.0, 1.0, 0, 'ON_TIME')]),
                 label='aggregates')
     assert_that(out.aggregated | 'AggregatedIds' >> beam.Map(lambda e: e.event_id),

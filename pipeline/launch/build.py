@@ -145,9 +145,7 @@ def aggregate_window_size(
   lateness of ``config``. Every window size counts every message, so each
   accounting adds up on its own; ``with_invalid`` puts the invalid payloads in
   its dead letters (the primary's: they are no window size's)."""
-  windows = parsed.events | label >> Rollup(
-      config.window_size_s, config.allowed_lateness_s, config.shards,
-      config.early_firing_s)
+  windows = parsed.events | label >> Rollup(config.window, config.shards, config.early_firing_s)
   dead_letters = ((parsed.invalid, windows.too_late) if with_invalid else (windows.too_late,)
                   ) | f'{label}DeadLetters' >> beam.Flatten()
   accounting = {
@@ -203,14 +201,13 @@ def build_bulk(p: beam.Pipeline, config: RunConfig, source: ReadReplayInChunks) 
   parse → route late → dedup → window & aggregate → write, in chunks of
   messages that carry the watermark and processing time of their arrival, the
   rules applied along the replay's timeline (transforms/flow/bulk.py)."""
-  size, lateness = config.window_size_s, config.allowed_lateness_s
 
   chunks = p | 'Read' >> source | 'Progress' >> ReportProgress(source.index.messages, chunks=True)
   parsed = chunks | 'Parse' >> ParseChunks(source.index.digest)
   admitted = parsed.events | 'RouteLateAndDedup' >> AdmitChunks(
-      size, lateness, digest=source.index.digest)
+      config.window, digest=source.index.digest)
   panes = admitted.admitted | 'Aggregate' >> AggregateWindowsInBulk(
-      size, lateness, config.early_firing_s, source.index)
+      config.window, config.early_firing_s, source.index)
   dead_letters = (
       (parsed.invalid, admitted.too_late)
       | 'DeadLetters' >> beam.Flatten()

@@ -24,6 +24,7 @@ from pipeline.settings.targets import (
     check_sqlite_file, parse_aggregates_topic, parse_kafka_target, parse_pubsub_target,
     sink_settings)
 from transforms.connectors.writers import is_local
+from transforms.rules.model import WindowSpec, window_spec
 
 #: The embedded default: a bundled incident-like replay.
 BUNDLED_REPLAY = os.path.join(
@@ -96,6 +97,12 @@ class RunConfig:
   #: ((size s, allowed lateness s), ...): larger windows computed in the same
   #: run, each written under OUTPUT_DIR/rollup-SIZEs/ and reconciled
   rollups: Tuple[Tuple[int, int], ...] = ()
+
+  @property
+  def window(self) -> WindowSpec:
+    """The run's window size and allowed lateness, built once here and passed
+    to every composite that windows or judges lateness."""
+    return window_spec(self.window_size_s, self.allowed_lateness_s)
 
   @property
   def bulk(self) -> bool:

@@ -32,8 +32,7 @@ def build_ceiling(p: beam.Pipeline, config: RunConfig) -> None:
        bootstrap, sources, config.kafka_expansion_service,
        max_num_records=config.kafka_max_records)
    | 'Parse' >> ParseEvents()).events | 'Aggregate' >> AggregateWindows(
-       config.window_size_s, config.allowed_lateness_s,
-       config.early_firing_s) | 'Write' >> WriteJsonLines(config.aggregates_path)
+       config.window, config.early_firing_s) | 'Write' >> WriteJsonLines(config.aggregates_path)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -13,7 +13,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
-from transforms.rules.model import Event, WindowAggregate, check_early_firing, window_spec
+from transforms.rules.model import Event, WindowAggregate, WindowSpec, check_early_firing
 
 
 class Stats(beam.CombineFn):
@@ -193,26 +193,22 @@ class AggregateWindows(beam.PTransform):
   the router accepted.
   """
 
-  def __init__(
-      self,
-      window_size_s: int,
-      allowed_lateness_s: int,
-      early_firing_s: Optional[int] = None):
+  def __init__(self, window: WindowSpec, early_firing_s: Optional[int] = None):
     super().__init__()
-    window_spec(window_size_s, allowed_lateness_s)  # validates
+    if not isinstance(window, WindowSpec):
+      raise TypeError(f'window must be a WindowSpec (model.window_spec), got {window!r}')
     check_early_firing(early_firing_s)
-    self._size = window_size_s
-    self._lateness = allowed_lateness_s
+    self._window = window
     self._early = early_firing_s
 
   def expand(self, events: beam.PCollection[Event]) -> beam.PCollection[WindowAggregate]:
     return (
         events
-        | 'Precombine' >> beam.ParDo(_PrecombineFn(self._size * 1000))
+        | 'Precombine' >> beam.ParDo(_PrecombineFn(self._window.size_ms))
         | 'FixedWindows' >> beam.WindowInto(
-            FixedWindows(self._size),
+            FixedWindows(Duration(micros=self._window.size_ms * 1000)),
             trigger=pane_trigger(self._early),
             accumulation_mode=PANE_ACCUMULATION,
-            allowed_lateness=Duration(micros=(self._lateness * 1000 + 1) * 1000))
+            allowed_lateness=Duration(micros=(self._window.lateness_ms + 1) * 1000))
         | 'CountSumMinMax' >> beam.CombinePerKey(MergeStats())
         | 'WithPaneInfo' >> beam.ParDo(_ToAggregateFn()))

@@ -42,7 +42,7 @@ from transforms.flow import aggregate
 from transforms.flow.aggregate import Stats
 from transforms.rules.model import (
     AGGREGATED, INVALID, DeadLetter, Event, WindowAggregate, check_early_firing, message_identity,
-    stable_shard, window_spec)
+    WindowSpec, stable_shard)
 from transforms.flow.parse import INVALID_TAG
 from transforms.rules.payload import InvalidPayload, parse_payload
 from transforms.rules.replay import ReplayIndex, read_chunk
@@ -227,11 +227,12 @@ class AdmitChunks(beam.PTransform):
   ``AdmittedChunks``. ``digest`` identifies the replay in the too-late dead
   letters' message ids."""
 
-  def __init__(self, window_size_s: int, allowed_lateness_s: int, shards: int = 8,
-               digest: str = ''):
+  def __init__(self, window: WindowSpec, shards: int = 8, digest: str = ''):
     super().__init__()
+    if not isinstance(window, WindowSpec):
+      raise TypeError(f'window must be a WindowSpec (model.window_spec), got {window!r}')
     self._digest = digest
-    self._rules = AdmissionRules(window_spec(window_size_s, allowed_lateness_s))
+    self._rules = AdmissionRules(window)
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
       raise ValueError(f'shards must be a positive integer, got {shards!r}')
     self._shards = shards
@@ -323,9 +324,9 @@ def fire_panes(
 
 class _AggregateWindowFn(beam.DoFn):
 
-  def __init__(self, window_size_s: int, early_firing_s: Optional[int],
+  def __init__(self, size_ms: int, early_firing_s: Optional[int],
                watermark_steps, processing_time_steps):
-    self._size_ms = window_size_s * 1000
+    self._size_ms = size_ms
     self._early = early_firing_s
     self._watermark_steps = watermark_steps
     self._processing_time_steps = processing_time_steps
@@ -352,12 +353,12 @@ class AggregateWindowsInBulk(beam.PTransform):
   WindowAggregate, every pane.
   """
 
-  def __init__(self, window_size_s: int, allowed_lateness_s: int,
-               early_firing_s: Optional[int], index: ReplayIndex):
+  def __init__(self, window: WindowSpec, early_firing_s: Optional[int], index: ReplayIndex):
     super().__init__()
-    window_spec(window_size_s, allowed_lateness_s)  # validates
+    if not isinstance(window, WindowSpec):
+      raise TypeError(f'window must be a WindowSpec (model.window_spec), got {window!r}')
     check_early_firing(early_firing_s)
-    self._size = window_size_s
+    self._size_ms = window.size_ms
     # the streaming windows' own trigger, evaluated along the replay's timeline
     self._early = evaluated_early_firing(
         aggregate.pane_trigger(early_firing_s), aggregate.PANE_ACCUMULATION)
@@ -369,6 +370,6 @@ class AggregateWindowsInBulk(beam.PTransform):
         keyed_rows
         | 'GroupByWindow' >> beam.GroupByKey()
         | 'FirePanes' >> beam.ParDo(_AggregateWindowFn(
-            self._size, self._early, self._watermark_steps,
+            self._size_ms, self._early, self._watermark_steps,
             self._processing_time_steps)).with_output_types(WindowAggregate))
 

@@ -71,7 +71,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from transforms.rules.admission import AdmissionRules, later_bound
 from transforms.rules.model import (
     AGGREGATED, DUPLICATE, MAX_EVENT_TIME, MIN_EVENT_TIME, TOO_LATE, Event,
-    WindowSpec, stable_shard, window_spec)
+    WindowSpec, stable_shard)
 
 TOO_LATE_TAG = TOO_LATE
 DUPLICATE_TAG = DUPLICATE
@@ -346,9 +346,11 @@ class RouteAndDeduplicate(beam.PTransform):
   that carry their arrival watermark (replays) are decided by it exactly.
   """
 
-  def __init__(self, window_size_s: int, allowed_lateness_s: int, shards: int = 4):
+  def __init__(self, window: WindowSpec, shards: int = 4):
     super().__init__()
-    self._spec = window_spec(window_size_s, allowed_lateness_s)
+    if not isinstance(window, WindowSpec):
+      raise TypeError(f'window must be a WindowSpec (model.window_spec), got {window!r}')
+    self._spec = window
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
       raise ValueError(f'shards must be a positive integer, got {shards!r}')
     self._shards = shards

@@ -14,7 +14,7 @@ import apache_beam as beam
 
 from transforms.flow.gate import RouteAndDeduplicate
 from transforms.flow.aggregate import AggregateWindows
-from transforms.rules.model import Event
+from transforms.rules.model import Event, WindowSpec
 
 
 class RollupOutputs(NamedTuple):
@@ -36,15 +36,11 @@ class Rollup(beam.PTransform):
   Returns a ``RollupOutputs``.
   """
 
-  def __init__(
-      self,
-      window_size_s: int,
-      allowed_lateness_s: int,
-      shards: int = 4,
-      early_firing_s: Optional[int] = None):
+  def __init__(self, window: WindowSpec, shards: int = 4,
+               early_firing_s: Optional[int] = None):
     super().__init__()
-    self._admit = RouteAndDeduplicate(window_size_s, allowed_lateness_s, shards)
-    self._aggregate = AggregateWindows(window_size_s, allowed_lateness_s, early_firing_s)
+    self._admit = RouteAndDeduplicate(window, shards)
+    self._aggregate = AggregateWindows(window, early_firing_s)
 
   def expand(self, events: beam.PCollection[Event]) -> RollupOutputs:
     admitted = events | 'RouteLateAndDedup' >> self._admit
