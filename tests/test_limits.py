@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from pipeline.deployment import customer as customers
-from pipeline.settings.checks import MAX_RECORDS, MAX_SECONDS, MAX_SHARDS
+from pipeline.settings.checks import (
+    MAX_CHECKPOINT_INTERVAL_S, MAX_RECORDS, MAX_SECONDS, MAX_SHARDS)
 from pipeline.settings.config import ConfigError, RunConfig
 from pipeline.settings.options import OPTIONS, parse_args
 from transforms.connectors.sinks import check_customer_id
@@ -60,6 +61,8 @@ SCHEMA_LIMITS = {
     '/properties/window/properties/rollups/items/properties/allowed_lateness_s/maximum':
         MAX_SECONDS,
     '/properties/shards/maximum': MAX_SHARDS,
+    '/properties/deploy/properties/flink/properties/checkpoint_interval_s/maximum':
+        MAX_CHECKPOINT_INTERVAL_S,
 }
 
 
@@ -143,6 +146,20 @@ def test_a_customer_file_takes_the_limit_and_refuses_one_more(tmp_path, path, li
     load_spec(tmp_path, spec)
   assert e.value.pointer == '/' + '/'.join(path)
   assert e.value.reason == f'must be at most {limit}'
+
+
+def test_a_customer_files_checkpoint_interval_and_the_runs_agree_at_the_limit(tmp_path):
+  spec = spec_of('dataflow-inc')
+  spec['deploy']['flink']['checkpoint_interval_s'] = MAX_CHECKPOINT_INTERVAL_S
+  load_spec(tmp_path, spec)
+  spec['deploy']['flink']['checkpoint_interval_s'] = MAX_CHECKPOINT_INTERVAL_S + 1
+  with pytest.raises(customers.CustomerFileError) as e:
+    load_spec(tmp_path, spec)
+  assert e.value.pointer == '/deploy/flink/checkpoint_interval_s'
+  limit_ms = MAX_CHECKPOINT_INTERVAL_S * 1000
+  config(tmp_path, f'--checkpointing_interval={limit_ms}')
+  with pytest.raises(ConfigError, match='--checkpointing_interval'):
+    config(tmp_path, f'--checkpointing_interval={limit_ms + 1}')
 
 
 def test_a_customer_file_rollup_takes_max_seconds_and_refuses_one_more(tmp_path):

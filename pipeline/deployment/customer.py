@@ -31,7 +31,8 @@ import re
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from pipeline.settings.checks import (
-    MAX_SECONDS, MAX_SHARDS, ConfigError, RollupError, check_rollups, check_text)
+    MAX_CHECKPOINT_INTERVAL_S, MAX_SECONDS, MAX_SHARDS, ConfigError, RollupError, check_rollups,
+    check_text)
 from transforms.rules.model import CUSTOMER_ID_PATTERN, is_customer_id
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), 'customer.schema.json')
@@ -52,6 +53,8 @@ SCHEMA_RULES: Dict[str, Any] = {
     _ROLLUP + '/size_s/maximum': MAX_SECONDS,
     _ROLLUP + '/allowed_lateness_s/maximum': MAX_SECONDS,
     '/properties/shards/maximum': MAX_SHARDS,
+    '/properties/deploy/properties/flink/properties/checkpoint_interval_s/maximum':
+        MAX_CHECKPOINT_INTERVAL_S,
 }
 #: Where customer files are looked for, relative to the working directory (the
 #: deploy repository's layout); TIDEMARK_CUSTOMERS_DIR or --customers-dir say

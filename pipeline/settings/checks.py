@@ -37,6 +37,9 @@ _TOO_LONG = 'at most {max} seconds (100 years, the span of valid event times), g
 MAX_SHARDS = 1024
 #: A count of records (--kafka-max-records) as Kafka (a Java long) can take it.
 MAX_RECORDS = 2**63 - 1
+#: The longest checkpoint interval (--checkpointing_interval, a customer file's
+#: ``checkpoint_interval_s``): a day; outputs wait for the next checkpoint.
+MAX_CHECKPOINT_INTERVAL_S = 24 * 3600
 _ROLLUP = re.compile(r' *([+-]?[0-9]+) *: *([+-]?[0-9]+) *\Z')
 #: Unicode categories refused in any text setting: control characters (a
 #: newline would split a launch command), invisible format characters, line

@@ -12,7 +12,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-from pipeline.settings.checks import MAX_RECORDS, MAX_SECONDS, MAX_SHARDS, ConfigError
+from pipeline.settings.checks import (
+    MAX_CHECKPOINT_INTERVAL_S, MAX_RECORDS, MAX_SECONDS, MAX_SHARDS, ConfigError)
 from transforms.rules.model import CUSTOMER_ID_PATTERN
 
 #: Options that are not Tidemark's, described in ``python -m pipeline run --help``.
@@ -283,9 +284,10 @@ def checkpoint_interval_ms(options: PipelineOptions) -> Optional[int]:
     interval = whole_number(str(text))
   except argparse.ArgumentTypeError:
     interval = 0
-  if not 0 < interval <= 24 * 3600 * 1000:
-    raise ConfigError('--checkpointing_interval',
-                      f'must be a whole number of milliseconds, 1 to 86400000, got {text!r}')
+  if not 0 < interval <= MAX_CHECKPOINT_INTERVAL_S * 1000:
+    raise ConfigError(
+        '--checkpointing_interval', 'must be a whole number of milliseconds, 1 to '
+        f'{MAX_CHECKPOINT_INTERVAL_S * 1000}, got {text!r}')
   return interval
 
 
