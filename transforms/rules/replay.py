@@ -20,7 +20,7 @@ import copy
 import hashlib
 import json
 import math
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import msgspec
 
@@ -214,10 +214,8 @@ class Timeline:
       self.step += 1
       self._in_messages = True
 
-  def message(self, source: str) -> Optional[int]:
-    """A message arrives; returns its source's lag behind the most advanced
-    source (None while the pipeline watermark is at the beginning of time)."""
-    self.arrive()
+  def lag(self, source: str) -> Optional[int]:
+    """The source's lag behind the most advanced one (None: no watermark yet)."""
     if self.watermark is None:
       return None
     marks = self._every_mark()
@@ -263,6 +261,33 @@ class Timeline:
     self.step += 1
     self._in_messages = False
 
+  def apply(self, kind: str, source: Optional[str], payload) -> bool:
+    """One line (a message, a source's watermark, processing time); returns
+    whether the watermark or processing time moved (ValueError: it went back)."""
+    if kind == 'data':
+      self.arrive()
+      return False
+    if kind == 'processing_time':
+      return self.advance_processing_time(payload)
+    return self.advance_watermark(source, payload)
+
+
+def _walk(path: str, timeline: Timeline, lines: Iterable[tuple]) -> Iterator[Tuple[tuple, bool]]:
+  """The one walk of a replay's timeline: each line ``(number, kind, source,
+  payload)`` applied to ``timeline`` and yielded with whether it moved it (other
+  kinds, an index's chunk marks, pass through); ReplayError names a bad line."""
+  for line in lines:
+    number, kind, source, payload = line[:4]
+    if kind not in ('data', 'watermark', 'processing_time'):
+      yield line, False
+      continue
+    try:
+      moved = timeline.apply(kind, source, payload)
+    except ValueError as e:
+      raise ReplayError(path, number, str(e)) from None
+    yield line, moved
+
+
 
 def _checked_lines(path: str, sources: Dict[str, None]) -> Iterator[tuple]:
   """Every non-blank line as ``(offset, number, kind, source, payload)``,
@@ -279,10 +304,9 @@ def _checked_lines(path: str, sources: Dict[str, None]) -> Iterator[tuple]:
 
 
 def _validated_lines(path: str) -> Tuple[List[tuple], Tuple[str, ...]]:
-  """Every non-blank line (``_checked_lines``), and the sources named in the file."""
+  """Every non-blank line as ``(number, kind, source, payload)``, and the sources."""
   sources: Dict[str, None] = {}
-  lines = list(_checked_lines(path, sources))
-  return lines, tuple(sources)
+  return [line[1:] for line in _checked_lines(path, sources)], tuple(sources)
 
 
 def compile_replay(path: str) -> Replay:
@@ -291,25 +315,18 @@ def compile_replay(path: str) -> Replay:
   timeline = Timeline(sources)
   steps: List[Step] = []
   messages = 0
-  for _, number, kind, source, payload in lines:
+  for (_, kind, source, payload), moved in _walk(path, timeline, lines):
     if kind == 'data':
       messages += 1
-      lag = timeline.message(source)
-      message = Message(source, payload, timeline.watermark, lag)
+      message = Message(source, payload, timeline.watermark, timeline.lag(source))
       if steps and isinstance(steps[-1], Messages):
         steps[-1].batch.append(message)
       else:
         steps.append(Messages([message]))
-    elif kind == 'processing_time':
-      if timeline.advance_processing_time(payload):
-        steps.append(ProcessingTime(payload))
-    else:
-      try:
-        moved = timeline.advance_watermark(source, payload)
-      except ValueError as e:
-        raise ReplayError(path, number, str(e)) from None
-      if moved:
-        steps.append(Watermark(timeline.watermark))
+    elif moved and kind == 'processing_time':
+      steps.append(ProcessingTime(payload))
+    elif moved:
+      steps.append(Watermark(timeline.watermark))
   timeline.finish()
   steps.append(Watermark(None))
   return Replay(steps, sources, messages, timeline.max_lag, replay_digest(path))
@@ -323,14 +340,10 @@ def watermark_history(path: str) -> Tuple[Dict[str, List[Tuple[int, int]]], int]
   timeline = Timeline(sources)
   history: Dict[str, List[Tuple[int, int]]] = {s: [] for s in sources}
   messages = 0
-  for _, number, kind, source, payload in lines:
+  for (_, kind, source, payload), _ in _walk(path, timeline, lines):
     if kind == 'data':
       messages += 1
     elif kind == 'watermark':
-      try:
-        timeline.advance_watermark(source, payload)
-      except ValueError as e:
-        raise ReplayError(path, number, str(e)) from None
       history[source].append((messages, payload))
   return history, messages
 
@@ -373,44 +386,33 @@ def index_replay(path: str, chunk_messages: int = 20000) -> ReplayIndex:
     if kind == 'data':
       if messages % chunk_messages == 0:
         if run:
-          items.append(('data', run))
+          items.append((number, 'data', None, run))
           run = 0
-        items.append(('chunk', offset, messages))
+        items.append((number, 'chunk', offset, messages))
       messages += 1
       run += 1
     else:
       if run:
-        items.append(('data', run))
+        items.append((number, 'data', None, run))
         run = 0
-      items.append((kind, number, source, payload))
+      items.append((number, kind, source, payload))
   if run:
-    items.append(('data', run))
+    items.append((0, 'data', None, run))
 
   # Pass 2: the timeline, now that every source is known.
   timeline = Timeline(tuple(sources))
   chunks: List[ChunkStart] = []
   watermark_steps: List[Tuple[int, Optional[int]]] = []
   processing_time_steps: List[Tuple[int, float]] = []
-  for item in items:
-    kind = item[0]
-    if kind == 'data':
-      timeline.arrive()
-    elif kind == 'chunk':
-      _, chunk_offset, first = item
+  for (_, kind, chunk_offset, first), moved in _walk(path, timeline, items):
+    if kind == 'chunk':
       if chunks:
         chunks[-1] = chunks[-1]._replace(messages=first - chunks[-1].first_message)
       chunks.append(ChunkStart(chunk_offset, first, 0, copy.deepcopy(timeline)))
-    elif kind == 'processing_time':
-      if timeline.advance_processing_time(item[3]):
-        processing_time_steps.append((timeline.step, timeline.processing_time))
-    else:
-      _, number, source, mark = item
-      try:
-        moved = timeline.advance_watermark(source, mark)
-      except ValueError as e:
-        raise ReplayError(path, number, str(e)) from None
-      if moved:
-        watermark_steps.append((timeline.step, timeline.watermark))
+    elif moved and kind == 'processing_time':
+      processing_time_steps.append((timeline.step, timeline.processing_time))
+    elif moved:
+      watermark_steps.append((timeline.step, timeline.watermark))
   if chunks:
     chunks[-1] = chunks[-1]._replace(messages=messages - chunks[-1].first_message)
   timeline.finish()
@@ -437,14 +439,12 @@ def read_chunk(path: str, chunk: ChunkStart) -> Iterator[Tuple[int, int, Optiona
           continue
         line = _classify(path, 0, text)
       kind, source, payload = line
-      if kind == 'data':
-        timeline.arrive()
-        yield seq, timeline.step, timeline.watermark, timeline.processing_time, source, payload
-        seq += 1
-        left -= 1
-        if not left:
-          return
-      elif kind == 'watermark':
-        timeline.advance_watermark(source, payload)
-      else:
-        timeline.advance_processing_time(payload)
+      if kind != 'data':  # (the file was checked: no error here)
+        timeline.apply(kind, source, payload)
+        continue
+      timeline.arrive()
+      yield seq, timeline.step, timeline.watermark, timeline.processing_time, source, payload
+      seq += 1
+      left -= 1
+      if not left:
+        return
