@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 #: command -> module with ``main(argv) -> int``
 COMMANDS = {
@@ -63,19 +63,25 @@ def quiet_known_warnings() -> None:
 def main(argv: Optional[List[str]] = None) -> int:
   quiet_known_warnings()
   argv = list(sys.argv[1:] if argv is None else argv)
-  if not argv or argv[0] in ('-h', '--help'):
-    print(__doc__.strip())
-    return 0
-  command, rest = argv[0], argv[1:]
-  if command in TOOL_COMMANDS:
-    print(f'tidemark: {command!r} is a development tool: python -m tools {command} '
+  if argv and argv[0] in TOOL_COMMANDS:
+    print(f'tidemark: {argv[0]!r} is a development tool: python -m tools {argv[0]} '
           '(from a Tidemark checkout)', file=sys.stderr)
     return 2
-  if command not in COMMANDS:
-    print(__doc__.strip(), file=sys.stderr)
-    print(f'\nunknown command {command!r}; commands: {", ".join(COMMANDS)}', file=sys.stderr)
+  return dispatch(argv, COMMANDS, __doc__ or '')
+
+
+def dispatch(argv: List[str], commands: Dict[str, str], usage: str) -> int:
+  """Runs ``argv[0]``'s module's ``main(argv[1:])``; the usage for no command
+  or ``--help`` (exit 0), and for an unknown one (exit 2)."""
+  if not argv or argv[0] in ('-h', '--help'):
+    print(usage.strip())
+    return 0
+  command, rest = argv[0], argv[1:]
+  if command not in commands:
+    print(usage.strip(), file=sys.stderr)
+    print(f'\nunknown command {command!r}; commands: {", ".join(commands)}', file=sys.stderr)
     return 2
-  return importlib.import_module(COMMANDS[command]).main(rest)
+  return importlib.import_module(commands[command]).main(rest)
 
 
 if __name__ == '__main__':

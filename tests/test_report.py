@@ -124,13 +124,19 @@ def test_every_chart_of_a_replay_run_is_a_drawn_svg(incident_run):
     assert len(drawn) >= 8, chart.title  # axes, ticks and the data
 
 
-def test_a_rollup_run_has_its_reconciliation_drawn(tmp_path):
+def _rollup_run(tmp_path) -> str:
+  """A run with a 300 s rollup whose one late event only the rollup accepts."""
   lines = [data('A', payload('a', T0 + 1000)), mark('A', T0 + 2 * MINUTE),
            data('A', payload('b', T0 + 5000))]  # late for 60 s, in time for the rollup
   replay = write_replay(str(tmp_path / 'replay.jsonl'), lines)
   out = str(tmp_path / 'out')
   assert tidemark_run.main(['--source', f'replay:{replay}', '--output-dir', out,
                             '--allowed-lateness', '0', '--rollup', '300:300']) == 0
+  return out
+
+
+def test_a_rollup_run_has_its_reconciliation_drawn(tmp_path):
+  out = _rollup_run(tmp_path)
   made = charts.charts(run_outputs.load(out))
   assert made[-1].title == 'Rollup reconciliation'
   outputs = run_outputs.load(out)
@@ -405,12 +411,7 @@ def test_a_chart_names_only_what_it_draws(incident_run, tmp_path, figures):
 
 def test_the_rollup_chart_draws_windows_and_events_on_their_own_labelled_axes(
     tmp_path, figures):
-  lines = [data('A', payload('a', T0 + 1000)), mark('A', T0 + 2 * MINUTE),
-           data('A', payload('b', T0 + 5000))]  # late for 60 s, in time for the rollup
-  replay = write_replay(str(tmp_path / 'replay.jsonl'), lines)
-  out = str(tmp_path / 'out')
-  assert tidemark_run.main(['--source', f'replay:{replay}', '--output-dir', out,
-                            '--allowed-lateness', '0', '--rollup', '300:300']) == 0
+  out = _rollup_run(tmp_path)
   fig = figures(run_outputs.load(out))['Rollup reconciliation']
   windows, events = fig.axes[:2]
   assert (windows.get_xlabel(), events.get_xlabel()) == ('windows', 'events')

@@ -17,7 +17,6 @@ The product's own commands (run, report, deploy) are ``python -m pipeline``.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import List, Optional
 
@@ -30,18 +29,9 @@ COMMANDS = {
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-  from pipeline.__main__ import quiet_known_warnings
+  from pipeline.__main__ import dispatch, quiet_known_warnings
   quiet_known_warnings()
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if not argv or argv[0] in ('-h', '--help'):
-    print(__doc__.strip())
-    return 0
-  command, rest = argv[0], argv[1:]
-  if command not in COMMANDS:
-    print(__doc__.strip(), file=sys.stderr)
-    print(f'\nunknown command {command!r}; commands: {", ".join(COMMANDS)}', file=sys.stderr)
-    return 2
-  return importlib.import_module(COMMANDS[command]).main(rest)
+  return dispatch(list(sys.argv[1:] if argv is None else argv), COMMANDS, __doc__ or '')
 
 
 if __name__ == '__main__':
