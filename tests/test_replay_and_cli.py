@@ -153,6 +153,12 @@ def test_the_replay_benchmark_prints_one_json_line_of_figures(tmp_path):
   assert figures['outputs_equal_reference'] is True
   assert figures['events_per_s'] > 0 and figures['peak_rss_mib'] > 0
   assert figures['ratio_to_reference'] > 0
+  assert figures['cores'] == 1  # 400 messages: one worker
+  assert figures['decode_limit_events_per_s'] > figures['events_per_s']
+  assert 0 < figures['speed_vs_decode_limit'] < 1
+  # (reference_wall_s is rounded to milliseconds: a few ms for 400 messages)
+  assert figures['speed_vs_reference'] == pytest.approx(
+      figures['reference_wall_s'] / figures['wall_s'], rel=0.3)
 
 
 def test_an_empty_replay_accounts_for_nothing(tmp_path):

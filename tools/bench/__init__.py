@@ -2,10 +2,12 @@
 
   replay   a generated incident replay through the whole pipeline (any runner;
            on the DirectRunner in bulk unless --replay-mode stream is passed
-           through), beside the same data through the plain-Python reference;
-           prints events/s, wall time, peak RSS and the ratio to the
-           reference, and whether the outputs were equal. The full incident
-           hour: --messages 2850000 --rate 791.
+           through), beside the same data through the plain-Python reference
+           and the decode limit (msgspec alone decoding the same payloads on one
+           core, times the cores the run uses); prints events/s, wall time,
+           peak RSS, the three rates and the run's speed against the other two,
+           and whether the outputs were equal. The full incident hour:
+           --messages 2850000 --rate 791.
   soak     HOURS of event time at a steady rate (1-minute windows with lateness);
            the worker's RSS is sampled inside the pipeline each event-time hour;
            on Flink the job server JVM's RSS and live heap (after a forced full
@@ -93,6 +95,35 @@ def _run_pipeline(args: argparse.Namespace, replay: str, extra: List[str],
   return out, wall
 
 
+def decode_limit(replay: str) -> float:
+  """Payloads per second that msgspec alone decodes on one core: every data
+  line's payload of ``replay``, decoded once (the floor of any per-message work)."""
+  import msgspec
+  payloads = []
+  with open(replay, 'rb') as f:
+    for line in f:
+      record = msgspec.json.decode(line) if line.strip() else None
+      if isinstance(record, dict) and isinstance(record.get('data'), str):
+        payloads.append(record['data'].encode('utf-8', 'surrogatepass'))
+  decode = msgspec.json.Decoder().decode
+  started = time.process_time()
+  for payload in payloads:
+    try:
+      decode(payload)
+    except msgspec.DecodeError:
+      pass
+  return len(payloads) / max(time.process_time() - started, 1e-9)
+
+
+def _cores(extra: List[str], messages: int) -> int:
+  """The worker processes of a DirectRunner bulk run (as ``use_every_core``)."""
+  from pipeline.settings.runners import PARALLEL_BULK_MESSAGES
+  given = bench_stream.option_value(extra, '--direct_num_workers')
+  if given is not None:
+    return int(given)
+  return (os.cpu_count() or 1) if messages >= PARALLEL_BULK_MESSAGES else 1
+
+
 def _bench_replay(args: argparse.Namespace, extra: List[str]) -> dict:
   replay = _replay_for(args, args.messages, args.rate, args.tick)
   out, wall = _run_pipeline(args, replay, extra)
@@ -101,6 +132,10 @@ def _bench_replay(args: argparse.Namespace, extra: List[str]) -> dict:
   ref_started = time.monotonic()
   expected = reference.compute(replay, args.window_size, args.allowed_lateness)
   ref_wall = time.monotonic() - ref_started
+
+  per_core = decode_limit(replay)
+  cores = _cores(extra, args.messages) if _runner(extra) == 'DirectRunner' else 1
+  rate = args.messages / wall
 
   with open(os.path.join(out, 'accounting.json'), encoding='utf-8') as f:
     accounting = json.load(f)
@@ -113,11 +148,15 @@ def _bench_replay(args: argparse.Namespace, extra: List[str]) -> dict:
           extra, '--replay-mode', 'bulk' if _runner(extra) == 'DirectRunner' else 'stream'),
       'messages': args.messages,
       'wall_s': round(wall, 2),
-      'events_per_s': round(args.messages / wall, 1),
+      'events_per_s': round(rate, 1),
       'peak_rss_mib': round(peak_rss_mib, 1),
       'reference_wall_s': round(ref_wall, 3),
       'reference_events_per_s': round(args.messages / ref_wall, 1),
       'ratio_to_reference': round(wall / ref_wall, 1),
+      'speed_vs_reference': float(f'{ref_wall / wall:.3g}'),
+      'cores': cores,
+      'decode_limit_events_per_s': round(per_core * cores, 1),
+      'speed_vs_decode_limit': float(f'{rate / (per_core * cores):.3g}'),
       'outputs_equal_reference': (
           accounting == expected.accounting and windows == expected.windows),
   }
