@@ -269,6 +269,7 @@ class Timeline:
       return False
     if kind == 'processing_time':
       return self.advance_processing_time(payload)
+    assert source is not None  # a watermark line names its source
     return self.advance_watermark(source, payload)
 
 
