@@ -99,12 +99,12 @@ def decode_limit(replay: str) -> float:
   """Payloads per second that msgspec alone decodes on one core: every data
   line's payload of ``replay``, decoded once (the floor of any per-message work)."""
   import msgspec
-  payloads = []
-  with open(replay, 'rb') as f:
-    for line in f:
-      record = msgspec.json.decode(line) if line.strip() else None
-      if isinstance(record, dict) and isinstance(record.get('data'), str):
-        payloads.append(record['data'].encode('utf-8', 'surrogatepass'))
+
+  from transforms.rules.model import payload_bytes
+  from transforms.rules.replay import index_replay, read_chunk
+  index = index_replay(replay)
+  payloads = [payload_bytes(message[5]) for chunk in index.chunks
+              for message in read_chunk(replay, chunk)]
   decode = msgspec.json.Decoder().decode
   started = time.process_time()
   for payload in payloads:
