@@ -15,7 +15,7 @@ import io
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from pipeline.readback.outputs import (
-    Breakdown, RunOutputs, breakdown, payload_fields, watermark_lags)
+    Breakdown, RunOutputs, breakdown, payload_fields, slowest_source)
 from transforms.rules.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 
 #: Pane timings in firing order.
@@ -212,15 +212,13 @@ def watermark_chart(outputs: RunOutputs) -> Optional[Chart]:
   ax.set_xlabel('messages arrived')
   ax.set_ylabel('watermark (UTC)')
   _legend_outside(ax, title='source')
-  lags = watermark_lags(outputs)
   caption = ('Each source\'s watermark as the replay went on; the pipeline watermark is the '
              'lowest of them, so the source lowest here held every window back.')
-  slowest = max(sorted(lags), key=lambda s: lags[s])
-  if lags[slowest] > 0:
-    ahead = min(sorted(lags), key=lambda s: lags[s])
-    caption += (f' At the end, source {slowest} was {lags[slowest]:,.0f} s behind source '
-                f'{ahead}' + (f', more than the allowed lateness ({outputs.allowed_lateness_s} s)'
-                             if lags[slowest] > outputs.allowed_lateness_s else '') + '.')
+  lag = slowest_source(outputs)
+  if lag is not None:
+    caption += (f' At the end, source {lag.slowest} was {lag.seconds:,.0f} s behind source '
+                f'{lag.ahead}' + (f', more than the allowed lateness ({outputs.allowed_lateness_s} s)'
+                                  if lag.seconds > outputs.allowed_lateness_s else '') + '.')
   return Chart('Watermark per source', _svg(fig), caption)
 
 

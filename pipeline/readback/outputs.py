@@ -216,6 +216,23 @@ def watermark_lags(outputs: RunOutputs) -> Dict[str, float]:
           for s in outputs.replay_watermarks or {}}
 
 
+class Lag(NamedTuple):
+  """The source whose watermark ended furthest behind, and the one ahead."""
+  slowest: str
+  seconds: float
+  ahead: str
+
+
+def slowest_source(outputs: RunOutputs) -> Optional[Lag]:
+  """The lagging source of a replay (``watermark_lags``), or None when every
+  source ended level or the outputs hold no watermark history."""
+  lags = watermark_lags(outputs)
+  if not lags or max(lags.values()) <= 0:
+    return None
+  slowest = max(sorted(lags), key=lambda s: lags[s])
+  return Lag(slowest, lags[slowest], min(sorted(lags), key=lambda s: lags[s]))
+
+
 class DeadLetterKind(NamedTuple):
   """Dead letters that failed for the same stated reason."""
   reason: str

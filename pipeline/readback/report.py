@@ -38,7 +38,7 @@ from pipeline.readback.charts import Chart, charts
 from pipeline.runfolder import names
 from pipeline.readback.metrics import METRICS_NAME, run_metrics
 from pipeline.readback.outputs import (
-    NotARunFolder, RunOutputs, UnreadableOutput, dead_letter_kinds, load, watermark_lags)
+    NotARunFolder, RunOutputs, UnreadableOutput, dead_letter_kinds, load, slowest_source)
 from transforms.rules.model import CATEGORIES
 
 REPORT_NAME = names.REPORT
@@ -111,13 +111,11 @@ def _shown(payload: str) -> str:
 
 
 def _lag(outputs: RunOutputs) -> List[Tuple[str, str]]:
-  lags = watermark_lags(outputs)
-  if not lags or max(lags.values()) <= 0:
+  lag = slowest_source(outputs)
+  if lag is None:
     return []
-  slowest = max(sorted(lags), key=lambda s: lags[s])
-  ahead = min(sorted(lags), key=lambda s: lags[s])
-  return [('slowest source', f'{slowest}: its watermark ended {lags[slowest]:,.0f} s behind '
-                             f'source {ahead}\'s')]
+  return [('slowest source', f'{lag.slowest}: its watermark ended {lag.seconds:,.0f} s behind '
+                             f'source {lag.ahead}\'s')]
 
 
 def render_html(outputs: RunOutputs, made: List[Chart]) -> str:

@@ -418,9 +418,8 @@ def index_replay(path: str, chunk_messages: int = 20000) -> ReplayIndex:
     chunks[-1] = chunks[-1]._replace(messages=messages - chunks[-1].first_message)
   timeline.finish()
   watermark_steps.append((timeline.step, None))
-  return ReplayIndex(
-      path, tuple(sources), messages, chunks, watermark_steps, processing_time_steps,
-      replay_digest(path))
+  return ReplayIndex(path, tuple(sources), messages, chunks, watermark_steps,
+                     processing_time_steps, replay_digest(path))
 
 
 def read_chunk(path: str, chunk: ChunkStart) -> Iterator[Tuple[int, int, Optional[int], float, str, str]]:
