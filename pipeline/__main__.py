@@ -31,6 +31,7 @@ COMMANDS = {
     'run': 'pipeline.launch.run',
     'deploy': 'pipeline.deployment.deploy',
     'report': 'pipeline.readback.report',
+    'restate': 'pipeline.launch.restate',
 }
 #: The development tools' commands: ``python -m tools`` (a checkout's tools/).
 TOOL_COMMANDS = ('generate', 'simulate', 'bench')

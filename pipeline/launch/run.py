@@ -96,7 +96,7 @@ def prepare_output(config: RunConfig, options: Optional[PipelineOptions] = None,
   # Workers write here on the DirectRunner and LOOPBACK; elsewhere on their own disks.
   here = capabilities(runner).in_process or (environment or '').upper() == 'LOOPBACK'
   settings = {**dataclasses.asdict(config), 'postgres_dsn': _redact(config.postgres_dsn)}
-  owned = (names.OUTPUT_FILES, re.compile(names.ROLLUP_DIR.format(size='[0-9]+')))
+  owned = (names.OUTPUT_FILES, re.compile(names.OWNED_FOLDERS))
   manifest = {'runner': runner, 'settings': settings, 'input': describe_input(config, source)}
   folder: Union[RunFolder, ObjectRunFolder]
   # a job restored from a checkpoint or savepoint continues the files it wrote

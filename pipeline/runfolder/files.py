@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Dict, Optional, Pattern, Sequence, overload
+from typing import Callable, Dict, Optional, Pattern, Sequence, overload
 
 from pipeline.runfolder import names
 from transforms.connectors.writers import make_parent
@@ -63,6 +63,24 @@ def lock_path(output_dir: str) -> str:
 
 class FolderBusy(OSError):
   """Another launcher holds the output folder's lock; the message names its run."""
+
+
+def lock_folder(output_dir: str, busy: Callable[[], str]) -> str:
+  """Takes the lock of ``output_dir`` (``lock_path``) until the process ends or
+  releases it; returns the lock file. Raises FolderBusy with ``busy()`` when
+  another process holds it."""
+  path = lock_path(output_dir)
+  if path in _HELD:
+    return path
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise FolderBusy(busy()) from None
+  _HELD[path] = fd
+  return path
 
 #: Manifest statuses.
 RUNNING = 'running'
@@ -239,19 +257,9 @@ class RunFolder:
     FolderBusy, naming the run that holds it, when another launcher does. A
     launcher that already holds it (one process opening the folder again)
     shares it."""
-    path = lock_path(self.output_dir)
-    if path in _HELD:
-      return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      os.close(fd)
-      raise FolderBusy(f'{self.output_dir} is being written by {self._holder()}: wait until '
-                       'it ends, or give another --output-dir') from None
-    _HELD[path] = fd
-    self._lock_key = path
+    self._lock_key = lock_folder(
+        self.output_dir, lambda: f'{self.output_dir} is being written by {self._holder()}: '
+        'wait until it ends, or give another --output-dir')
 
   def _holder(self) -> str:
     """The run that holds the folder, as its manifest describes it."""

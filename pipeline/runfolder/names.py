@@ -17,6 +17,13 @@ MANIFEST = 'run.json'
 #: A rollup's folder inside OUTPUT_DIR (the same file names inside).
 ROLLUP_DIR = 'rollup-{size}s'
 
+#: The folder of a run's restatements: one audit per restated range.
+RESTATED_DIR = 'restated'
+#: A restatement's audit inside RESTATED_DIR, named by its range.
+RESTATEMENT = '{start}_{end}.json'
+#: Every folder a run owns inside OUTPUT_DIR (a new run into it replaces them).
+OWNED_FOLDERS = r'rollup-[0-9]+s|' + RESTATED_DIR
+
 #: Every file a run may write into its folder (and each rollup's), run.json aside.
 OUTPUT_FILES = (AGGREGATES, DEAD_LETTERS, ACCOUNTING, MEMORY, REFUSED, DUPLICATES,
                 RECONCILIATION, SQLITE, REPORT, METRICS)
