@@ -64,8 +64,20 @@ def figures(values: Iterable[float]) -> tuple:
   return (count, total, low, high) if count else (0, 0.0, None, None)
 
 
-def _add(counts: Iterable[int]) -> int:
-  return sum(counts)
+class _Sum(beam.CombineFn):
+  """The sum of whole numbers."""
+
+  def create_accumulator(self) -> int:
+    return 0
+
+  def add_input(self, total: int, n: int) -> int:
+    return total + n
+
+  def merge_accumulators(self, totals: Iterable[int]) -> int:
+    return sum(totals)
+
+  def extract_output(self, total: int) -> int:
+    return total
 
 
 class _ParseFn(beam.DoFn):
@@ -175,5 +187,5 @@ class RestateWindows(beam.PTransform):
     counts = (
         (parsed[_COUNTS], judged[_COUNTS])
         | 'AllCounts' >> beam.Flatten()
-        | 'SumCounts' >> beam.CombinePerKey(_add))
+        | 'SumCounts' >> beam.CombinePerKey(_Sum()))
     return Restated(windows, counts)
