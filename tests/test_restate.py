@@ -126,6 +126,13 @@ def test_a_restated_replay_holds_the_no_lateness_truth_in_every_sink(tmp_path, c
       'invalid', 'too_late', 'duplicate', 'aggregated')) == live.accounting['received']
   assert accounting['too_late'] == 0
   assert 'restated' in capsys.readouterr().out
+  page = open(os.path.join(out, 'report.html'), encoding='utf-8').read()
+  assert 'Restated windows' in page and 'after its restatements' in page
+  metrics = open(os.path.join(out, 'metrics.prom'), encoding='utf-8').read()
+  written = sum(1 for w in audit['windows'] if w['written'])
+  assert written == audit['windows_changed'] == len(restated)
+  assert f'tidemark_restated_windows_total {float(written)}' in metrics
+  assert 'tidemark_restated_events_total{reason="too_late_live"} 3.0' in metrics
 
   before = _snapshot(out)  # a second restatement writes nothing
   assert restate_command.main([out, *span]) == 0

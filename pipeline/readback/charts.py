@@ -17,12 +17,13 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 from pipeline.readback.outputs import (
     Breakdown, RunOutputs, breakdown, payload_fields, slowest_source)
 from transforms.rules.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
+from transforms.rules.restatement import RESTATED
 
 #: Pane timings in firing order.
-TIMINGS = ('EARLY', 'ON_TIME', 'LATE')
+TIMINGS = ('EARLY', 'ON_TIME', 'LATE', RESTATED)
 COLORS = {INVALID: '#c0392b', TOO_LATE: '#e67e22', DUPLICATE: '#95a5a6',
           AGGREGATED: '#27ae60', 'admitted or duplicate': '#a9dfbf',
-          'EARLY': '#5dade2', 'ON_TIME': '#27ae60', 'LATE': '#e67e22'}
+          'EARLY': '#5dade2', 'ON_TIME': '#27ae60', 'LATE': '#e67e22', RESTATED: '#8e44ad'}
 
 
 
@@ -283,10 +284,44 @@ def rollup_chart(outputs: RunOutputs) -> Optional[Chart]:
                (outputs.reconciliation or {}).get('rule', ''))
 
 
+def restatement_chart(outputs: RunOutputs) -> Optional[Chart]:
+  """Each restated window's count before and after, summed over its keys."""
+  changed = [w for audit in outputs.restatements for w in audit.get('windows', [])
+             if w.get('written')]
+  if not changed:
+    return None
+  plt = _plt()
+  before: Dict[int, int] = collections.Counter()
+  after: Dict[int, int] = collections.Counter()
+  for window in changed:
+    before[window['window_start']] += (window['before'] or {}).get('count', 0)
+    after[window['window_start']] += window['after']['count']
+  starts = sorted(after)
+  fig, ax = plt.subplots(figsize=(8, 3))
+  width = outputs.window_size_s / 86400 * 0.4
+  ax.bar([_utc(s) for s in starts], [before[s] for s in starts], width=width, align='edge',
+         color=COLORS['ON_TIME'], label='live (before)')
+  ax.bar([_utc(s + outputs.window_size_s * 400) for s in starts], [after[s] for s in starts],
+         width=width, align='edge', color=COLORS[RESTATED], label='restated (after)')
+  ax.set_xlabel('window start (UTC)')
+  ax.set_ylabel('events (corrected keys)')
+  ax.set_ylim(0, max(after.values()) * 1.08 or 1)
+  _counts(ax.yaxis)
+  _legend_outside(ax)
+  fig.autofmt_xdate()
+  recovered = sum(a.get('too_late_recovered', 0) for a in outputs.restatements)
+  moved = sum(len(w['removed']) for w in changed)
+  ranges = ', '.join(f'[{a.get("from")}, {a.get("to")})' for a in outputs.restatements)
+  return Chart('Restated windows', _svg(fig),
+               f'{len(changed):,} (customer, key, window) corrected by restating {ranges}: '
+               f'{recovered:,} events too late live now counted, {moved:,} ids counted once '
+               'in their first copy\'s window instead of a later copy\'s.')
+
+
 def charts(outputs: RunOutputs) -> List[Chart]:
   made = [accounting_chart(outputs, breakdown(outputs)), dead_letter_chart(outputs),
           lateness_chart(outputs), watermark_chart(outputs), completeness_chart(outputs),
-          rollup_chart(outputs)]
+          rollup_chart(outputs), restatement_chart(outputs)]
   return [c for c in made if c is not None]
 
 

@@ -71,6 +71,16 @@ def run_metrics(outputs: RunOutputs):
         registry=registry).set(settings['window_size_s'])
   Gauge('tidemark_run_complete', '1 when the run completed and reconciled, else 0',
         registry=registry).set(int(complete and bool(outputs.manifest.get('reconciled'))))
+  if outputs.restatements:
+    restated = Counter('tidemark_restated_windows', 'Windows a restatement corrected',
+                       registry=registry)
+    changes = Counter('tidemark_restated_events', 'Event ids a restatement added to a window '
+                      'or removed from it, by reason', ['reason'], registry=registry)
+    for audit in outputs.restatements:
+      for window in audit.get('windows', []):
+        restated.inc(int(bool(window.get('written'))))
+        for change in window.get('added', []) + window.get('removed', []):
+          changes.labels(reason=change['reason']).inc()
   if outputs.manifest.get('peak_rss_bytes'):
     Gauge('tidemark_peak_resident_memory_bytes', 'Peak resident memory of the launcher and '
           'its local workers', registry=registry).set(outputs.manifest['peak_rss_bytes'])

@@ -41,6 +41,8 @@ class RunOutputs(NamedTuple):
   #: watermark history (``transforms.rules.replay.watermark_history``)
   replay_messages: Optional[list]
   replay_watermarks: Optional[Dict[str, List[Tuple[int, int]]]]
+  #: the audits of the run's restatements (``restated/*.json``), by range
+  restatements: List[dict] = []
 
   @property
   def window_size_s(self) -> int:
@@ -134,6 +136,14 @@ def written_so_far(outputs: 'RunOutputs') -> Dict[str, int]:
   return {RECEIVED: sum(accounting.values()), **accounting}
 
 
+def _restatements(output_dir: str) -> List[dict]:
+  folder = os.path.join(output_dir, names.RESTATED_DIR)
+  if not os.path.isdir(folder):
+    return []
+  return [_json(os.path.join(folder, name)) or {} for name in sorted(os.listdir(folder))
+          if name.endswith('.json')]
+
+
 def load(output_dir: str) -> RunOutputs:
   """Reads a run's folder; raises NotARunFolder when it has no ``run.json``.
 
@@ -153,7 +163,8 @@ def load(output_dir: str) -> RunOutputs:
       dead_letters=_json_lines(os.path.join(output_dir, names.DEAD_LETTERS)) or [],
       duplicates=_json_lines(os.path.join(output_dir, names.DUPLICATES)),
       reconciliation=_json(os.path.join(output_dir, names.RECONCILIATION)),
-      replay_messages=messages, replay_watermarks=history)
+      replay_messages=messages, replay_watermarks=history,
+      restatements=_restatements(output_dir))
   return outputs if finished else outputs._replace(accounting=written_so_far(outputs))
 
 

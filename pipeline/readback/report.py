@@ -149,7 +149,13 @@ def render_html(outputs: RunOutputs, made: List[Chart]) -> str:
                       f'{settings["allowed_lateness_s"]} s, early firing '
                       f'{settings.get("early_firing_s")} s'),
            ('started', manifest.get('started_at', '')), ('ended', manifest.get('ended_at', '')),
-           ('seconds', manifest.get('seconds', ''))] + _lag(outputs)
+           ('seconds', manifest.get('seconds', ''))] + _lag(outputs) + [
+               ('restated', f'[{a.get("from")}, {a.get("to")}) at {a.get("restated_at")}: '
+                            f'{a.get("windows_changed", 0):,} windows corrected, '
+                            f'{a.get("too_late_recovered", 0):,} too-late events now counted')
+               for a in outputs.restatements]
+  if outputs.restatements:
+    heading += ' (after its restatements)'
   return (
       '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
       f'<title>Tidemark run {html.escape(str(manifest.get("run_id", "")))}</title>'
