@@ -7,6 +7,9 @@ Commands:
                 [--allowed-lateness L] [--rollup SIZE:LATENESS ...] [--output-dir DIR]
                 [Beam options...]
             python -m pipeline run --help    (every option; an unknown one stops the run)
+  restate   a finished run's closed windows restated from their history, with an audit
+            python -m pipeline restate OUTPUT_DIR --from TIME --to TIME
+                [--source replay:PATH | kafka:BOOTSTRAP/TOPIC] [--postgres-dsn DSN] [--dry-run]
   deploy    launch one customer's pipeline (templates/customers/NAME.yaml)
             python -m pipeline deploy (--customer NAME | --customer-file PATH)
                 --target dataflow|flink [--dry-run]

@@ -32,10 +32,11 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.readback import outputs as run_outputs
+from pipeline.readback.outputs import FINISHED
 from pipeline.readback.stored import FilesSink, PostgresSink, Sink, SqliteSink
 from pipeline.runfolder import names
-from pipeline.runfolder.files import FolderBusy, lock_folder, utc_now, write_json_atomically
+from pipeline.runfolder.files import (
+    FolderBusy, lock_folder, read_json, utc_now, write_json_atomically)
 from pipeline.settings.checks import ConfigError, check_seconds
 from pipeline.settings.runners import use_every_core
 from pipeline.settings.targets import parse_kafka_target
@@ -44,7 +45,7 @@ from transforms.connectors.history import (
 from transforms.flow.restate import OUTSIDE_RANGE, RestatedWindow, RestateWindows
 from transforms.rules.model import (
     AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE, WindowAggregate, WindowSpec,
-    iso_millis, window_spec)
+    final_panes_of, iso_millis, window_spec)
 from transforms.rules.payload import InvalidPayload, parse_payload, parse_rfc3339_ms
 from transforms.rules.replay import ReplayError, index_replay, replay_digest
 from transforms.rules.restatement import ADDED_TOO_LATE, RESTATED, RestateRange, same_figures
@@ -55,10 +56,46 @@ DEFAULT_MARGIN_S = 600
 _FIGURES = ('count', 'sum', 'min', 'max')
 
 
+class LiveRun(NamedTuple):
+  """What a restatement needs of the finished run it restates."""
+  directory: str
+  manifest: dict
+  #: message_id -> event time of every copy the run dead-lettered as too late
+  too_late: Dict[str, int]
+
+
+def read_live_run(folder: str) -> LiveRun:
+  """The run's manifest and its too-late dead letters (streamed: nothing else
+  of the folder is held); ConfigError if it is not a finished run's folder."""
+  manifest = read_json(os.path.join(folder, names.MANIFEST))
+  if not manifest or 'settings' not in manifest:
+    raise ConfigError('OUTPUT_DIR', f'{folder}: no run.json with settings: not a Tidemark '
+                      'output folder')
+  if manifest.get('status') not in FINISHED:
+    raise ConfigError('OUTPUT_DIR', f'the run in {folder} did not finish (run.json: '
+                      f'{manifest.get("status")}): restate the windows of a finished run')
+  too_late: Dict[str, int] = {}
+  path = os.path.join(folder, names.DEAD_LETTERS)
+  number = 0
+  try:
+    with open(path, encoding='utf-8') as f:
+      for line in f:
+        number += 1
+        if '"too_late"' in line:
+          letter = json.loads(line)
+          if letter.get('reason') == TOO_LATE and letter.get('message_id'):
+            too_late[letter['message_id']] = parse_payload(letter['data'])[4]
+  except OSError as e:
+    raise ConfigError('OUTPUT_DIR', f'cannot read {path}: {e.strerror or e}') from None
+  except (ValueError, KeyError) as e:
+    raise ConfigError('OUTPUT_DIR', f'{path}:{number}: not a dead letter of the run ({e})') from None
+  return LiveRun(folder, manifest, too_late)
+
+
 class Plan(NamedTuple):
   """A restatement, checked: nothing has been written yet."""
   folder: str
-  live: run_outputs.RunOutputs
+  live: LiveRun
   spec: WindowSpec
   span: RestateRange
   source: str  # replay:PATH or kafka:...
@@ -76,7 +113,7 @@ def _instant(field: str, text: str) -> int:
                       f'({e})') from None
 
 
-def _live_source(live: run_outputs.RunOutputs) -> str:
+def _live_source(live: LiveRun) -> str:
   described = live.manifest.get('input') or {}
   if described.get('kind') == 'replay':
     return 'replay:' + described['path']
@@ -114,7 +151,7 @@ def _history(source: str, spec: WindowSpec, span: RestateRange,
   raise ConfigError('--source', f'{source!r} is not replay:PATH or kafka:BOOTSTRAP/TOPIC[,...]')
 
 
-def _sinks(live: run_outputs.RunOutputs, postgres_dsn: Optional[str]) -> List[Sink]:
+def _sinks(live: LiveRun, postgres_dsn: Optional[str]) -> List[Sink]:
   settings = live.manifest['settings']
   sinks: List[Sink] = [FilesSink(os.path.join(live.directory, names.AGGREGATES))]
   sqlite = settings.get('sqlite_path')
@@ -136,13 +173,7 @@ def _sinks(live: run_outputs.RunOutputs, postgres_dsn: Optional[str]) -> List[Si
 def prepare(args: argparse.Namespace) -> Plan:
   """Every check, in order; ConfigError naming the option for the first that fails."""
   folder = args.output_dir
-  try:
-    live = run_outputs.load(folder)
-  except (run_outputs.NotARunFolder, run_outputs.UnreadableOutput) as e:
-    raise ConfigError('OUTPUT_DIR', str(e)) from None
-  if not live.finished:
-    raise ConfigError('OUTPUT_DIR', f'the run in {folder} did not finish (run.json: '
-                      f'{live.status}): restate the windows of a finished run')
+  live = read_live_run(folder)
   settings = live.manifest['settings']
   spec = window_spec(settings['window_size_s'], settings['allowed_lateness_s'])
   span = RestateRange(_instant('--from', args.start), _instant('--to', args.end))
@@ -160,9 +191,7 @@ def prepare(args: argparse.Namespace) -> Plan:
                         f'cannot read the {sink.name} sink: {e}') from None
   source = args.source or _live_source(live)
   read, messages = _history(source, spec, span, margin_ms)
-  too_late = frozenset(d['message_id'] for d in live.dead_letters
-                       if d.get('reason') == TOO_LATE and d.get('message_id'))
-  return Plan(folder, live, spec, span, source, read, sinks, too_late, messages)
+  return Plan(folder, live, spec, span, source, read, sinks, frozenset(live.too_late), messages)
 
 
 def restate(plan: Plan, argv: List[str]) -> Tuple[List[RestatedWindow], Dict[str, int]]:
@@ -248,16 +277,8 @@ def corrections(plan: Plan, windows: List[RestatedWindow]) -> Tuple[list, Dict[s
 
 
 def _too_late_in_range(plan: Plan) -> int:
-  n = 0
-  for letter in plan.live.dead_letters:
-    if letter.get('reason') != TOO_LATE:
-      continue
-    try:
-      event_time = parse_payload(letter['data'])[4]
-    except (InvalidPayload, KeyError):
-      continue
-    n += plan.span.holds(plan.spec.start(event_time))
-  return n
+  return sum(1 for event_time in plan.live.too_late.values()
+             if plan.span.holds(plan.spec.start(event_time)))
 
 
 def restated_accounting(folder: str, live_accounting: Dict[str, int]) -> Dict[str, int]:
@@ -270,7 +291,7 @@ def restated_accounting(folder: str, live_accounting: Dict[str, int]) -> Dict[st
     with open(os.path.join(audits, name), encoding='utf-8') as f:
       recovered += json.load(f)['too_late_read']
   with open(os.path.join(folder, names.AGGREGATES), encoding='utf-8') as f:
-    finals = run_outputs.final_panes_of(json.loads(line) for line in f if line.strip())
+    finals = final_panes_of(json.loads(line) for line in f if line.strip())
   aggregated = sum(pane['count'] for pane in finals.values())
   too_late = live_accounting[TOO_LATE] - recovered
   received, invalid = live_accounting[RECEIVED], live_accounting[INVALID]
@@ -308,7 +329,7 @@ def apply(plan: Plan, windows: List[RestatedWindow], counts: Dict[str, int],
     sink.add(rows[sink.name])
   os.makedirs(audits, exist_ok=True)
   write_json_atomically(os.path.join(audits, name), audit)
-  live_accounting = plan.live.manifest.get('accounting') or plan.live.accounting
+  live_accounting = plan.live.manifest['accounting']
   write_json_atomically(os.path.join(plan.folder, names.ACCOUNTING),
                         restated_accounting(plan.folder, live_accounting))
   return audit
@@ -359,8 +380,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   print(f'restated {audit["from"]} to {audit["to"]}: {counts["read"]:,} read '
         f'({counts[INVALID]:,} invalid, {counts[DUPLICATE]:,} duplicate, '
         f'{counts[AGGREGATED]:,} in the range, {counts[OUTSIDE_RANGE]:,} in other windows); '
-        f'{audit["windows_changed"]} of {audit["windows_in_range"]} windows corrected, '
-        f'{audit["too_late_recovered"]} too-late events now counted')
+        f'{audit["windows_changed"]:,} of {audit["windows_in_range"]:,} windows corrected, '
+        f'{audit["too_late_recovered"]:,} too-late events now counted')
   print(f'audit: {os.path.join(plan.folder, names.RESTATED_DIR)}')
   return 0
 

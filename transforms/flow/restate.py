@@ -8,10 +8,12 @@ source, data, watermark)``; the transform
   its ``event_id``'s shard;
 * ``JudgeCopies``: per shard, every copy of each id in the source's order: the
   first is counted, the rest are duplicates, beside the live run's decision;
-* ``WindowTruth``: per ``(customer, key, window)`` of the range, the restated
-  figures, the live run's reconstructed ones and the ids added or removed.
+* ``MergeWindows``: per ``(customer, key, window)`` of the range, the restated
+  figures, the live run's rebuilt ones and the ids added or removed, each shard's
+  partial merged (``WindowTruth`` makes them a ``RestatedWindow``).
 
-Only the shard's copies and one record per window cross a shuffle.
+The copies cross one shuffle, to their id's shard (as lists, pickled: ``bulk.Chunk``);
+after it only one partial per window and shard.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import apache_beam as beam
 from apache_beam import pvalue
 
 from transforms.flow.aggregate import Stats
+from transforms.flow.bulk import Chunk
 from transforms.rules.model import (
     AGGREGATED, DUPLICATE, INVALID, TOO_LATE, WindowSpec, stable_shard)
 from transforms.rules.payload import InvalidPayload, parse_payload
-from transforms.rules.restatement import (
-    HistoryCopy, Judged, RestateRange, id_changes, judge_copies)
+from transforms.rules.restatement import HistoryCopy, RestateRange, id_change, judge_copies
 
 #: A copy as read from history: (order, message_id, source, payload bytes, live watermark
 #: or None).
@@ -54,16 +56,6 @@ class RestatedWindow(NamedTuple):
   too_late_live: int
 
 
-def figures(values: Iterable[float]) -> tuple:
-  """(count, sum, min, max) by the contract's sum rule; min and max None when empty."""
-  stats = Stats()
-  acc = stats.create_accumulator()
-  for value in values:
-    acc = stats.add_input(acc, value)
-  count, total, low, high = stats.extract_output(acc)
-  return (count, total, low, high) if count else (0, 0.0, None, None)
-
-
 class _Sum(beam.CombineFn):
   """The sum of whole numbers."""
 
@@ -86,7 +78,7 @@ class _ParseFn(beam.DoFn):
     self._shards = shards
 
   def process(self, chunk: List[RawCopy]) -> Iterable:
-    by_shard: Dict[int, List[HistoryCopy]] = defaultdict(list)
+    by_shard: Dict[int, List[HistoryCopy]] = defaultdict(Chunk)
     invalid = 0
     for order, message_id, _source, data, watermark in chunk:
       try:
@@ -100,7 +92,18 @@ class _ParseFn(beam.DoFn):
     yield pvalue.TaggedOutput(_COUNTS, (INVALID, invalid))
 
 
+#: A window's figures from one shard: (restated Stats accumulator, live Stats
+#: accumulator, added IdChanges, removed IdChanges, copies too late live).
+Partial = tuple
+_STATS = Stats()
+
+
+def _empty_partial() -> list:
+  return [_STATS.create_accumulator(), _STATS.create_accumulator(), [], [], 0]
+
+
 class _JudgeFn(beam.DoFn):
+  """Every copy of the shard's ids judged; per window of the range, one partial."""
 
   def __init__(self, spec: WindowSpec, span: RestateRange, too_late_live: FrozenSet[str]):
     self._spec = spec
@@ -111,37 +114,63 @@ class _JudgeFn(beam.DoFn):
     _, chunks = element
     copies = [c for chunk in chunks for c in chunk]
     counts = {DUPLICATE: 0, AGGREGATED: 0, OUTSIDE_RANGE: 0}
-    by_window: Dict[tuple, List[Judged]] = defaultdict(list)
+    partials: Dict[tuple, list] = {}
     for judged in judge_copies(copies, self._spec, self._too_late_live):
       c = judged.copy
-      start = self._spec.start(c.event_time)
       if judged.restated:
         counts[AGGREGATED if self._span.holds(judged.first_window) else OUTSIDE_RANGE] += 1
       else:
         counts[DUPLICATE] += 1
-      if self._span.holds(start):
-        by_window[(c.customer_id, c.key, start)].append(judged)
-    yield from by_window.items()
+      start = self._spec.start(c.event_time)
+      if not self._span.holds(start):
+        continue
+      partial = partials.get((c.customer_id, c.key, start))
+      if partial is None:
+        partial = partials[(c.customer_id, c.key, start)] = _empty_partial()
+      if judged.restated:
+        partial[0] = _STATS.add_input(partial[0], c.value)
+      if judged.live == AGGREGATED:
+        partial[1] = _STATS.add_input(partial[1], c.value)
+      elif judged.live == TOO_LATE:
+        partial[4] += 1
+      change = id_change(judged)
+      if change is not None:
+        partial[2 if change[0] else 3].append(tuple(change[1]))
+    for window, partial in partials.items():
+      yield window, tuple(partial)
     for name, n in counts.items():
       yield pvalue.TaggedOutput(_COUNTS, (name, n))
 
 
-class _WindowTruthFn(beam.DoFn):
+class _MergeWindow(beam.CombineFn):
+  """A window's partials from every shard, merged."""
 
-  def __init__(self, size_ms: int):
-    self._size_ms = size_ms
+  def create_accumulator(self) -> Partial:
+    return tuple(_empty_partial())
 
-  def process(self, element: Tuple[tuple, Iterable[List[Judged]]]) -> Iterable[RestatedWindow]:
-    (customer_id, key, start), parts = element
-    judged = [j for part in parts for j in part]
-    added, removed = id_changes(judged)
-    yield RestatedWindow(
-        customer_id, key, start, start + self._size_ms,
-        figures(j.copy.value for j in sorted(judged, key=lambda j: j.copy.order) if j.restated),
-        figures(j.copy.value for j in sorted(judged, key=lambda j: j.copy.order)
-                if j.live == AGGREGATED),
-        [tuple(a) for a in added], [tuple(r) for r in removed],
-        sum(1 for j in judged if j.live == TOO_LATE))
+  def add_input(self, acc: Partial, partial: Partial) -> Partial:
+    return self.merge_accumulators([acc, partial])
+
+  def merge_accumulators(self, accumulators: Iterable[Partial]) -> Partial:
+    parts = list(accumulators)
+    return (_STATS.merge_accumulators([p[0] for p in parts]),
+            _STATS.merge_accumulators([p[1] for p in parts]),
+            [a for p in parts for a in p[2]], [r for p in parts for r in p[3]],
+            sum(p[4] for p in parts))
+
+  def extract_output(self, acc: Partial) -> Partial:
+    return acc
+
+
+def _figures(acc) -> tuple:
+  count, total, low, high = _STATS.extract_output(acc)
+  return (count, total, low, high) if count else (0, 0.0, None, None)
+
+
+def _restated_window(element: Tuple[tuple, Partial], size_ms: int) -> RestatedWindow:
+  (customer_id, key, start), (restated, live, added, removed, too_late) = element
+  return RestatedWindow(customer_id, key, start, start + size_ms, _figures(restated),
+                        _figures(live), sorted(added), sorted(removed), too_late)
 
 
 class Restated(NamedTuple):
@@ -172,8 +201,8 @@ class RestateWindows(beam.PTransform):
     self._shards = shards
 
   def expand(self, chunks: beam.PCollection) -> Restated:
-    parsed = chunks | 'Parse' >> beam.ParDo(_ParseFn(self._shards)).with_outputs(
-        _COUNTS, main='by_shard')
+    parsed = chunks | 'Parse' >> beam.ParDo(_ParseFn(self._shards)).with_output_types(
+        Tuple[int, Chunk]).with_outputs(_COUNTS, main='by_shard')
     judged = (
         parsed.by_shard
         | 'GroupByShard' >> beam.GroupByKey()
@@ -182,8 +211,8 @@ class RestateWindows(beam.PTransform):
                 _COUNTS, main='by_window'))
     windows = (
         judged.by_window
-        | 'GroupByWindow' >> beam.GroupByKey()
-        | 'WindowTruth' >> beam.ParDo(_WindowTruthFn(self._window.size_ms)))
+        | 'MergeWindows' >> beam.CombinePerKey(_MergeWindow())
+        | 'WindowTruth' >> beam.Map(_restated_window, self._window.size_ms))
     counts = (
         (parsed[_COUNTS], judged[_COUNTS])
         | 'AllCounts' >> beam.Flatten()

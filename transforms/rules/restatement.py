@@ -20,7 +20,7 @@ value the sinks hold, the audit says so (``explained: false``).
 
 from __future__ import annotations
 
-from typing import Container, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Container, Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
 
 from transforms.rules.admission import AdmissionRules
 from transforms.rules.model import AGGREGATED, DUPLICATE, TOO_LATE, WindowSpec, iso_millis
@@ -114,18 +114,15 @@ class IdChange(NamedTuple):
   reason: str
 
 
-def id_changes(judged: Iterable[Judged]) -> Tuple[List[IdChange], List[IdChange]]:
-  """``(added, removed)`` for the copies of one window: ids the restatement
-  counts there that the live run did not, and the reverse."""
-  added: List[IdChange] = []
-  removed: List[IdChange] = []
-  for j in judged:
-    c = j.copy
-    if j.restated and j.live == TOO_LATE:  # an id's first copy is never a live duplicate
-      added.append(IdChange(c.event_id, c.message_id, ADDED_TOO_LATE))
-    elif j.live == AGGREGATED and not j.restated:
-      removed.append(IdChange(c.event_id, c.message_id, REMOVED_LATER_COPY))
-  return sorted(added), sorted(removed)
+def id_change(judged: Judged) -> Optional[Tuple[bool, IdChange]]:
+  """``(True, change)`` if the restatement adds the copy's id to its window,
+  ``(False, change)`` if it removes it, None if both count it or neither does."""
+  c = judged.copy
+  if judged.restated and judged.live == TOO_LATE:  # an id's first copy is never a live duplicate
+    return True, IdChange(c.event_id, c.message_id, ADDED_TOO_LATE)
+  if judged.live == AGGREGATED and not judged.restated:
+    return False, IdChange(c.event_id, c.message_id, REMOVED_LATER_COPY)
+  return None
 
 
 Figures = Tuple[int, float, Optional[float], Optional[float]]
