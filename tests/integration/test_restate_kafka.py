@@ -4,7 +4,7 @@ The live run reads three windows of traffic, then stragglers arrive beyond the
 allowed lateness: new ids (too late live, recovered by the restatement) and a
 redelivery of an id the run aggregated (too late live, a duplicate for the
 restatement). The restatement reads the topic again, bounded by record time,
-and the files and SQLite then hold the no-lateness truth for every window of
+and the files, SQLite and PostgreSQL then hold the no-lateness truth for every window of
 the range (the reference's reading with a lateness no event reaches); the audit
 names exactly the recovered ids; a second restatement writes nothing.
 """
@@ -53,7 +53,16 @@ def _restate(out: str, *args) -> subprocess.CompletedProcess:
                         cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def test_a_kafka_run_restated_from_its_topic(kafka_broker, flink_job_server, tmp_path):
+def _postgres(dsn: str, table: str) -> dict:
+  import psycopg
+  with psycopg.connect(dsn) as db:
+    rows = db.execute(f'SELECT customer_id, key, window_start, window_end, count, sum, min, '
+                      f'max FROM {table}').fetchall()
+  return {r[:4]: r[4:] for r in rows}
+
+
+def test_a_kafka_run_restated_from_its_topic(
+    kafka_broker, flink_job_server, postgres_dsn, pg_table, tmp_path):
   topic = f'tidemark-restate-{uuid.uuid4().hex[:8]}'
   admin = AdminClient({'bootstrap.servers': kafka_broker})
   for future in admin.create_topics([NewTopic(topic, 2, 1)]).values():
@@ -74,7 +83,9 @@ def test_a_kafka_run_restated_from_its_topic(kafka_broker, flink_job_server, tmp
       [sys.executable, '-m', 'pipeline', 'run', *flink_args(flink_job_server), '--streaming',
        f'--source=kafka:{kafka_broker}/A={topic}',
        f'--kafka-expansion-service={KAFKA_EXPANSION_SERVICE}', f'--window-size={W}',
-       f'--allowed-lateness={L}', f'--output-dir={out}', '--run-seconds=60'],
+       f'--allowed-lateness={L}', f'--output-dir={out}', '--run-seconds=60',
+       '--sink=postgres', f'--postgres-dsn={postgres_dsn}', f'--postgres-table={pg_table}',
+       f'--postgres-dead-letter-table={pg_table}_dl'],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     deadline = time.monotonic() + 120
@@ -104,12 +115,14 @@ def test_a_kafka_run_restated_from_its_topic(kafka_broker, flink_job_server, tmp
   assert sorted(json.loads(d['data'])['event_id'] for d in letters
                 if d['reason'] == 'too_late') == sorted(late_ids + ['e7'])
   assert in_span(_finals(out)) != truth
+  assert in_span(_postgres(postgres_dsn, pg_table)) == in_span(_finals(out))
 
-  args = ('--from', _iso(span[0]), '--to', _iso(span[1]))
+  args = ('--from', _iso(span[0]), '--to', _iso(span[1]), f'--postgres-dsn={postgres_dsn}')
   restated = _restate(out, *args)
   assert restated.returncode == 0, restated.stderr[-3000:]
   assert in_span(_finals(out)) == truth
   assert in_span(_sqlite(out)) == truth
+  assert in_span(_postgres(postgres_dsn, pg_table)) == truth
   audit = _audit(out)
   assert sorted(a['event_id'] for w in audit['windows'] for a in w['added']) == late_ids
   assert {a['reason'] for w in audit['windows'] for a in w['added']} == {'too_late_live'}
@@ -119,7 +132,10 @@ def test_a_kafka_run_restated_from_its_topic(kafka_broker, flink_job_server, tmp
   accounting = json.load(open(os.path.join(out, 'accounting.json')))
   assert accounting['too_late'] == 0 and accounting['received'] == phase1 + 6
 
-  before = _snapshot(out)
+  before = _snapshot(out), _postgres(postgres_dsn, pg_table)
   again = _restate(out, *args)
   assert again.returncode == 0 and 'nothing to restate' in again.stdout
-  assert _snapshot(out) == before
+  assert (_snapshot(out), _postgres(postgres_dsn, pg_table)) == before
+  import psycopg
+  with psycopg.connect(postgres_dsn, autocommit=True) as db:
+    db.execute(f'DROP TABLE IF EXISTS {pg_table}_dl')

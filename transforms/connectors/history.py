@@ -13,8 +13,8 @@ that one that is not UTF-8 crosses every coder):
   if no record has reached it yet), read by Kafka's own client in slices in
   parallel. Record time only finds the offsets: a record between them is read
   whatever its time (a straggler's, under ``CreateTime``, is old). Nothing is
-  judged against a watermark; the source's order is record time, then
-  partition, then offset.
+  judged against a watermark; the source's order is record time, then source,
+  partition and offset.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class _ReadSliceFn(beam.DoFn):
           if record.offset() >= piece.end:
             break
           _, timestamp = record.timestamp()
-          chunk.append(((timestamp, piece.partition, record.offset()),
+          chunk.append(((timestamp, piece.source, piece.partition, record.offset()),
                         message_identity('kafka', piece.topic, piece.partition, record.offset()),
                         piece.source, record.value() or b'', None))
       yield chunk

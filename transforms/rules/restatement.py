@@ -6,7 +6,7 @@ raw history of a closed range of windows again and applies the no-lateness rule:
 
 * a window's restated value counts every valid event whose event time falls in
   it, each ``event_id`` once: its first copy in the source's order (a replay's
-  line order; a Kafka topic's record time, then partition, then offset);
+  line order; Kafka's record time, then source, partition and offset);
 * invalid payloads stay invalid; later copies are duplicates.
 
 To say *why* a window changes, the live run's decisions are reconstructed copy
