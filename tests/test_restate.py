@@ -163,6 +163,10 @@ def test_a_narrower_range_leaves_the_windows_outside_it(tmp_path):
       '--source', 'kafka:127.0.0.1:9/topic'], 'Kafka at 127.0.0.1:9'),
     (['--from', '2023-11-14T22:13:00Z', '--to', '2023-11-14T22:14:00Z',
       '--margin', '-1'], '--margin'),
+    (['--from', '2023-11-14T22:13:00Z', '--to', '2023-11-14T22:14:00Z',
+      '--window-size', '30'], "takes the run's own"),
+    (['--from', '2023-11-14T22:13:00Z', '--to', '2023-11-14T22:14:00Z',
+      '--margn', '30'], 'neither a Tidemark option nor a Beam pipeline option'),
 ])
 def test_bad_ranges_and_sources_are_refused_before_anything_is_written(
     tmp_path, capsys, args, field):

@@ -38,6 +38,7 @@ from pipeline.runfolder import names
 from pipeline.runfolder.files import (
     FolderBusy, lock_folder, read_json, utc_now, write_json_atomically)
 from pipeline.settings.checks import ConfigError, check_seconds
+from pipeline.settings.options import option_dests, parse_args
 from pipeline.settings.runners import use_every_core
 from pipeline.settings.targets import parse_kafka_target
 from transforms.connectors.history import (
@@ -194,9 +195,20 @@ def prepare(args: argparse.Namespace) -> Plan:
   return Plan(folder, live, spec, span, source, read, sinks, frozenset(live.too_late), messages)
 
 
-def restate(plan: Plan, argv: List[str]) -> Tuple[List[RestatedWindow], Dict[str, int]]:
+def beam_options(argv: List[str]) -> PipelineOptions:
+  """The Beam options after the restatement's own, each checked (ConfigError for
+  an unknown one, or a run setting: a restatement takes the run's)."""
+  run_flags = set(option_dests().values())
+  for arg in argv:
+    if arg.split('=', 1)[0] in run_flags:
+      raise ConfigError(arg.split('=', 1)[0], "is a setting of python -m pipeline run; a "
+                        "restatement takes the run's own (its run.json)")
+  return parse_args(argv)
+
+
+def restate(plan: Plan, options: PipelineOptions,
+            argv: List[str]) -> Tuple[List[RestatedWindow], Dict[str, int]]:
   """Runs the batch flow; returns the range's windows and the counts of what was read."""
-  options = PipelineOptions(argv)
   use_every_core(options, argv, plan.messages)
   windows: List[RestatedWindow] = []
   counts: Dict[str, int] = {}
@@ -338,6 +350,7 @@ def apply(plan: Plan, windows: List[RestatedWindow], counts: Dict[str, int],
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='python -m pipeline restate', description=__doc__.split('\n\n')[0],
+      allow_abbrev=False,
       epilog='Beam options (--runner, --direct_num_workers, ...) may follow.')
   parser.add_argument('output_dir', metavar='OUTPUT_DIR', help="a finished run's --output-dir")
   parser.add_argument('--from', dest='start', required=True, metavar='TIME',
@@ -359,6 +372,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   try:
     lock_folder(args.output_dir, lambda: f'{args.output_dir} is being written by a run: '
                 'restate it once the run has ended')
+    options = beam_options(beam_args)
     plan = prepare(args)
   except FolderBusy as e:
     print(f'tidemark: error: OUTPUT_DIR: {e}', file=sys.stderr)
@@ -366,7 +380,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   except ConfigError as e:
     print(f'tidemark: error: {e}', file=sys.stderr)
     return 2
-  windows, counts = restate(plan, beam_args)
+  windows, counts = restate(plan, options, beam_args)
   audit = apply(plan, windows, counts, args.dry_run)
   if args.dry_run:
     print(json.dumps(audit, indent=1))

@@ -86,8 +86,9 @@ class SqliteSink(Sink):
   def finals(self, span: RestateRange, size_ms: int) -> Dict[WindowKey, dict]:
     if not os.path.exists(self.path):
       return {}
-    with sqlite3.connect(self.path) as db:
-      db.execute(SQLITE_DDL)
+    with sqlite3.connect(f'file:{self.path}?mode=ro', uri=True) as db:
+      if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'aggregates'").fetchone():
+        return {}
       rows = db.execute(
           f'SELECT {", ".join(_READ_COLUMNS)} FROM aggregates WHERE window_size_ms = ? '
           'AND window_start >= ? AND window_start < ?', (size_ms, span.start_ms, span.end_ms))
@@ -111,7 +112,8 @@ class PostgresSink(Sink):
   def finals(self, span: RestateRange, size_ms: int) -> Dict[WindowKey, dict]:
     from psycopg import sql
     with postgres_connect(self.dsn) as db:
-      db.execute(postgres_aggregates_ddl(self.table))
+      if db.execute('SELECT to_regclass(quote_ident(%s))', (self.table,)).fetchone()[0] is None:
+        return {}
       query = sql.SQL(
           'SELECT {cols} FROM {table} WHERE window_size_ms = %s AND window_start >= %s '
           'AND window_start < %s').format(
