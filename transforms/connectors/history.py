@@ -19,6 +19,7 @@ that one that is not UTF-8 crosses every coder):
 
 from __future__ import annotations
 
+import time
 from typing import Dict, Iterable, List, NamedTuple
 
 import apache_beam as beam
@@ -121,11 +122,16 @@ class _ReadSliceFn(beam.DoFn):
       consumer.assign([TopicPartition(piece.topic, piece.partition, piece.start)])
       chunk: List[tuple] = []
       offset = piece.start
+      deadline = time.monotonic() + self._timeout_s
       while offset < piece.end:
-        records = consumer.consume(num_messages=10_000, timeout=self._timeout_s)
+        # never more than the slice holds: consume() waits for as many as it is asked
+        records = consumer.consume(num_messages=min(10_000, piece.end - offset), timeout=1.0)
         if not records:
-          raise KafkaUnreachable(f'no record of {piece.topic}/{piece.partition} at offset '
-                                 f'{offset} within {self._timeout_s} s')
+          if time.monotonic() > deadline:
+            raise KafkaUnreachable(f'no record of {piece.topic}/{piece.partition} at offset '
+                                   f'{offset} within {self._timeout_s} s')
+          continue
+        deadline = time.monotonic() + self._timeout_s
         for record in records:
           error = record.error()
           if error is not None:
