@@ -31,8 +31,8 @@ def _iso(millis: int) -> str:
       '%Y-%m-%dT%H:%M:%SZ')
 
 
-def _replay(path: str) -> str:
-  lines = []
+def _replay(path: str, more=()) -> str:
+  lines = list(more)
   for i in range(30):  # three windows, in time
     lines.append(data('A', payload(f'e{i}', T0 + i * 1000, value=float(i), key=f'k{i % 2}')))
   lines.append(data('A', payload('e3', T0 + 3000, value=3.0, key='k1')))  # a redelivery
@@ -50,8 +50,8 @@ def _replay(path: str) -> str:
   return write_replay(path, lines)
 
 
-def _run(tmp_path, *extra) -> str:
-  replay = _replay(str(tmp_path / 'replay.jsonl'))
+def _run(tmp_path, *extra, more=()) -> str:
+  replay = _replay(str(tmp_path / 'replay.jsonl'), more)
   out = str(tmp_path / 'out')
   assert run_command.main([f'--source=replay:{replay}', f'--window-size={W}',
                            f'--allowed-lateness={L}', f'--output-dir={out}', *extra]) == 0
@@ -195,11 +195,16 @@ def test_an_unfinished_run_or_other_folder_is_refused(tmp_path, capsys):
   assert _snapshot(out) == before
 
 
-def test_a_restated_postgres_table_holds_the_truth(tmp_path, postgres_dsn, pg_table):
+def test_a_restated_postgres_table_holds_the_truth_of_its_customer_only(
+    tmp_path, postgres_dsn, pg_table):
   import psycopg
+  other = data('A', payload('acme-1', T0 + 100, value=9.0, customer_id='acme.io', key='k0'))
   out = _run(tmp_path, '--sink=postgres', f'--postgres-dsn={postgres_dsn}',
-             f'--postgres-table={pg_table}', f'--postgres-dead-letter-table={pg_table}_dl')
-  truth = reference.compute(str(tmp_path / 'replay.jsonl'), W, NO_LATENESS).windows
+             f'--postgres-table={pg_table}', f'--postgres-dead-letter-table={pg_table}_dl',
+             '--customer-id=finserve', more=[other])
+  every = reference.compute(str(tmp_path / 'replay.jsonl'), W, NO_LATENESS).windows
+  truth = {w: v for w, v in every.items() if w[0] == 'finserve'}
+  assert truth != every  # the files hold acme.io's window too; PostgreSQL does not
   span = ['--from', _iso(T0), '--to', _iso(T0 + 5 * W * 1000)]
   assert restate_command.main([out, *span]) == 2  # the DSN is not in run.json
   assert restate_command.main([out, *span, f'--postgres-dsn={postgres_dsn}']) == 0
@@ -212,6 +217,7 @@ def test_a_restated_postgres_table_holds_the_truth(tmp_path, postgres_dsn, pg_ta
 
   first = stored()
   assert {w: v[:4] for w, v in first.items()} == truth
+  assert _finals(out) == every
   assert {v[5] for w, v in first.items()} >= {'RESTATED'}
   assert restate_command.main([out, *span, f'--postgres-dsn={postgres_dsn}']) == 0
   assert stored() == first

@@ -258,8 +258,8 @@ def corrections(plan: Plan, windows: List[RestatedWindow]) -> Tuple[list, Dict[s
     written = {}
     for sink in plan.sinks:
       before = stored[sink.name].get(window)
-      if same_figures(before, after) or after[0] == 0:
-        continue  # holds the truth (or the window has no events: no row can say so)
+      if same_figures(before, after) or after[0] == 0 or not sink.takes(window[0]):
+        continue  # holds the truth (or no row can say it, or the sink is another customer's)
       index = 0 if before is None else before['pane_index'] + 1
       customer_id, key, start, end = window
       count, total, low, high = after

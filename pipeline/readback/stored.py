@@ -27,8 +27,13 @@ _READ_COLUMNS = ('customer_id', 'key', 'window_start', 'window_end', 'count', 's
 
 
 class Sink:
-  """One place a run's aggregates are stored."""
+  """One place a run's aggregates are stored; ``customer_id``: the one customer
+  whose rows it takes (None: every customer's)."""
   name = ''
+  customer_id: Optional[str] = None
+
+  def takes(self, customer_id: str) -> bool:
+    return self.customer_id is None or customer_id == self.customer_id
 
   def finals(self, span: RestateRange, size_ms: int) -> Dict[WindowKey, dict]:
     raise NotImplementedError
