@@ -201,7 +201,7 @@ def test_the_product_cli_lists_only_product_commands_and_points_to_the_tools(tmp
   assert shown.returncode == 0
   commands = [line.split()[0] for line in shown.stdout.splitlines()
               if line.startswith('  ') and not line.startswith('   ')]
-  assert commands == ['run', 'deploy', 'report']
+  assert commands == ['run', 'restate', 'deploy', 'report']
   for tool in ('generate', 'simulate', 'bench'):
     refused = cli(tool, '--help', cwd=str(tmp_path))  # from any folder
     assert refused.returncode == 2 and 'Traceback' not in refused.stderr
