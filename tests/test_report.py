@@ -318,7 +318,7 @@ def test_the_report_of_an_interrupted_run_shows_what_it_wrote_and_says_so(tmp_pa
   assert outputs.accounting['invalid'] + outputs.accounting['too_late'] == len(letters)
   assert outputs.accounting['received'] == sum(
       outputs.accounting[k] for k in CATEGORIES if k != 'received') < 30000
-  assert outputs.replay_messages is None  # the whole file is not what it received
+  assert outputs.replay_received is None  # the whole file is not what it received
   page = report.render_html(outputs, charts.charts(outputs))
   assert 'What the run wrote before it stopped' in page and 'did not finish' in page
   assert 'class="status bad"' in page

@@ -61,7 +61,8 @@ def describe_input(config: RunConfig, source=None) -> dict:
     timeline = getattr(source, 'index', None) or getattr(source, 'replay', None)
     return {'kind': kind, 'path': os.path.abspath(config.source_target),
             'size_bytes': os.path.getsize(config.source_target),
-            'messages': getattr(timeline, 'messages', None)}
+            'messages': getattr(timeline, 'messages', None),
+            'sources': list(getattr(timeline, 'sources', ()))}
   if kind == 'kafka':
     bootstrap, topics = config.kafka
     return {'kind': kind, 'bootstrap': bootstrap, 'topics': topics,

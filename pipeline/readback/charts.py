@@ -152,29 +152,10 @@ def lateness(outputs: RunOutputs) -> Optional[Tuple[List[float], List[float]]]:
   seconds the watermark had passed that end, split into those the run
   accepted and those it dead-lettered as too late (found by their payload
   among the dead letters). None when the run did not read a replay."""
-  if outputs.replay_messages is None:
+  if outputs.replay_late is None:
     return None
-  late = collections.Counter((d['source'], d['data']) for d in outputs.dead_letters
-                             if d['reason'] == TOO_LATE)
-  size_ms = outputs.window_size_s * 1000
-  within: List[float] = []
-  too_late: List[float] = []
-  for message in outputs.replay_messages:
-    if message.watermark is None:
-      continue
-    parsed = payload_fields(message.data)
-    if parsed is None:
-      continue
-    end = parsed[4] - parsed[4] % size_ms + size_ms
-    behind_s = (message.watermark - end) / 1000
-    if behind_s < 0:
-      continue
-    if late[(message.source, message.data)] > 0:
-      late[(message.source, message.data)] -= 1
-      too_late.append(behind_s)
-    else:
-      within.append(behind_s)
-  return within, too_late
+  within = [behind for behind, too_late in outputs.replay_late if not too_late]
+  return within, [behind for behind, too_late in outputs.replay_late if too_late]
 
 
 def lateness_chart(outputs: RunOutputs) -> Optional[Chart]:

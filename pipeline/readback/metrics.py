@@ -40,10 +40,10 @@ def run_metrics(outputs: RunOutputs):
   for (reason, source), count in collections.Counter(
       (d['reason'], d['source']) for d in outputs.dead_letters).items():
     dead.labels(reason=reason, source=source).inc(count)
-  if outputs.replay_messages is not None:
+  if outputs.replay_received is not None:
     received = Counter('tidemark_received', 'Messages received, by source (replays)',
                        ['source'], registry=registry)
-    for source, count in collections.Counter(m.source for m in outputs.replay_messages).items():
+    for source, count in outputs.replay_received.items():
       received.labels(source=source).inc(count)
   panes = Counter('tidemark_panes', 'Panes written, by timing', ['timing'], registry=registry)
   for timing, count in collections.Counter(p['timing'] for p in outputs.panes).items():

@@ -13,15 +13,17 @@ import collections
 import datetime
 import json
 import os
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+
+import msgspec
 
 from pipeline.runfolder import names
 from pipeline.runfolder.files import file_identity
 from transforms.rules.model import (
     AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE, WindowKey, dead_letter_payload,
     final_panes_of)
-from transforms.rules.payload import InvalidPayload, parse_payload
-from transforms.rules.replay import Messages, ReplayError, compile_replay, watermark_history
+from transforms.rules.payload import InvalidPayload, parse_payload, parse_rfc3339_ms
+from transforms.rules.replay import ReplayError, replay_sources, walk_replay
 
 
 class NotARunFolder(ValueError):
@@ -36,11 +38,14 @@ class RunOutputs(NamedTuple):
   dead_letters: List[dict]
   duplicates: Optional[List[dict]]  # None: the run did not record them
   reconciliation: Optional[dict]
-  #: the replay the run read, if it is still there unchanged: its messages
-  #: (source, payload, pipeline watermark at arrival) and each source's
-  #: watermark history (``transforms.rules.replay.watermark_history``)
-  replay_messages: Optional[list]
+  #: the replay the run read, if it is still there unchanged (else None):
+  #: the messages it holds per source
+  replay_received: Optional[Dict[str, int]]
+  #: each source's watermark as the replay goes on: ``(messages so far, watermark ms)``
   replay_watermarks: Optional[Dict[str, List[Tuple[int, int]]]]
+  #: every valid message that arrived after its window's end: ``(seconds the
+  #: watermark was past that end, whether it was dead-lettered as too late)``
+  replay_late: Optional[List[Tuple[float, bool]]] = None
   #: the audits of the run's restatements (``restated/*.json``), by range
   restatements: List[dict] = []
 
@@ -103,22 +108,68 @@ def _json(path: str) -> Optional[dict]:
     raise UnreadableOutput(f'{path}: {what}') from None
 
 
-def _replay(manifest: dict):
-  """The replay's messages and watermark history, or (None, None) when the run
-  did not read a replay or the file is gone or changed since."""
+class _EventTime(msgspec.Struct):
+  event_time: Union[int, str]
+
+
+_EVENT_TIME = msgspec.json.Decoder(_EventTime)
+
+
+def _event_time(payload: str) -> Optional[int]:
+  """The payload's event time, cheaply (no other check), or None."""
+  try:
+    t = _EVENT_TIME.decode(payload).event_time
+    return t if isinstance(t, int) else parse_rfc3339_ms(t)
+  except (msgspec.DecodeError, msgspec.ValidationError, InvalidPayload, UnicodeError):
+    return None
+
+
+def _replay(manifest: dict, dead_letters: List[dict], size_ms: int) -> tuple:
+  """``(received per source, watermark history, late messages)`` of the replay
+  the run read, streamed once; (None, None, None) when the run did not read a
+  replay or the file is gone or changed since. A late message is matched to the
+  too-late dead letters by its source and payload."""
   described = manifest.get('input') or {}
   path = described.get('path')
   if described.get('kind') != 'replay' or not path or not os.path.exists(path):
-    return None, None
+    return None, None, None
   if 'sha256' in described and file_identity(path).get('sha256') != described['sha256']:
-    return None, None
+    return None, None, None
+  too_late = collections.Counter((d['source'], d['data']) for d in dead_letters
+                                 if d['reason'] == TOO_LATE)
+  received: Dict[str, int] = collections.Counter()
+  history: Dict[str, List[Tuple[int, int]]] = {}
+  late: List[Tuple[float, bool]] = []
   try:
-    replay = compile_replay(path)
-    history, _ = watermark_history(path)
+    sources = tuple(described.get('sources') or replay_sources(path))
+    history = {source: [] for source in sources}
+    messages = 0
+    for kind, source, payload, watermark in walk_replay(path, sources):
+      if kind == 'watermark':
+        history[source].append((messages, payload))
+        continue
+      if kind != 'data':
+        continue
+      messages += 1
+      received[source] += 1
+      if watermark is None:
+        continue
+      event_time = _event_time(payload)
+      if event_time is not None and watermark < event_time - event_time % size_ms + size_ms:
+        continue  # arrived before its window's end: the cheap look at its time is enough
+      fields = payload_fields(payload)
+      if fields is None:
+        continue
+      event_time = fields[4]
+      if watermark < event_time - event_time % size_ms + size_ms:
+        continue
+      behind_s = (watermark - (event_time - event_time % size_ms + size_ms)) / 1000
+      matched = too_late[(source, payload)] > 0
+      too_late[(source, payload)] -= matched
+      late.append((behind_s, matched))
   except (ReplayError, OSError):
-    return None, None
-  messages = [m for step in replay.steps if isinstance(step, Messages) for m in step.batch]
-  return messages, history
+    return None, None, None
+  return dict(received), history, late
 
 
 #: Run statuses whose accounting is the run's whole (``pipeline.runfolder.files.COMMITTED``).
@@ -154,16 +205,19 @@ def load(output_dir: str) -> RunOutputs:
   if manifest is None or 'settings' not in manifest:
     raise NotARunFolder(f'{output_dir}: no run.json with settings: not a Tidemark output folder')
   finished = manifest.get('status') in FINISHED
-  messages, history = _replay(manifest) if finished else (None, None)
+  dead_letters = _json_lines(os.path.join(output_dir, names.DEAD_LETTERS)) or []
+  received, history, late = (
+      _replay(manifest, dead_letters, manifest['settings']['window_size_s'] * 1000)
+      if finished else (None, None, None))
   outputs = RunOutputs(
       directory=output_dir, manifest=manifest,
       accounting=(finished and _json(os.path.join(output_dir, names.ACCOUNTING)) or
                   dict.fromkeys(CATEGORIES, 0)),
       panes=_json_lines(os.path.join(output_dir, names.AGGREGATES)) or [],
-      dead_letters=_json_lines(os.path.join(output_dir, names.DEAD_LETTERS)) or [],
+      dead_letters=dead_letters,
       duplicates=_json_lines(os.path.join(output_dir, names.DUPLICATES)),
       reconciliation=_json(os.path.join(output_dir, names.RECONCILIATION)),
-      replay_messages=messages, replay_watermarks=history,
+      replay_received=received, replay_watermarks=history, replay_late=late,
       restatements=_restatements(output_dir))
   return outputs if finished else outputs._replace(accounting=written_so_far(outputs))
 
@@ -205,10 +259,9 @@ def breakdown(outputs: RunOutputs) -> Breakdown:
   for pane in outputs.final_panes().values():
     by_customer[pane['customer_id']][AGGREGATED] += pane['count']
   merged = None
-  if outputs.replay_messages is not None:
+  if outputs.replay_received is not None:
     merged = AGGREGATED if outputs.duplicates is not None else 'admitted or duplicate'
-    received = collections.Counter(m.source for m in outputs.replay_messages)
-    for source, count in received.items():
+    for source, count in outputs.replay_received.items():
       counts = by_source[source]
       counts[RECEIVED] = count
       counts[merged] = count - sum(counts[k] for k in (INVALID, TOO_LATE, DUPLICATE))

@@ -138,7 +138,7 @@ def render_html(outputs: RunOutputs, made: List[Chart]) -> str:
                'The figures count what it wrote before it stopped (dead letters, duplicates '
                'where recorded, events in panes); "received" is their sum, not what it read. '
                'Lateness and watermarks per source are not drawn for it.</p>')
-  elif outputs.replay_messages is None:
+  elif outputs.replay_received is None:
     missing = ('<p class="note">Lateness and watermark per source are drawn for replays: '
                'a live source\'s arrival watermarks are not in the outputs.</p>')
   rows = [(k, f'{accounting.get(k, 0):,}') for k in CATEGORIES] + [

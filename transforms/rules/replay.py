@@ -289,7 +289,6 @@ def _walk(path: str, timeline: Timeline, lines: Iterable[tuple]) -> Iterator[Tup
     yield line, moved
 
 
-
 def _checked_lines(path: str, sources: Dict[str, None]) -> Iterator[tuple]:
   """Every non-blank line as ``(offset, number, kind, source, payload)``,
   adding the sources it names to ``sources``; raises ReplayError at the first
@@ -333,20 +332,21 @@ def compile_replay(path: str) -> Replay:
   return Replay(steps, sources, messages, timeline.max_lag, replay_digest(path))
 
 
-def watermark_history(path: str) -> Tuple[Dict[str, List[Tuple[int, int]]], int]:
-  """Each source's watermark as the replay goes on: per source, the
-  ``(messages arrived so far, watermark ms)`` at each of its watermark lines;
-  and the number of messages. Raises ReplayError like ``compile_replay``."""
-  lines, sources = _validated_lines(path)
+def replay_sources(path: str) -> Tuple[str, ...]:
+  """The sources a replay names, in order of first mention (a checking pass)."""
+  sources: Dict[str, None] = {}
+  for _ in _checked_lines(path, sources):
+    pass
+  return tuple(sources)
+
+
+def walk_replay(path: str, sources: Tuple[str, ...]) -> Iterator[tuple]:
+  """The file streamed, nothing kept: each line as ``(kind, source, payload, pipeline watermark
+  after it)``; ``sources`` as ``replay_sources`` gives them. ReplayError as ``compile_replay``."""
   timeline = Timeline(sources)
-  history: Dict[str, List[Tuple[int, int]]] = {s: [] for s in sources}
-  messages = 0
+  lines = (line[1:] for line in _checked_lines(path, dict.fromkeys(sources)))
   for (_, kind, source, payload), _ in _walk(path, timeline, lines):
-    if kind == 'data':
-      messages += 1
-    elif kind == 'watermark':
-      history[source].append((messages, payload))
-  return history, messages
+    yield kind, source, payload, timeline.watermark
 
 
 class ChunkStart(NamedTuple):
