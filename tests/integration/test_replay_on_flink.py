@@ -84,6 +84,36 @@ def test_a_replay_on_flink_equals_the_direct_runner_and_the_contract(tmp_path, f
   assert flink == direct == bulk
 
 
+def _panes(out: str) -> list:
+  with open(os.path.join(out, 'aggregates.jsonl'), encoding='utf-8') as f:
+    return sorted(tuple(sorted(json.loads(line).items())) for line in f)
+
+
+@pytest.mark.integration
+def test_a_bulk_replay_on_flink_batch_equals_the_direct_runner_pane_for_pane(
+    tmp_path, flink_job_server):
+  """The batch flow (``--replay-mode bulk``) as a Flink batch job at parallelism 2:
+  every pane (early, on time, late) the DirectRunner's bulk run emits, and the
+  contract's outcome."""
+  replay = str(tmp_path / 'incident.jsonl')
+  traffic.write_replay(replay, traffic.Profile(
+      messages=3000, seed=11, window_size_s=WINDOW_S, allowed_lateness_s=LATENESS_S))
+  early = ('--replay-mode', 'bulk', '--early-firing', '10')
+  direct = _run(replay, str(tmp_path / 'direct'), *early)
+  flink = _run(replay, str(tmp_path / 'flink'), *early, '--parallelism', '2',
+               *flink_args(flink_job_server))
+  expected = reference.compute(replay, WINDOW_S, LATENESS_S)
+  assert expected.accounting['too_late'] > 0 and expected.accounting['duplicate'] > 0
+  assert flink['accounting'] == expected.accounting
+  assert flink['finals'] == expected.windows
+  assert flink['too_late'] == as_sent(expected.too_late)
+  assert flink['invalid'] == as_sent(expected.invalid)
+  panes = _panes(str(tmp_path / 'flink'))
+  assert {dict(p)['timing'] for p in panes} >= {'EARLY', 'ON_TIME', 'LATE'}
+  assert panes == _panes(str(tmp_path / 'direct'))
+  assert flink == direct
+
+
 @pytest.mark.integration
 def test_the_standard_flink_runner_runs_a_replay_exactly(tmp_path):
   """``--runner FlinkRunner`` as Beam documents it: Beam starts the job server
