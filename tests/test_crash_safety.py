@@ -297,9 +297,11 @@ def test_a_complete_run_says_what_it_read_and_how_it_ended(replays, complete_run
   out, manifest, _ = complete_run
   with open(replays[0], 'rb') as f:
     sha256 = hashlib.sha256(f.read()).hexdigest()
+  lines = [json.loads(line) for line in open(replays[0], encoding='utf-8') if line.strip()]
+  sources = list(dict.fromkeys(line['source'] for line in lines if 'source' in line))
   assert manifest['input'] == {
       'kind': 'replay', 'path': os.path.abspath(replays[0]), 'messages': 600,
-      'size_bytes': os.path.getsize(replays[0]), 'sha256': sha256}
+      'size_bytes': os.path.getsize(replays[0]), 'sha256': sha256, 'sources': sources}
   assert manifest['accounting'] == reference.compute(replays[0], 60, 30).accounting
   with open(out / 'accounting.json') as f:
     assert json.load(f) == manifest['accounting']

@@ -223,3 +223,28 @@ def test_a_restated_postgres_table_holds_the_truth_of_its_customer_only(
   assert stored() == first
   with psycopg.connect(postgres_dsn, autocommit=True) as db:
     db.execute(f'DROP TABLE IF EXISTS {pg_table}_dl')
+
+
+def test_a_restatement_that_fails_while_writing_is_finished_by_running_it_again(
+    tmp_path, capsys, monkeypatch):
+  from pipeline.readback import stored
+  out = _run(tmp_path)
+  truth = reference.compute(str(tmp_path / 'replay.jsonl'), W, NO_LATENESS).windows
+  span = ['--from', _iso(T0), '--to', _iso(T0 + 5 * W * 1000)]
+
+  def broken(self, rows):
+    raise OSError('disk full')
+  with monkeypatch.context() as patched:
+    patched.setattr(stored.SqliteSink, 'add', broken)
+    assert restate_command.main([out, *span]) == 1
+  err = capsys.readouterr().err
+  assert 'disk full' in err and 'run the same restatement again' in err and 'Traceback' not in err
+  assert _finals(out) == truth  # the files were written first
+  assert _sqlite(out) != truth and not os.path.exists(os.path.join(out, 'restated'))
+
+  assert restate_command.main([out, *span]) == 0
+  assert _finals(out) == truth and _sqlite(out) == truth
+  audit = _audit(out)
+  assert audit['rows_written'] == {'files': 0, 'sqlite': audit['windows_changed']}
+  accounting = json.load(open(os.path.join(out, 'accounting.json')))
+  assert accounting['aggregated'] == sum(v[0] for v in truth.values())

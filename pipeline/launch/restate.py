@@ -334,13 +334,15 @@ def apply(plan: Plan, windows: List[RestatedWindow], counts: Dict[str, int],
     return audit
   audits = os.path.join(plan.folder, names.RESTATED_DIR)
   name = names.RESTATEMENT.format(start=start.replace(':', ''), end=end.replace(':', ''))
-  if not any(rows.values()) and os.path.exists(os.path.join(audits, name)):
-    audit['unchanged'] = True  # restated before: every sink holds the truth; its audit stays
-    return audit
-  for sink in plan.sinks:
-    sink.add(rows[sink.name])
-  os.makedirs(audits, exist_ok=True)
-  write_json_atomically(os.path.join(audits, name), audit)
+  unchanged = not any(rows.values()) and os.path.exists(os.path.join(audits, name))
+  if unchanged:  # restated before: every sink holds the truth, and its audit stays
+    audit['unchanged'] = True
+  else:
+    for sink in plan.sinks:
+      sink.add(rows[sink.name])
+    os.makedirs(audits, exist_ok=True)
+    write_json_atomically(os.path.join(audits, name), audit)
+  # (again when unchanged: an earlier restatement may have stopped before it)
   live_accounting = plan.live.manifest['accounting']
   write_json_atomically(os.path.join(plan.folder, names.ACCOUNTING),
                         restated_accounting(plan.folder, live_accounting))
@@ -380,8 +382,17 @@ def main(argv: Optional[List[str]] = None) -> int:
   except ConfigError as e:
     print(f'tidemark: error: {e}', file=sys.stderr)
     return 2
-  windows, counts = restate(plan, options, beam_args)
-  audit = apply(plan, windows, counts, args.dry_run)
+  try:
+    windows, counts = restate(plan, options, beam_args)
+    audit = apply(plan, windows, counts, args.dry_run)
+    if not args.dry_run and not audit.get('unchanged'):
+      from pipeline.readback import report
+      report.write(plan.folder)
+  except Exception as e:  # pylint: disable=broad-except  # the job, a sink or the disk
+    # every write is idempotent and the audit comes after the sinks: again finishes it
+    print(f'tidemark: error: the restatement failed ({type(e).__name__}: {e}); run the same '
+          'restatement again to finish it', file=sys.stderr)
+    return 1
   if args.dry_run:
     print(json.dumps(audit, indent=1))
     return 0
@@ -389,8 +400,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'nothing to restate from {audit["from"]} to {audit["to"]}: every sink holds the '
           f'restated values (audit: {os.path.join(plan.folder, names.RESTATED_DIR)})')
     return 0
-  from pipeline.readback import report
-  report.write(plan.folder)
   print(f'restated {audit["from"]} to {audit["to"]}: {counts["read"]:,} read '
         f'({counts[INVALID]:,} invalid, {counts[DUPLICATE]:,} duplicate, '
         f'{counts[AGGREGATED]:,} in the range, {counts[OUTSIDE_RANGE]:,} in other windows); '

@@ -268,6 +268,22 @@ def evaluated_early_firing(declared: trigger.TriggerFn,
   return None if early is None else early.delay
 
 
+class StepClock(NamedTuple):
+  """A replay's watermark and processing-time steps, arranged once for
+  ``fire_panes`` (each window then finds its own steps by bisection)."""
+  watermark_steps: Sequence[Tuple[int, Optional[int]]]
+  #: each watermark step's watermark, infinity for the last (None)
+  marks: List[float]
+  processing_time_steps: Sequence[Tuple[int, float]]
+  processing_steps: List[int]
+
+  @classmethod
+  def of(cls, watermark_steps: Sequence[Tuple[int, Optional[int]]],
+         processing_time_steps: Sequence[Tuple[int, float]]) -> 'StepClock':
+    return cls(watermark_steps, [math.inf if m is None else m for _, m in watermark_steps],
+               processing_time_steps, [s for s, _ in processing_time_steps])
+
+
 def fire_panes(
     rows: Sequence[Row],
     window_end: int,
@@ -283,8 +299,14 @@ def fire_panes(
   processing-time step ``early_firing_s`` after the first event since the last
   pane; after it, every step that brings events fires a late pane.
   """
-  marks = [(m if m is not None else math.inf) for _, m in watermark_steps]
-  end_step = watermark_steps[bisect.bisect_left(marks, window_end)][0]
+  return fire_panes_along(rows, window_end, early_firing_s,
+                          StepClock.of(watermark_steps, processing_time_steps))
+
+
+def fire_panes_along(rows: Sequence[Row], window_end: int, early_firing_s: Optional[int],
+                     clock: StepClock) -> List[Tuple[str, tuple]]:
+  """``fire_panes`` with the steps arranged once (``StepClock``)."""
+  end_step = clock.watermark_steps[bisect.bisect_left(clock.marks, window_end)][0]
   panes: List[Tuple[str, tuple]] = []
   combine = Stats()
   acc = combine.create_accumulator()
@@ -292,16 +314,18 @@ def fire_panes(
   late = rows[len(on_time):]
 
   if on_time:
-    clock = iter(
-        [(s, t) for s, t in processing_time_steps if s < end_step] if early_firing_s else ())
-    next_tick = next(clock, None)
+    # ticks before the first event fire nothing: the window's start from there to its end
+    first = bisect.bisect_left(clock.processing_steps, on_time[0][STEP])
+    last = bisect.bisect_left(clock.processing_steps, end_step)
+    ticks = iter(clock.processing_time_steps[first:last] if early_firing_s else ())
+    next_tick = next(ticks, None)
     timer = None
     for row in on_time:
       while next_tick is not None and next_tick[0] < row[STEP]:
         if timer is not None and next_tick[1] >= timer:
           panes.append(('EARLY', combine.extract_output(acc)))
           timer = None
-        next_tick = next(clock, None)
+        next_tick = next(ticks, None)
       acc = combine.add_input(acc, row[VALUE])
       if early_firing_s and timer is None:
         timer = row[ARRIVED_AT] + early_firing_s
@@ -309,7 +333,7 @@ def fire_panes(
       if timer is not None and next_tick[1] >= timer:
         panes.append(('EARLY', combine.extract_output(acc)))
         timer = None
-      next_tick = next(clock, None)
+      next_tick = next(ticks, None)
     panes.append(('ON_TIME', combine.extract_output(acc)))
 
   i = 0
@@ -330,6 +354,10 @@ class _AggregateWindowFn(beam.DoFn):
     self._early = early_firing_s
     self._watermark_steps = watermark_steps
     self._processing_time_steps = processing_time_steps
+    self._clock: Optional[StepClock] = None
+
+  def setup(self):
+    self._clock = StepClock.of(self._watermark_steps, self._processing_time_steps)
 
   def process(self, element: Tuple[int, Iterable[List[Row]]]) -> Iterable[WindowAggregate]:
     start, chunks = element
@@ -339,8 +367,8 @@ class _AggregateWindowFn(beam.DoFn):
       by_key[(row[CUSTOMER_ID], row[KEY])].append(row)
     end = start + self._size_ms
     for (customer_id, key), key_rows in by_key.items():
-      panes = fire_panes(
-          key_rows, end, self._early, self._watermark_steps, self._processing_time_steps)
+      assert self._clock is not None  # made in setup
+      panes = fire_panes_along(key_rows, end, self._early, self._clock)
       for index, (timing, (count, total, low, high)) in enumerate(panes):
         yield WindowAggregate(
             customer_id, key, start, end, count, total, low, high, index, timing)
