@@ -471,3 +471,21 @@ def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first(replays, tm
   code, _, stderr = cli('--source', f'replay:{replays[0]}', '--output-dir', str(out))
   assert code == 0, stderr[-3000:]
   assert read_manifest(str(out))['status'] == COMPLETE
+
+
+def test_a_dead_letter_missing_from_its_file_fails_the_reconciliation(complete_run):
+  """Every dead letter counted is a line of dead_letter.jsonl: a run whose file
+  lost one does not reconcile, so it is never committed as complete."""
+  import types
+  from pipeline.readback.reconciliation import Reconciliation, reconcile
+  out, manifest, _ = complete_run
+  config = types.SimpleNamespace(
+      unbounded=False, accounting_path=str(out / 'accounting.json'),
+      aggregates_path=str(out / 'aggregates.jsonl'), dead_letter_path=str(out / 'dead_letter.jsonl'))
+  assert reconcile(config) == manifest['accounting']
+  lines = (out / 'dead_letter.jsonl').read_text(encoding='utf-8').splitlines(keepends=True)
+  reason = json.loads(lines[0])['reason']
+  (out / 'dead_letter.jsonl').write_text(''.join(lines[1:]), encoding='utf-8')
+  expected = manifest['accounting'][reason]
+  with pytest.raises(Reconciliation, match=f'{reason} {expected} != {expected - 1} dead letters'):
+    reconcile(config)

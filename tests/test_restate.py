@@ -248,3 +248,4 @@ def test_a_restatement_that_fails_while_writing_is_finished_by_running_it_again(
   assert audit['rows_written'] == {'files': 0, 'sqlite': audit['windows_changed']}
   accounting = json.load(open(os.path.join(out, 'accounting.json')))
   assert accounting['aggregated'] == sum(v[0] for v in truth.values())
+

@@ -36,6 +36,7 @@ import sys
 from typing import TYPE_CHECKING, Counter, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from pipeline.runfolder.files import COMMITTED, MANIFEST, RUNNING, STAGING_PREFIX, read_json
+from transforms.connectors.writers import is_local
 from transforms.rules.model import (
     AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE, WindowKey, final_panes_of)
 from transforms.rules.payload import InvalidPayload, parse_payload
@@ -320,9 +321,26 @@ class Reconciliation(Exception):
   """The run's outputs do not add up; nothing may go unaccounted."""
 
 
-def reconcile(config) -> Dict[str, int]:
-  """Checks the accounting identity and that ``aggregated`` equals the sum of
-  the final panes' counts; returns the accounting."""
+def dead_letters_by_reason(path: str) -> Dict[str, int]:
+  """How many lines of a dead-letter file give each ``reason`` (read as bytes:
+  the key is the one unescaped ``"reason":"`` of a line the writers wrote)."""
+  counts: Dict[str, int] = collections.Counter()
+  key = b'"reason":"'
+  with open(path, 'rb') as f:
+    for line in f:
+      at = line.find(key)
+      if at >= 0:
+        start = at + len(key)
+        counts[line[start:line.index(b'"', start)].decode('ascii', 'replace')] += 1
+  return counts
+
+
+def reconcile(config, with_invalid: bool = True) -> Dict[str, int]:
+  """Checks the accounting identity, that ``aggregated`` equals the sum of the
+  final panes' counts and, for a bounded run whose dead letters are a local file,
+  that the file holds one line per dead letter counted (``too_late``, and
+  ``invalid`` ``with_invalid``: a rollup's file holds its too-late ones only);
+  returns the accounting."""
   if config.unbounded and not os.path.exists(config.accounting_path):
     return dict.fromkeys(CATEGORIES, 0)  # stopped before any message arrived
   with open(config.accounting_path, encoding='utf-8') as f:
@@ -338,6 +356,13 @@ def reconcile(config) -> Dict[str, int]:
   if in_panes != accounting[AGGREGATED]:
     problems.append(
         f'aggregated {accounting[AGGREGATED]} != sum of final pane counts {in_panes}')
+  path = config.dead_letter_path
+  if not config.unbounded and is_local(path) and os.path.exists(path):
+    written = dead_letters_by_reason(path)
+    for reason in (INVALID, TOO_LATE) if with_invalid else (TOO_LATE,):
+      if written[reason] != accounting[reason]:
+        problems.append(f'{reason} {accounting[reason]} != {written[reason]} dead letters '
+                        f'with reason {reason} in {path}')
   if problems:
     raise Reconciliation('; '.join(problems))
   return accounting
@@ -363,7 +388,7 @@ def reconcile_run(config) -> Tuple[Dict[str, int], RollupAccounting]:
   rollups: RollupAccounting = []
   for size_config in (config,) + config.rollup_configs:
     try:
-      checked = reconcile(size_config)
+      checked = reconcile(size_config, with_invalid=size_config is config)
     except Reconciliation as e:
       problems.append(str(e) if size_config is config else
                       f'rollup {size_config.window_size_s} s: {e}')
