@@ -102,6 +102,8 @@ class Plan(NamedTuple):
   source: str  # replay:PATH or kafka:...
   read: beam.PTransform
   sinks: List[Sink]
+  #: per sink, its final row of each window of the range, as read before anything ran
+  stored: Dict[str, Dict[tuple, dict]]
   too_late_live: frozenset
   messages: int
 
@@ -184,15 +186,17 @@ def prepare(args: argparse.Namespace) -> Plan:
     raise ConfigError('--from/--to', str(e)) from None
   margin_ms = check_seconds('--margin', args.margin) * 1000
   sinks = _sinks(live, args.postgres_dsn)
+  stored: Dict[str, Dict[tuple, dict]] = {}
   for sink in sinks:  # reachable, before anything is read
     try:
-      sink.finals(span, spec.size_ms)
+      stored[sink.name] = sink.finals(span, spec.size_ms)
     except Exception as e:  # pylint: disable=broad-except  # each database fails its own way
       raise ConfigError('--postgres-dsn' if sink.name == 'postgres' else 'OUTPUT_DIR',
                         f'cannot read the {sink.name} sink: {e}') from None
   source = args.source or _live_source(live)
   read, messages = _history(source, spec, span, margin_ms)
-  return Plan(folder, live, spec, span, source, read, sinks, frozenset(live.too_late), messages)
+  return Plan(folder, live, spec, span, source, read, sinks, stored, frozenset(live.too_late),
+              messages)
 
 
 def beam_options(argv: List[str]) -> PipelineOptions:
@@ -247,7 +251,7 @@ def _as_figures(values: tuple) -> Dict[str, object]:
 
 def corrections(plan: Plan, windows: List[RestatedWindow]) -> Tuple[list, Dict[str, list]]:
   """The audit's windows and, per sink, the rows to add."""
-  stored = {sink.name: sink.finals(plan.span, plan.spec.size_ms) for sink in plan.sinks}
+  stored = plan.stored  # the lock holds the folder; a database row only moves to a higher pane
   files = stored['files']
   restated = {(w.customer_id, w.key, w.window_start, w.window_end): w for w in windows}
   rows: Dict[str, list] = {sink.name: [] for sink in plan.sinks}

@@ -77,11 +77,15 @@ def test_a_replay_on_flink_equals_the_direct_runner_and_the_contract(tmp_path, f
   expected = reference.compute(replay, WINDOW_S, LATENESS_S)
   assert expected.accounting['too_late'] > 0 and expected.accounting['duplicate'] > 0
   for outputs in (direct, bulk, flink):
-    assert outputs['accounting'] == expected.accounting
-    assert outputs['finals'] == expected.windows
-    assert outputs['too_late'] == as_sent(expected.too_late)
-    assert outputs['invalid'] == as_sent(expected.invalid)
+    _assert_meets_the_contract(outputs, expected)
   assert flink == direct == bulk
+
+
+def _assert_meets_the_contract(outputs: dict, expected) -> None:
+  assert outputs['accounting'] == expected.accounting
+  assert outputs['finals'] == expected.windows
+  assert outputs['too_late'] == as_sent(expected.too_late)
+  assert outputs['invalid'] == as_sent(expected.invalid)
 
 
 def _panes(out: str) -> list:
@@ -104,10 +108,7 @@ def test_a_bulk_replay_on_flink_batch_equals_the_direct_runner_pane_for_pane(
                *flink_args(flink_job_server))
   expected = reference.compute(replay, WINDOW_S, LATENESS_S)
   assert expected.accounting['too_late'] > 0 and expected.accounting['duplicate'] > 0
-  assert flink['accounting'] == expected.accounting
-  assert flink['finals'] == expected.windows
-  assert flink['too_late'] == as_sent(expected.too_late)
-  assert flink['invalid'] == as_sent(expected.invalid)
+  _assert_meets_the_contract(flink, expected)
   panes = _panes(str(tmp_path / 'flink'))
   assert {dict(p)['timing'] for p in panes} >= {'EARLY', 'ON_TIME', 'LATE'}
   assert panes == _panes(str(tmp_path / 'direct'))
@@ -126,10 +127,7 @@ def test_the_standard_flink_runner_runs_a_replay_exactly(tmp_path):
                '--runner', 'FlinkRunner')
   expected = reference.compute(replay, WINDOW_S, LATENESS_S)
   assert expected.accounting['duplicate'] > 0 and expected.accounting['invalid'] > 0
-  assert flink['accounting'] == expected.accounting
-  assert flink['finals'] == expected.windows
-  assert flink['too_late'] == as_sent(expected.too_late)
-  assert flink['invalid'] == as_sent(expected.invalid)
+  _assert_meets_the_contract(flink, expected)
 
 
 def _republish_under_earlier_ids(replay: str, share: float, seed: int) -> int:
