@@ -15,8 +15,9 @@ from conftest import T0, payload
 from tools import reference, simulate, traffic
 from pipeline.settings.config import ConfigError, RunConfig, watermark_risks
 from pipeline.settings.runners import capabilities
-from transforms.connectors.sources import (
-    ReadPubSubEvents, check_subscription_path, decode_payload, timestamp_from_attribute)
+from transforms.connectors.pubsub import (
+    ReadPubSubEvents, check_subscription_path, timestamp_from_attribute)
+from transforms.connectors.sources import decode_payload
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUB = 'projects/tidemark-local/subscriptions/orders-a'

@@ -23,8 +23,8 @@ from transforms.connectors.postgres import UpsertPostgres, WriteDeadLettersToPos
 from transforms.connectors.sinks import UpsertSqlite
 from transforms.flow.stable import AwaitCheckpoint
 from transforms.connectors.topics import PublishAggregatesToKafka, PublishAggregatesToPubSub
-from transforms.connectors.sources import (
-    EventSource, ReadKafkaEvents, ReadPubSubEvents, ReadReplay)
+from transforms.connectors.pubsub import ReadPubSubEvents
+from transforms.connectors.sources import EventSource, ReadKafkaEvents, ReadReplay
 
 
 class Built(NamedTuple):
@@ -49,7 +49,9 @@ def read_source(config: RunConfig) -> Union[EventSource, ReadReplayInChunks]:
   if config.source_kind == 'replay':
     return ReadReplay(config.source_target, config.replay_processing_time)
   if config.source_kind == 'pubsub':
-    return ReadPubSubEvents(config.pubsub_subscriptions, id_label=config.pubsub_id_label)
+    return ReadPubSubEvents(
+        config.pubsub_subscriptions, id_label=config.pubsub_id_label,
+        expansion_service=config.pubsub_expansion_service)
   if config.source_kind == 'kafka':
     bootstrap, sources = config.kafka
     return ReadKafkaEvents(

@@ -41,8 +41,9 @@ ACCOUNTING_UPDATE_S = 2
 #: The attribute publishers set to the event id, for runners that deduplicate
 #: Pub/Sub redeliveries themselves (Dataflow); the DirectRunner refuses it.
 DEFAULT_PUBSUB_ID_LABEL = 'event_id'
-#: Where Kafka IO's expansion service is, unless --kafka-expansion-service says
-#: otherwise (scripts/flink.sh serves one there).
+#: Where the Java expansion service is (Kafka IO, and Tidemark's Pub/Sub read),
+#: unless --kafka-expansion-service / --pubsub-expansion-service say otherwise
+#: (scripts/flink.sh serves one there).
 DEFAULT_KAFKA_EXPANSION_SERVICE = 'localhost:18096'
 
 #: How a replay runs: as a stream (TestStream) or in bulk (batch, chunked).
@@ -83,6 +84,9 @@ class RunConfig:
   bigquery_expansion_service: Optional[str] = None
   #: pubsub sources: the id attribute for runner-side dedup (None: off)
   pubsub_id_label: Optional[str] = None
+  #: pubsub sources on a runner that reads Pub/Sub in Java (Flink): the
+  #: expansion service of Tidemark's Java read (None: Python's ReadFromPubSub)
+  pubsub_expansion_service: Optional[str] = None
   #: pubsub sources: how far behind the wall clock event times may arrive (s)
   expected_skew_s: Optional[int] = None
   #: unbounded sources: stop (cancel) the run after this many seconds
@@ -259,6 +263,15 @@ class RunConfig:
     if group is not None and not re.fullmatch(r'[A-Za-z0-9._-]{1,249}', group):
       raise ConfigError('--kafka-consumer-group', f'must be 1 to 249 of A-Z a-z 0-9 . _ -, got {group!r}')
     checkpointed = checkpoint_interval_ms(options) is not None
+    pubsub_expansion = None
+    if kind == 'pubsub' and capabilities(runner).java_pubsub_read:
+      pubsub_expansion = check_host_port(
+          '--pubsub-expansion-service',
+          opts.pubsub_expansion_service or DEFAULT_KAFKA_EXPANSION_SERVICE)
+      if not checkpointed:
+        raise ConfigError(
+            '--checkpointing_interval', f'the {runner} acknowledges a Pub/Sub message when '
+            'the checkpoint that holds it completes: set it (milliseconds, e.g. 10000)')
 
     window = check_seconds(
         '--window-size', DEFAULT_WINDOW_SIZE_S if opts.window_size is None else opts.window_size,
@@ -339,6 +352,7 @@ class RunConfig:
         shards=shards,
         sample_memory_s=sample_memory,
         pubsub_id_label=id_label if kind == 'pubsub' else None,
+        pubsub_expansion_service=pubsub_expansion,
         expected_skew_s=skew,
         run_seconds=run_seconds,
         serve_metrics=None if opts.serve_metrics is None else check_host_port(

@@ -201,6 +201,11 @@ OPTIONS: Tuple[Option, ...] = (
         'HOST:PORT of the Java expansion service for Kafka IO (default: the one '
         'scripts/flink.sh starts, localhost:18096).'),
     Option(
+        'pubsub_expansion_service', 'Pub/Sub expansion service', _HOST_PORT,
+        'HOST:PORT of the Java expansion service that serves Tidemark\'s Pub/Sub read, on '
+        'runners that read Pub/Sub in Java (Flink; default: the one scripts/flink.sh '
+        'starts, localhost:18096).'),
+    Option(
         'kafka_max_records', 'Kafka records per topic',
         '^' + _at_most(MAX_RECORDS, positive=True) + '$',
         "Stop each Kafka topic's read after this many records (a bounded read).",
@@ -273,6 +278,21 @@ class FlinkRunnerJavaOptions(PipelineOptions):
     for dest in FLINK_RUNNER_OPTIONS:
       parser.add_argument(f'--{dest}', dest=dest, default=None,
                           help='Flink runner (Beam Java FlinkPipelineOptions).')
+
+
+class JavaPubsubOptions(PipelineOptions):
+  """Beam Java's ``PubsubOptions`` and ``GcpOptions`` that the Java Pub/Sub read
+  reads on the workers (Flink), under the names Java knows them by."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument(
+        '--java_pubsub_root_url', dest='pubsub_root_url', default=None,
+        help='Java Pub/Sub read: the service root URL (default: Google\'s; with '
+        'PUBSUB_EMULATOR_HOST set, the emulator\'s).')
+    parser.add_argument(
+        '--credential_factory_class', dest='credential_factory_class', default=None,
+        help='Java Pub/Sub read: Beam Java credential factory class.')
 
 
 def checkpoint_interval_ms(options: PipelineOptions) -> Optional[int]:

@@ -3,8 +3,8 @@
 Every runner-dependent choice (where workers write, whether a replay runs in
 bulk, what the Pub/Sub read may ask for, whether a TestStream may advance
 processing time) reads a field of this table, by the runner's class name;
-the options Tidemark sets per runner (``use_every_core``, ``tune_live_bundles``)
-are here too.
+the options Tidemark sets per runner (``use_every_core``, ``tune_live_bundles``,
+``reach_pubsub_emulator``) are here too.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ class Capabilities(NamedTuple):
   #: ReadFromPubSub's ``id_label`` is honoured (the runner drops redeliveries);
   #: the DirectRunner refuses it.
   pubsub_id_label: bool
+  #: Pub/Sub is read by Beam's Java PubsubIO through the expansion service: the
+  #: runner does not run Python's ReadFromPubSub (portable Flink), but runs Java
+  #: sources, and drops the redeliveries of a message id itself.
+  java_pubsub_read: bool
   #: The Pub/Sub watermark is the wall clock, not the event times (the DirectRunner).
   wall_clock_pubsub_watermark: bool
   #: A TestStream may advance processing time (Flink refuses: "Advancing
@@ -36,15 +40,15 @@ class Capabilities(NamedTuple):
 
 
 _DIRECT = Capabilities(
-    in_process=True, bulk_replays=True, pubsub_id_label=False,
+    in_process=True, bulk_replays=True, pubsub_id_label=False, java_pubsub_read=False,
     wall_clock_pubsub_watermark=True, test_stream_processing_time=True, remote_workers=False)
 _FLINK = Capabilities(
-    in_process=False, bulk_replays=False, pubsub_id_label=True,
+    in_process=False, bulk_replays=False, pubsub_id_label=False, java_pubsub_read=True,
     wall_clock_pubsub_watermark=False, test_stream_processing_time=False,
     remote_workers=False)  # a Flink cluster here, or one that mounts OUTPUT_DIR
 #: Any runner not named here (Dataflow, ...).
 OTHER = Capabilities(
-    in_process=False, bulk_replays=False, pubsub_id_label=True,
+    in_process=False, bulk_replays=False, pubsub_id_label=True, java_pubsub_read=False,
     wall_clock_pubsub_watermark=False, test_stream_processing_time=True, remote_workers=True)
 
 RUNNERS: Dict[str, Capabilities] = {
@@ -70,6 +74,9 @@ def capabilities(runner: Union[str, PipelineOptions, None]) -> Capabilities:
   name = runner if isinstance(runner, str) else runner_name(runner)
   return RUNNERS.get(name.rsplit('.', 1)[-1], OTHER)
 
+
+#: Beam Java's credential factory that gives no credentials (an emulator checks none).
+NO_CREDENTIALS = 'org.apache.beam.sdk.extensions.gcp.auth.NoopCredentialFactory'
 
 #: A bulk replay this large runs on one DirectRunner worker process per core
 #: (below it, starting the processes costs more than they save).
@@ -102,3 +109,19 @@ def tune_live_bundles(options: PipelineOptions, unbounded: bool) -> None:
   if (unbounded and not capabilities(options).in_process
       and flink.max_bundle_time_mills is None):
     flink.max_bundle_time_mills = LIVE_MAX_BUNDLE_TIME_MS
+
+
+def reach_pubsub_emulator(options: PipelineOptions, java_pubsub_read: bool) -> None:
+  """Points the Java Pub/Sub read at the emulator the launcher's
+  ``PUBSUB_EMULATOR_HOST`` names, without Google credentials: Java PubsubIO
+  ignores that variable and takes its root URL from ``pubsubRootUrl`` (Python's
+  own ``--pubsub_root_url`` does not reach it by that name). Nothing is changed
+  without the variable or where ``--java_pubsub_root_url`` was given."""
+  from pipeline.settings.options import JavaPubsubOptions
+  emulator = os.environ.get('PUBSUB_EMULATOR_HOST')
+  java = options.view_as(JavaPubsubOptions)
+  if not java_pubsub_read or not emulator or java.pubsub_root_url is not None:
+    return
+  java.pubsub_root_url = f'http://{emulator}'
+  if java.credential_factory_class is None:
+    java.credential_factory_class = NO_CREDENTIALS

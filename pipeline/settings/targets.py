@@ -75,7 +75,7 @@ def parse_pubsub_target(target: str) -> Tuple[Tuple[str, str], ...]:
   The source name defaults to the subscription id S. Raises ValueError.
   """
   # Imported here: the Pub/Sub client libraries are only needed for pubsub.
-  from transforms.connectors.sources import check_subscription_path
+  from transforms.connectors.pubsub import check_subscription_path
   pairs = []
   for item in target.split(','):
     item = item.strip()

@@ -3,18 +3,16 @@ event-time watermarks from the source, never from processing time."""
 
 from __future__ import annotations
 
-import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import apache_beam as beam
 import msgspec
 from apache_beam.coders import coders
-from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub
 from apache_beam.io.kafka import ReadFromKafka
 from apache_beam.metrics import Metrics
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
-from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Timestamp
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
 from apache_beam.transforms.window import TimestampedValue
 
 from transforms.rules.model import RawMessage, message_identity, stable_shard
@@ -186,23 +184,6 @@ class ReadReplay(EventSource):
             _ToRawMessageFn(self.arrival_watermarks, self.replay.digest)))
 
 
-# --- Pub/Sub ------------------------------------------------------------------
-
-#: Subscription paths as Pub/Sub names them.
-_PROJECT_ID = re.compile(r'[a-z][a-z0-9-]{4,28}[a-z0-9]|[a-z0-9.:-]{1,100}')
-_SUBSCRIPTION_ID = re.compile(r'[A-Za-z][A-Za-z0-9._~%+-]{2,254}')
-
-
-def check_subscription_path(path: str) -> None:
-  """Raises ValueError unless ``path`` is ``projects/P/subscriptions/S``."""
-  parts = path.split('/')
-  if (len(parts) != 4 or parts[0] != 'projects' or parts[2] != 'subscriptions' or
-      not _PROJECT_ID.fullmatch(parts[1]) or not _SUBSCRIPTION_ID.fullmatch(parts[3]) or
-      parts[3].lower().startswith('goog')):
-    raise ValueError(
-        f'{path!r} is not a subscription path projects/PROJECT/subscriptions/NAME')
-
-
 def decode_payload(data: bytes) -> str:
   """The payload bytes as a string, losslessly.
 
@@ -213,105 +194,6 @@ def decode_payload(data: bytes) -> str:
   exact bytes that were published.
   """
   return bytes(data).decode('utf-8', 'surrogateescape')
-
-
-def timestamp_from_attribute(value: Optional[str]) -> Optional[Timestamp]:
-  """The instant in a ``ts`` attribute (epoch ms, or RFC 3339), or None when it
-  is missing or not a representable instant."""
-  if not value:
-    return None
-  try:
-    stamp = Timestamp(micros=int(value) * 1000)
-  except (ValueError, OverflowError):
-    try:
-      stamp = Timestamp.from_rfc3339(value)
-    except (ValueError, OverflowError):
-      return None
-  if not MIN_TIMESTAMP < stamp < MAX_TIMESTAMP:
-    return None
-  return stamp
-
-
-class _StampFromAttributeFn(beam.DoFn):
-  """PubsubMessage → RawMessage, stamped with the event time from the timestamp
-  attribute; without a usable one the reader's timestamp (publish time) stays,
-  and parsing decides from the payload."""
-
-  def __init__(self, source: str, subscription: str, timestamp_attribute: str):
-    self._source = source
-    self._subscription = subscription
-    self._attribute = timestamp_attribute
-    self.unstamped = Metrics.counter('tidemark', 'pubsub_without_timestamp_attribute')
-
-  def process(self, message: PubsubMessage) -> Iterable:
-    raw = RawMessage(
-        self._source, decode_payload(message.data or b''), None,
-        message_identity('pubsub', self._subscription, message.message_id)
-        if message.message_id else None)
-    stamp = timestamp_from_attribute((message.attributes or {}).get(self._attribute))
-    if stamp is None:
-      self.unstamped.inc()
-      yield raw
-    else:
-      yield TimestampedValue(raw, stamp)
-
-
-class ReadPubSubEvents(EventSource):
-  """Reads one Pub/Sub subscription per source name and flattens them into
-  RawMessage(source, payload).
-
-  Payloads that are not UTF-8 are kept losslessly (see ``decode_payload``).
-  Elements are stamped with the ``timestamp_attribute`` (the publisher's event
-  time) in a DoFn, not by the reader, because the Python DirectRunner's reader
-  raises on a malformed attribute and would stop the whole pipeline for one bad
-  message; a message with a missing or malformed attribute keeps its publish
-  time and still reaches parsing (and, being invalid or not, its outcome).
-  ``reader_timestamps=True`` also hands the attribute to ReadFromPubSub, so a
-  runner whose watermark follows it (Dataflow) estimates event-time watermarks.
-  ``id_label`` asks the runner to drop redeliveries by that attribute; only
-  runners that support it may set it (the DirectRunner refuses it).
-  """
-
-
-  def __init__(
-      self,
-      subscriptions: Mapping[str, str],
-      timestamp_attribute: str = 'ts',
-      id_label: Optional[str] = None,
-      reader_timestamps: bool = False):
-    super().__init__()
-    if not subscriptions:
-      raise ValueError('subscriptions must name at least one source')
-    for source, path in subscriptions.items():
-      if not isinstance(source, str) or not source:
-        raise ValueError(f'source names must be non-empty strings, got {source!r}')
-      check_subscription_path(path)
-    if len(set(subscriptions.values())) != len(subscriptions):
-      raise ValueError('each source needs its own subscription')
-    if not timestamp_attribute:
-      raise ValueError('timestamp_attribute must be set')
-    if id_label is not None and not id_label:
-      raise ValueError('id_label must be None or a non-empty attribute name')
-    self.subscriptions = dict(subscriptions)
-    self._timestamp_attribute = timestamp_attribute
-    self._id_label = id_label
-    self._reader_timestamps = reader_timestamps
-
-  def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[RawMessage]:
-    per_source = []
-    for source, subscription in sorted(self.subscriptions.items()):
-      per_source.append(
-          pbegin
-          | f'Read_{source}' >> ReadFromPubSub(
-              subscription=subscription,
-              with_attributes=True,
-              id_label=self._id_label,
-              timestamp_attribute=(
-                  self._timestamp_attribute if self._reader_timestamps else None))
-          | f'Stamp_{source}' >> beam.ParDo(
-              _StampFromAttributeFn(source, subscription, self._timestamp_attribute)
-          ).with_output_types(RawMessage))
-    return tuple(per_source) | 'AllSources' >> beam.Flatten()
 
 
 # --- Kafka --------------------------------------------------------------------

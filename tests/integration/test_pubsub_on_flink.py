@@ -1,0 +1,202 @@
+"""Pub/Sub subscriptions (the emulator) → ``python -m pipeline run`` on Flink →
+the contract, through Tidemark's Java read (Beam's PubsubIO, java/src).
+
+Phase 1 is a backlog of historical traffic (the simulator's incident-like mix:
+boundary events, redeliveries, garbage) in three subscriptions, one of them
+lagging, plus what the simulator does not make: a valid event whose ``ts``
+attribute is garbage, one without attributes, a redelivery under a new message
+id in another window. The job drains it, the watermark follows the ``ts``
+attributes and, once the subscriptions are idle for a minute, the wall clock,
+so every window closes. Phase 2 then publishes stragglers: two far beyond the
+allowed lateness (too late: dead letters) and one within it (a LATE pane).
+The expected outcome is the contract read independently: no phase-1 event can
+be too late (the lateness exceeds the traffic's disorder), every phase-2
+straggler's fate is fixed by its age.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import as_sent, letters, read_jsonl
+from integration.conftest import flink_args
+from tools import reference
+from transforms.rules.model import payload_bytes
+
+pytestmark = pytest.mark.integration
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROJECT = 'tidemark-it'
+SOURCES = ('A', 'B', 'C')
+WINDOW_S, LATENESS_S = 10, 600
+MESSAGES = 3000
+
+
+def _subscriptions(run: str) -> dict:
+  from google.cloud import pubsub_v1
+  publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+  paths = {}
+  for source in SOURCES:
+    topic = publisher.create_topic(name=publisher.topic_path(PROJECT, f'{run}{source}')).name
+    paths[source] = subscriber.create_subscription(request={
+        'name': subscriber.subscription_path(PROJECT, f'{run}sub-{source}'),
+        'topic': topic, 'ack_deadline_seconds': 60}).name
+  return paths
+
+
+def _event(event_id: str, value: float, event_time: int, customer: str = 'finserve') -> str:
+  return json.dumps({'event_id': event_id, 'customer_id': customer, 'key': 'k',
+                     'value': value, 'event_time': event_time})
+
+
+def _expected(sent, too_late_ids):
+  """Contract section 3 with the too-late events named: invalid, else too
+  late, else duplicate (by event_id, first copy counted), else aggregated."""
+  counts = collections.Counter(received=0, invalid=0, too_late=0, duplicate=0, aggregated=0)
+  windows = collections.defaultdict(list)
+  seen = set()
+  for _source, data in sent:
+    counts['received'] += 1
+    fields = reference.validate(data)
+    if fields is None:
+      counts['invalid'] += 1
+      continue
+    event_id, customer, key, value, t = fields
+    if event_id in too_late_ids:
+      counts['too_late'] += 1
+      continue
+    if event_id in seen:
+      counts['duplicate'] += 1
+      continue
+    seen.add(event_id)
+    counts['aggregated'] += 1
+    start = t - t % (WINDOW_S * 1000)
+    windows[(customer, key, start, start + WINDOW_S * 1000)].append(value)
+  return dict(counts), {w: (len(v), sum(v), min(v), max(v)) for w, v in windows.items()}
+
+
+def _finals(aggregates):
+  finals = {}
+  for pane in aggregates:
+    w = (pane['customer_id'], pane['key'], pane['window_start'], pane['window_end'])
+    if w not in finals or pane['pane_index'] > finals[w]['pane_index']:
+      finals[w] = pane
+  return finals
+
+
+def _tail(log) -> str:
+  log.seek(0)
+  return log.read()[-3000:]
+
+
+def _wait(what, predicate, timeout_s, run, log):
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if run.poll() is not None:
+      raise AssertionError(f'the run ended while waiting for {what}: {_tail(log)}')
+    if predicate():
+      return
+    time.sleep(1)
+  raise AssertionError(f'timed out waiting for {what}: {_tail(log)}')
+
+
+def test_a_pubsub_backlog_and_its_stragglers_on_flink_equal_the_contract(
+    emulator, flink_job_server, tmp_path):
+  from google.cloud import pubsub_v1
+  run_id = f'fl-{uuid.uuid4().hex[:8]}-'
+  subscriptions = _subscriptions(run_id)
+  env = {**os.environ, 'PYTHONPATH': REPO, 'PUBSUB_EMULATOR_HOST': emulator}
+  record = tmp_path / 'sent.jsonl'
+  simulated = subprocess.run(
+      [sys.executable, '-m', 'tools', 'simulate', '--to', 'pubsub', '--project', PROJECT,
+       '--topic-prefix', run_id, '--messages', str(MESSAGES), '--rate', '0',
+       '--event-rate', '50', '--seed', '5', '--window-size', str(WINDOW_S),
+       '--allowed-lateness', str(LATENESS_S), '--sources', 'A:0.4:1,B:0.35:1,C:0.25:20',
+       '--straggler-share', '0', '--record', str(record)],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert simulated.returncode == 0, simulated.stderr
+  sent = [(r['source'], payload_bytes(r['data']).decode('utf-8', 'surrogateescape'))
+          for r in read_jsonl(str(record))]
+  first = json.loads(next(d for _, d in sent if reference.validate(d)))
+  t0 = first['event_time']
+  publisher = pubsub_v1.PublisherClient()
+
+  def publish(source, body, **attributes):
+    publisher.publish(publisher.topic_path(PROJECT, run_id + source), body.encode(),
+                      **attributes).result(timeout=30)
+    sent.append((source, body))
+
+  publish('B', _event('ts-garbage', 1001.0, t0 + 1), ts='garbage')
+  publish('C', _event('no-attributes', 1002.0, t0 + 2))
+  publish('A', _event(first['event_id'], 1003.0, t0 + 5 * WINDOW_S * 1000), ts=str(t0))
+
+  out = tmp_path / 'out'
+  source = 'pubsub:' + ','.join(f'{s}={p}' for s, p in sorted(subscriptions.items()))
+  log = open(tmp_path / 'run.log', 'w+', encoding='utf-8')  # a pipe would fill and stall it
+  run = subprocess.Popen(
+      [sys.executable, '-m', 'pipeline', 'run', *flink_args(flink_job_server), '--streaming',
+       f'--source={source}', f'--window-size={WINDOW_S}', f'--allowed-lateness={LATENESS_S}',
+       '--checkpointing_interval=2000', '--parallelism=2', f'--output-dir={out}'],
+      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+  def folder():
+    """While it runs, the run's staging folder (run.json names it); then OUTPUT_DIR."""
+    try:
+      manifest = json.loads((out / 'run.json').read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+      return out
+    return out / manifest['staging'] if manifest.get('status') == 'running' else out
+
+  def accounting():
+    try:
+      return json.loads((folder() / 'accounting.json').read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+      return {}
+
+  def finals():
+    return _finals(read_jsonl(str(folder() / 'aggregates.jsonl')))
+
+  try:
+    phase1 = len(sent)
+    # The backlog drained and, once the subscriptions idle, every window closed.
+    _wait('phase 1 counted and closed', lambda: (
+        accounting().get('received') == phase1 and
+        sum(p['count'] for p in finals().values()) == accounting().get('aggregated') and
+        all(p['timing'] != 'EARLY' for p in finals().values())), 360, run, log)
+    now = int(time.time() * 1000)
+    publish('A', _event('too-late-1', 2001.0, t0 + 3))
+    publish('B', _event('too-late-2', 2002.0, now - (LATENESS_S + 5 * WINDOW_S) * 1000),
+            ts=str(now - (LATENESS_S + 5 * WINDOW_S) * 1000))
+    late = now - 3 * WINDOW_S * 1000
+    publish('C', _event('late-within', 2003.0, late), ts=str(late))
+    expected_accounting, expected_windows = _expected(sent, {'too-late-1', 'too-late-2'})
+    _wait('phase 2 counted', lambda: (
+        accounting() == expected_accounting and
+        sum(p['count'] for p in finals().values()) == expected_accounting['aggregated']),
+        120, run, log)
+  finally:
+    run.send_signal(signal.SIGINT)
+    run.wait(timeout=180)
+  assert json.loads((out / 'run.json').read_text(encoding='utf-8'))['status'] == 'stopped'
+  assert accounting() == expected_accounting, _tail(log)
+  got = finals()
+  assert {w: (p['count'], p['sum'], p['min'], p['max']) for w, p in got.items()} == {
+      w: (c, pytest.approx(s), lo, hi) for w, (c, s, lo, hi) in expected_windows.items()}
+  late_window = next(p for p in got.values() if p['min'] == 2003.0)
+  assert late_window['timing'] == 'LATE'
+  dead = read_jsonl(str(out / 'dead_letter.jsonl'))
+  invalid = [(s, d) for s, d in sent if reference.validate(d) is None]
+  assert letters(dead, 'invalid') == as_sent(invalid)
+  too_late = [(s, d) for s, d in sent if '"too-late-' in d]
+  assert letters(dead, 'too_late') == as_sent(too_late)
+  identities = [d['message_id'] for d in dead]
+  assert len(set(identities)) == len(dead), 'a dead letter is stored twice'
+  assert all(i.startswith('pubsub:') for i in identities), identities[:3]
