@@ -1,10 +1,13 @@
 """``python -m tools bench stream``: the highest rate the pipeline sustains
-reading Kafka on Flink, and the event-to-final-pane latency.
+reading Kafka (or, ``--source pubsub``, Pub/Sub) on Flink, and the
+event-to-final-pane latency.
 
-Needs a running Kafka broker and Flink job server (``scripts/kafka.sh start``,
-``scripts/flink.sh start``); the bench does not start or stop them, so JVM
-start-up is never part of a figure. It creates fresh topics (one per traffic
-source), launches ``python -m pipeline run`` reading them (by default on the
+Needs a running Kafka broker (or the Pub/Sub emulator, with
+``PUBSUB_EMULATOR_HOST`` set) and Flink job server (``scripts/kafka.sh start``,
+``scripts/pubsub-emulator.sh start``, ``scripts/flink.sh start``); the bench
+does not start or stop them, so JVM start-up is never part of a figure. It
+creates fresh topics (one per traffic source; for Pub/Sub, a subscription each),
+launches ``python -m pipeline run`` reading them (by default on the
 Flink job server, LOOPBACK worker), and publishes the simulator's incident
 traffic (tools.traffic) at increasing rates, one step per rate. Event times
 are shifted to the moment each step starts, so event time follows the wall
@@ -41,7 +44,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from tools import simulate, traffic
 from pipeline.readback.reconciliation import live_output_dir
@@ -50,6 +53,9 @@ from transforms.rules.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO
 
 #: The live throughput target on Kafka -> Flink, events per second.
 TARGET_EVENTS_PER_S = 5000
+#: The checkpoint interval of a Pub/Sub run unless given (ms): Flink acks a
+#: message when the checkpoint that holds it completes.
+PUBSUB_CHECKPOINT_MS = 2000
 #: Event times of the generated traffic start here and are shifted to "now".
 BASE_MS = traffic.INCIDENT_START_MS
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -352,11 +358,16 @@ def option_value(extra: Sequence[str], name: str) -> Optional[str]:
   return None
 
 
-def require_services(bootstrap: str, extra: Sequence[str]) -> Optional[str]:
-  """None when Kafka, the job server and the expansion service answer; else
-  what to start."""
+def require_services(bootstrap: Optional[str], extra: Sequence[str]) -> Optional[str]:
+  """None when Kafka (``bootstrap``; None: the Pub/Sub emulator), the job
+  server and the expansion service answer; else what to start."""
   missing = []
-  if not port_open(bootstrap.split(',')[0]):
+  if bootstrap is None:
+    emulator = os.environ.get('PUBSUB_EMULATOR_HOST')
+    if not emulator or not port_open(emulator):
+      missing.append('the Pub/Sub emulator (scripts/pubsub-emulator.sh start; '
+                     'eval "$(scripts/pubsub-emulator.sh env)")')
+  elif not port_open(bootstrap.split(',')[0]):
     missing.append(f'Kafka at {bootstrap} (scripts/kafka.sh start)')
   job = option_value(extra, '--job_endpoint')
   if job and not port_open(job):
@@ -365,7 +376,7 @@ def require_services(bootstrap: str, extra: Sequence[str]) -> Optional[str]:
       extra, '--kafka_expansion_service') or 'localhost:' + os.environ.get(
           'KAFKA_EXPANSION_PORT', '18096')
   if not port_open(expansion):
-    missing.append(f'the Kafka expansion service at {expansion} (scripts/flink.sh start)')
+    missing.append(f'the Java expansion service at {expansion} (scripts/flink.sh start)')
   if missing:
     return 'bench stream: not running: ' + '; '.join(missing)
   return None
@@ -454,15 +465,60 @@ def _leaked_consumers(flink_pid: Optional[int], kafka_port: int, before: int) ->
   return leaked
 
 
+class KafkaFeed:
+  """Fresh Kafka topics, one per traffic source, and their publisher."""
+
+  def __init__(self, bootstrap: str, prefix: str, sources: Sequence[str], partitions: int):
+    from confluent_kafka.admin import AdminClient, NewTopic
+    self.bootstrap = bootstrap
+    self.topics = {s: prefix + s for s in sources}
+    self._admin = AdminClient({'bootstrap.servers': bootstrap})
+    for future in self._admin.create_topics(
+        [NewTopic(t, partitions, 1) for t in self.topics.values()]).values():
+      future.result(30)
+    self.source = f'kafka:{bootstrap}/' + ','.join(f'{s}={t}' for s, t in self.topics.items())
+    self.target = simulate.KafkaTarget(bootstrap, prefix)
+    self.port = int(bootstrap.split(',')[0].rsplit(':', 1)[1])
+
+  def delete(self) -> None:
+    self._admin.delete_topics(list(self.topics.values()))
+
+
+class PubSubFeed:
+  """Fresh Pub/Sub topics on the emulator, a subscription each, and their publisher."""
+
+  def __init__(self, project: str, prefix: str, sources: Sequence[str]):
+    from google.cloud import pubsub_v1
+    self._publisher, self._subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    self.topics = {s: self._publisher.create_topic(
+        name=self._publisher.topic_path(project, prefix + s)).name for s in sources}
+    self.subscriptions = {s: self._subscriber.create_subscription(request={
+        'name': self._subscriber.subscription_path(project, f'{prefix}sub-{s}'),
+        'topic': topic, 'ack_deadline_seconds': 60}).name for s, topic in self.topics.items()}
+    self.source = 'pubsub:' + ','.join(f'{s}={p}' for s, p in self.subscriptions.items())
+    self.target = simulate.PubSubTarget(project, prefix, list(sources), create_topics=False)
+    emulator = os.environ.get('PUBSUB_EMULATOR_HOST', ':0')
+    self.port = int(emulator.rsplit(':', 1)[1])
+
+  def delete(self) -> None:
+    for path in self.subscriptions.values():
+      self._subscriber.delete_subscription(subscription=path)
+    for path in self.topics.values():
+      self._publisher.delete_topic(topic=path)
+
+
 def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
-  from confluent_kafka.admin import AdminClient, NewTopic
   from apache_beam.options.pipeline_options import PipelineOptions
   from pipeline.settings.config import RunConfig
   from pipeline.readback.reconciliation import reconcile
 
   if option_value(extra, '--runner') is None:
     extra = flink_args() + list(extra)
-  problem = require_services(args.bootstrap_servers, extra)
+  pubsub = args.source == 'pubsub'
+  if pubsub and option_value(extra, '--checkpointing_interval') is None:
+    # Flink acknowledges a Pub/Sub message when a checkpoint completes.
+    extra = list(extra) + [f'--checkpointing_interval={PUBSUB_CHECKPOINT_MS}']
+  problem = require_services(None if pubsub else args.bootstrap_servers, extra)
   if problem:
     raise SystemExit(problem)
   py_spy = os.path.join(os.path.dirname(sys.executable), 'py-spy')
@@ -472,14 +528,12 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
   run_id = uuid.uuid4().hex[:8]
   prefix = f'tidemark-bench-{run_id}-'
   sources = [s[0] for s in traffic.Profile().sources]
-  topics = {s: prefix + s for s in sources}
-  admin = AdminClient({'bootstrap.servers': args.bootstrap_servers})
-  for future in admin.create_topics(
-      [NewTopic(t, args.partitions, 1) for t in topics.values()]).values():
-    future.result(30)
+  feed: Union[KafkaFeed, PubSubFeed] = (
+      PubSubFeed(args.project, prefix, sources) if pubsub else
+      KafkaFeed(args.bootstrap_servers, prefix, sources, args.partitions))
 
   out = os.path.join(args.workdir, f'stream-{run_id}')
-  source = f'kafka:{args.bootstrap_servers}/' + ','.join(f'{s}={t}' for s, t in topics.items())
+  source = feed.source
   job_name = f'tidemark-bench-{run_id}'
   run_args = ['--source', source, '--window-size', str(args.window_size),
               '--allowed-lateness', str(args.allowed_lateness), '--output-dir', out,
@@ -489,7 +543,7 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
   # Traffic for every step is generated before anything is timed.
   plan = [(rate, step_lines(args, k, rate, args.step_seconds))
           for k, rate in enumerate([args.rates[0]] + list(args.rates))]
-  target = simulate.KafkaTarget(args.bootstrap_servers, prefix)
+  target = feed.target
   log_path = os.path.join(args.workdir, f'stream-{run_id}.log')
   log = open(log_path, 'w', encoding='utf-8')
   started = time.monotonic()
@@ -501,15 +555,17 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
                           stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT, env=env)
   watcher = Watcher(config.output_dir)
   watcher.start()
-  kafka_port = int(args.bootstrap_servers.split(',')[0].rsplit(':', 1)[1])
+  kafka_port = feed.port
   flink_pid = service_pid('flink')
   connections_before = tcp_connections(flink_pid, kafka_port) if flink_pid else 0
-  pids = {'pipeline': proc.pid, 'flink': flink_pid,
-          'kafka': service_pid('kafka'), 'bench': os.getpid()}
+  pids = {'pipeline': proc.pid, 'flink': flink_pid, 'bench': os.getpid(),
+          **({'pubsub-emulator': service_pid('pubsub-emulator')} if pubsub else
+             {'kafka': service_pid('kafka')})}
   published = 0
   profiler = None
   steps: List[dict] = []
-  result: dict = {'bench': 'stream', 'runner': option_value(extra, '--runner')}
+  result: dict = {'bench': 'stream', 'source': args.source,
+                  'runner': option_value(extra, '--runner')}
   try:
     # Warm-up: the first rate until the job has started and caught up.
     def count(_message) -> None:
@@ -580,11 +636,11 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
       finally:
         watcher.stop()
         log.close()
-        leaked = _leaked_consumers(flink_pid, kafka_port, connections_before)
+        leaked = 0 if pubsub else _leaked_consumers(flink_pid, kafka_port, connections_before)
         # Consumers left behind poll their topics for ever: deleting the topics
         # would turn that into a busy loop of errors (and a fast-growing log).
         if not leaked:
-          admin.delete_topics(list(topics.values()))
+          feed.delete()
   watcher.poll()
   if leaked:
     print(f'bench stream: WARNING: the Flink job server still holds {leaked} Kafka '
@@ -638,6 +694,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--partitions', type=int, default=1, help='stream: partitions per topic')
   parser.add_argument('--bootstrap-servers', default=simulate.DEFAULT_KAFKA_SERVERS,
                       help='stream: Kafka')
+  parser.add_argument('--source', choices=('kafka', 'pubsub'), default='kafka',
+                      help='stream: what the job reads: Kafka topics, or Pub/Sub subscriptions '
+                      'on the emulator (PUBSUB_EMULATOR_HOST)')
+  parser.add_argument('--project', default='tidemark-bench', help='stream: Pub/Sub project')
   parser.add_argument('--startup-timeout', type=float, default=300.0,
                       help='stream: s to wait for the job to start and read the warm-up')
   parser.add_argument('--py-spy', metavar='PATH',
