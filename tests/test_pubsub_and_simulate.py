@@ -102,6 +102,58 @@ def test_id_label_comes_from_config_and_the_direct_runner_gets_none():
   assert e.value.field == '--pubsub-id-label'
 
 
+def test_on_flink_pubsub_is_read_in_java_checkpointed_and_without_an_id_label():
+  flink = [f'--source=pubsub:{SUB}', '--checkpointing_interval=2000']
+  on_flink = config(*flink, runner='PortableRunner')
+  assert on_flink.pubsub_expansion_service == 'localhost:18096'
+  assert on_flink.pubsub_id_label is None  # the source drops redelivered message ids
+  assert config(*flink, '--pubsub-expansion-service=127.0.0.1:9000',
+                runner='FlinkRunner').pubsub_expansion_service == '127.0.0.1:9000'
+  assert config(f'--source=pubsub:{SUB}').pubsub_expansion_service is None  # DirectRunner
+  assert config(f'--source=pubsub:{SUB}', runner='DataflowRunner').pubsub_expansion_service is None
+  with pytest.raises(ConfigError) as e:  # acks follow checkpoints: none, no acks
+    config(f'--source=pubsub:{SUB}', runner='PortableRunner')
+  assert e.value.field == '--checkpointing_interval' and 'acknowledges' in str(e.value)
+  with pytest.raises(ConfigError) as e:
+    config(*flink, '--pubsub-id-label=event_id', runner='PortableRunner')
+  assert e.value.field == '--pubsub-id-label'
+  with pytest.raises(ValueError, match='id_label'):
+    ReadPubSubEvents({'A': SUB}, id_label='event_id', expansion_service='localhost:1')
+
+
+def test_the_java_read_reaches_the_emulator_the_launcher_names(monkeypatch):
+  from pipeline.settings.options import JavaPubsubOptions
+  from pipeline.settings.runners import NO_CREDENTIALS, reach_pubsub_emulator
+  monkeypatch.setenv('PUBSUB_EMULATOR_HOST', '127.0.0.1:18085')
+  options = PipelineOptions([])
+  reach_pubsub_emulator(options, java_pubsub_read=True)
+  java = options.view_as(JavaPubsubOptions)
+  assert (java.pubsub_root_url, java.credential_factory_class) == (
+      'http://127.0.0.1:18085', NO_CREDENTIALS)
+  # Java reads it as pubsubRootUrl: the portable options carry the snake-case name.
+  assert options.get_all_options()['pubsub_root_url'] == 'http://127.0.0.1:18085'
+  given = PipelineOptions(['--java_pubsub_root_url=https://pubsub.example:443'])
+  reach_pubsub_emulator(given, java_pubsub_read=True)
+  assert given.view_as(JavaPubsubOptions).pubsub_root_url == 'https://pubsub.example:443'
+  untouched = PipelineOptions([])
+  reach_pubsub_emulator(untouched, java_pubsub_read=False)
+  assert untouched.view_as(JavaPubsubOptions).pubsub_root_url is None
+  monkeypatch.delenv('PUBSUB_EMULATOR_HOST')
+  production = PipelineOptions([])
+  reach_pubsub_emulator(production, java_pubsub_read=True)
+  assert production.view_as(JavaPubsubOptions).credential_factory_class is None
+
+
+def test_the_java_reads_proto_becomes_the_message_it_was():
+  from google.pubsub_v1 import types
+  from transforms.connectors.pubsub import message_from_proto
+  proto = types.PubsubMessage(data=b'{"a": 1}\xff', attributes={'ts': 'garbage'},
+                              message_id='42')
+  message = message_from_proto(types.PubsubMessage.serialize(proto))
+  assert (message.data, message.attributes, message.message_id) == (
+      b'{"a": 1}\xff', {'ts': 'garbage'}, '42')
+
+
 def test_the_direct_runner_wall_clock_watermark_is_flagged_before_running():
   base = [f'--source=pubsub:{SUB}', '--window-size=60', '--allowed-lateness=30']
   assert 'WALL CLOCK' in watermark_risks(config(*base), 'DirectRunner')[0]

@@ -187,9 +187,10 @@ class PubSubTarget:
     pass  # Pub/Sub carries no watermarks; the runner estimates them
 
   def close(self) -> None:
+    """Waits until everything sent is published (the target stays usable)."""
     for future in self._futures:
       future.result(timeout=120)
-    self._client.stop()
+    self._futures.clear()
 
 
 class KafkaTarget:

@@ -108,10 +108,10 @@ class ReadPubSubEvents(EventSource):
   * with ``expansion_service`` (the HOST:PORT of a Java expansion service that
     serves Tidemark's Java classes), Beam's Java ``PubsubIO`` (``PUBSUB_READ_URN``,
     java/src), for portable runners that run Java sources but not the Python read
-    (Flink). Its reader stamps every message with the attribute's event time
-    (one without a usable attribute takes the latest event time read before it),
-    so the watermark follows event time; messages are acknowledged when the
-    runner finalizes the checkpoint that holds them.
+    (Flink). Its reader stamps every message with the highest event time read
+    so far (the attributes'), so the watermark follows event time and neither a
+    straggler nor a message without a usable attribute holds it back; messages
+    are acknowledged when the runner finalizes the checkpoint that holds them.
   """
 
   def __init__(

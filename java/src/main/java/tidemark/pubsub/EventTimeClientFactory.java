@@ -7,17 +7,24 @@ import org.apache.beam.sdk.io.gcp.pubsub.PubsubClient;
 import org.apache.beam.sdk.io.gcp.pubsub.PubsubClient.PubsubClientFactory;
 import org.apache.beam.sdk.io.gcp.pubsub.PubsubJsonClient;
 import org.apache.beam.sdk.io.gcp.pubsub.PubsubOptions;
+import org.apache.beam.sdk.transforms.windowing.BoundedWindow;
 import org.checkerframework.checker.nullness.qual.Nullable;
 
 /**
- * Pub/Sub's JSON client whose messages carry the event time of a timestamp attribute, and
- * whose pulls never fail on it.
+ * Pub/Sub's JSON client that stamps each message with the event time of a timestamp attribute
+ * for the reader's watermark, without ever failing a pull on it.
  *
  * <p>Beam's own client raises on a message whose timestamp attribute is missing or is not epoch
  * milliseconds or RFC 3339; inside the unbounded source that fails the pull, the task restarts,
- * the message is delivered again and fails it again: one bad message stops the job. Here such a
- * message takes the latest event time this client has read (its publish time before any), so
- * it neither stops the job nor moves the watermark; the payload decides its window downstream.
+ * the message is delivered again and fails it again: one bad message stops the job.
+ *
+ * <p>Beam's reader estimates its watermark as the lowest timestamp it read in the last minute,
+ * so one straggler (an event long behind the others) would hold the watermark at its own event
+ * time for a minute, and a straggler every minute would hold it for good. Here each message is
+ * stamped with the highest event time this client has read so far, its own included: a
+ * straggler, or a message without a usable attribute, takes the stamp of the newest event
+ * before it (its publish time before any event time), so it neither stops the job nor holds
+ * the watermark back; downstream, the payload decides its window and whether it is too late.
  */
 public final class EventTimeClientFactory implements PubsubClientFactory {
   private static final long serialVersionUID = 1L;
@@ -55,26 +62,36 @@ public final class EventTimeClientFactory implements PubsubClientFactory {
     return "Json (event time from attribute '" + timestampAttribute + "')";
   }
 
-  /** The event time in {@code value} (epoch milliseconds or RFC 3339), or null. */
+  /**
+   * The event time in {@code value} (epoch milliseconds or RFC 3339) within Beam's timestamp
+   * range, or null.
+   */
   static @Nullable Long eventTime(@Nullable String value) {
     if (value == null || value.isEmpty()) {
       return null;
     }
+    long millis;
     try {
-      return Long.parseLong(value);
+      millis = Long.parseLong(value);
     } catch (NumberFormatException notMillis) {
       try {
-        return com.google.api.client.util.DateTime.parseRfc3339(value).getValue();
+        millis = com.google.api.client.util.DateTime.parseRfc3339(value).getValue();
       } catch (RuntimeException notRfc3339) {
         return null;
       }
     }
+    if (millis <= BoundedWindow.TIMESTAMP_MIN_VALUE.getMillis()
+        || millis >= BoundedWindow.TIMESTAMP_MAX_VALUE.getMillis()) {
+      return null;
+    }
+    return millis;
   }
 
   /** Restamps what the delegate pulls; everything else is the delegate's. */
   static final class EventTimeClient extends ForwardingPubsubClient {
     private final String timestampAttribute;
-    private @Nullable Long latestEventTime;
+    /** The highest event time read so far. */
+    private @Nullable Long highWater;
 
     EventTimeClient(PubsubClient delegate, String timestampAttribute) {
       super(delegate);
@@ -94,16 +111,13 @@ public final class EventTimeClientFactory implements PubsubClientFactory {
       for (IncomingMessage message : pulled) {
         Long eventTime =
             eventTime(message.message().getAttributesMap().get(timestampAttribute));
-        if (eventTime != null) {
-          latestEventTime = eventTime;
-        } else {
-          eventTime =
-              latestEventTime != null ? latestEventTime : message.timestampMsSinceEpoch();
+        if (eventTime != null && (highWater == null || eventTime > highWater)) {
+          highWater = eventTime;
         }
         stamped.add(
             IncomingMessage.of(
                 message.message(),
-                eventTime,
+                highWater != null ? highWater : message.timestampMsSinceEpoch(),
                 message.requestTimeMsSinceEpoch(),
                 message.ackId(),
                 message.recordId()));

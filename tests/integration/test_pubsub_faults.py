@@ -1,0 +1,241 @@
+"""A Pub/Sub customer deployed to the Flink session cluster, a TaskManager killed
+under traffic.
+
+``python -m pipeline deploy --target flink`` submits the customer's job to the
+cluster of scripts/flink-cluster.sh (a JobManager, a TaskManager, the Python
+worker pool), detached, at parallelism 2, checkpointed every 2 s, reading a
+subscription of the Pub/Sub emulator through the Java read and writing
+PostgreSQL. Live traffic (event time = now; redeliveries under new message ids,
+garbage, a malformed ``ts``) flows while the TaskManager is killed with SIGKILL
+between two checkpoints. What the killed TaskManager had read but not
+checkpointed was never acknowledged, so Pub/Sub delivers it again to the
+restored job. The final rows in PostgreSQL, the accounting and the dead letters
+(file and table) must equal the contract read independently: nothing lost,
+nothing counted or stored twice.
+
+Nothing published at the present can be too late: the reader's watermark is at
+most the oldest event time read in the last minute, and the allowed lateness
+covers the outage. Once the job has run a while, every 100th event is ten
+minutes old: too late for any window here (a dead letter in the file and, the
+table being scoped to the customer, in the table).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+
+from integration.conftest import JOB_ENDPOINT, REPO
+from integration.test_pubsub_on_flink import PROJECT, _require_rest
+from pipeline.deployment.flink_cluster import FlinkCluster
+from tools import reference
+
+pytestmark = pytest.mark.integration
+
+MASTER = '127.0.0.1:' + os.environ.get('FLINK_REST_PORT', '18081')
+POOL = '127.0.0.1:' + os.environ.get('FLINK_WORKER_POOL_PORT', '18050')
+CLUSTER_SCRIPT = os.path.join(REPO, 'scripts', 'flink-cluster.sh')
+WINDOW_S, LATENESS_S = 5, 120
+RATE, CUSTOMER = 200, 'pubco'
+
+
+def _script(path: str, action: str) -> None:
+  result = subprocess.run([path, action], capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, f'{path} {action}:\n{result.stdout}\n{result.stderr}'
+
+
+@pytest.fixture(scope='module')
+def pubsub_cluster(flink_job_server, postgres_dsn, emulator):
+  _require_rest(emulator)
+  _script(CLUSTER_SCRIPT, 'start')
+  yield FlinkCluster(MASTER)
+  _script(CLUSTER_SCRIPT, 'stop')
+
+
+class PubSubCustomer:
+  """A customer file for one test: its own topic and subscription, tables and job."""
+
+  def __init__(self, tmp_path, dsn: str):
+    from google.cloud import pubsub_v1
+    self.run_id = uuid.uuid4().hex[:8]
+    self.publisher = pubsub_v1.PublisherClient()
+    subscriber = pubsub_v1.SubscriberClient()
+    self.topic = self.publisher.create_topic(
+        name=self.publisher.topic_path(PROJECT, f'{CUSTOMER}-live-{self.run_id}')).name
+    self.subscription = subscriber.create_subscription(request={
+        'name': subscriber.subscription_path(PROJECT, f'{CUSTOMER}-live-{self.run_id}'),
+        'topic': self.topic, 'ack_deadline_seconds': 30}).name
+    self.source = self.subscription.rsplit('/', 1)[1]
+    self.table = f'{CUSTOMER}_aggregates_{self.run_id}'
+    self.dead_table = f'{CUSTOMER}_dead_{self.run_id}'
+    self.job_name = f'{CUSTOMER}-{self.run_id}'
+    self.dsn = dsn
+    self.dir = tmp_path
+    self.sent: list = []  # (source, payload) in publish order
+    self.too_late: set = set()  # event ids published ten minutes old
+    self.path = str(tmp_path / f'{CUSTOMER}.json')
+    with open(self.path, 'w', encoding='utf-8') as f:
+      json.dump({
+          'customer_id': CUSTOMER,
+          'window': {'size_s': WINDOW_S, 'allowed_lateness_s': LATENESS_S},
+          'shards': 2,
+          'source': {'kind': 'pubsub', 'subscriptions': [self.subscription]},
+          'sink': {'kind': 'postgres', 'dsn': re.sub(r':[^:@/]*@', '@', dsn),
+                   'table': self.table, 'dead_letter_table': self.dead_table},
+          'deploy': {'flink': {
+              'job_endpoint': JOB_ENDPOINT, 'flink_master': MASTER, 'worker_pool': POOL,
+              'checkpoint_interval_s': 2, 'parallelism': 2, 'job_name': self.job_name}},
+      }, f)
+
+  def deploy(self) -> str:
+    result = subprocess.run(
+        [sys.executable, '-m', 'pipeline', 'deploy', '--customer-file', self.path,
+         '--target', 'flink'],
+        capture_output=True, text=True, timeout=600, cwd=str(self.dir),
+        env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+    assert result.returncode == 0, f'deploy:\n{result.stdout}\n{result.stderr[-4000:]}'
+    return result.stdout
+
+  def _send(self, body: str, **attributes) -> object:
+    self.sent.append((self.source, body))
+    return self.publisher.publish(self.topic, body.encode(), **attributes)
+
+  def publish(self, seconds: float) -> None:
+    """Live traffic for ``seconds``: event time now, every 9th event published
+    again right behind (a new message id), every 50th message garbage, every
+    100th event with a ``ts`` of ``garbage``, and after 20 s every 100th event
+    ten minutes old."""
+    started = time.monotonic()
+    deadline, i = started + seconds, 0
+    while time.monotonic() < deadline:
+      tick, now, futures = time.monotonic(), int(time.time() * 1000), []
+      for _ in range(RATE // 10):
+        i += 1
+        if i % 50 == 17:
+          futures.append(self._send('{"event_id": "cut', ts=str(now)))
+          continue
+        event_time = now
+        if tick - started > 20 and i % 100 == 53:
+          event_time = now - 600_000
+          self.too_late.add(f'e{i}')
+        body = json.dumps({'event_id': f'e{i}', 'customer_id': CUSTOMER, 'key': f'k{i % 4}',
+                           'value': round((i % 97) * 0.5 - 20, 2), 'event_time': event_time})
+        futures.append(self._send(body, ts='garbage' if i % 100 == 3 else str(event_time)))
+        if i % 9 == 4:
+          futures.append(self._send(body, ts=str(now)))
+      for future in futures:
+        future.result(timeout=60)
+      time.sleep(max(0.0, 0.1 - (time.monotonic() - tick)))
+
+  def expected(self):
+    """(accounting, final windows, invalid payloads, too-late payloads) by the contract."""
+    counts = collections.Counter(received=0, invalid=0, too_late=0, duplicate=0, aggregated=0)
+    windows, seen, invalid, too_late = collections.defaultdict(list), set(), [], []
+    for source, data in self.sent:
+      counts['received'] += 1
+      fields = reference.validate(data)
+      if fields is None:
+        counts['invalid'] += 1
+        invalid.append((source, data))
+        continue
+      event_id, customer, key, value, t = fields
+      if event_id in self.too_late:
+        counts['too_late'] += 1
+        too_late.append((source, data))
+        continue
+      if event_id in seen:
+        counts['duplicate'] += 1
+        continue
+      seen.add(event_id)
+      counts['aggregated'] += 1
+      start = t - t % (WINDOW_S * 1000)
+      windows[(customer, key, start, start + WINDOW_S * 1000)].append(value)
+    finals = {w: (len(v), round(sum(v), 6), min(v), max(v)) for w, v in windows.items()}
+    return dict(counts), finals, sorted(invalid), sorted(too_late)
+
+  def finals(self) -> dict:
+    with psycopg.connect(self.dsn) as conn:
+      try:
+        rows = conn.execute(
+            f'SELECT customer_id, key, window_start, window_end, count, sum, min, max '
+            f'FROM "{self.table}"').fetchall()
+      except psycopg.errors.UndefinedTable:
+        return {}
+    return {tuple(r[:4]): (r[4], round(r[5], 6), r[6], r[7]) for r in rows}
+
+  def accounting(self) -> dict:
+    try:
+      with open(self.dir / 'tidemark-output' / 'accounting.json', encoding='utf-8') as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return {}
+
+  def dead_letter_rows(self) -> list:
+    with psycopg.connect(self.dsn) as conn:
+      return conn.execute(
+          f'SELECT reason, source, data, message_id FROM "{self.dead_table}"').fetchall()
+
+  def dead_letter_lines(self) -> list:
+    with open(self.dir / 'tidemark-output' / 'dead_letter.jsonl', encoding='utf-8') as f:
+      return [json.loads(line) for line in f]
+
+
+def _wait(predicate, timeout_s: float, what: str):
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if predicate():
+      return
+    time.sleep(1)
+  raise AssertionError(f'timed out after {timeout_s} s waiting for {what}')
+
+
+def test_a_pubsub_job_on_the_cluster_survives_a_killed_taskmanager_exactly(
+    pubsub_cluster, postgres_dsn, tmp_path):
+  cluster = pubsub_cluster
+  customer = PubSubCustomer(tmp_path, postgres_dsn)
+  assert 'is running on the Flink cluster' in customer.deploy()
+  job = cluster.wait_for_job(customer.job_name, 120)
+  try:
+    publisher = threading.Thread(target=customer.publish, args=(45,))
+    publisher.start()
+    _wait(lambda: cluster.checkpoints(job.jid)['counts']['completed'] >= 3, 90, '3 checkpoints')
+    time.sleep(3)  # between two checkpoints, traffic flowing
+    pid = int(open(os.path.join(REPO, '.stage', 'run', 'flink-taskmanager.pid')).read())
+    os.kill(pid, 9)
+    _wait(lambda: not os.path.exists(f'/proc/{pid}'), 30, 'the TaskManager to die')
+    _script(CLUSTER_SCRIPT, 'start')  # a new TaskManager
+
+    def running_again():
+      detail = cluster.job(job.jid)
+      return (cluster.restarts(job.jid) >= 1 and detail['state'] == 'RUNNING' and
+              all(v['status'] == 'RUNNING' for v in detail['vertices']))
+    _wait(running_again, 120, 'the job to run again')
+    publisher.join()
+    accounting, windows, invalid, too_late = customer.expected()
+    # Windows close once the subscription has been idle for a minute.
+    _wait(lambda: customer.finals() == windows and customer.accounting() == accounting,
+          300, 'final rows and accounting equal to the contract')
+    assert cluster.checkpoints(job.jid)['latest']['restored'] is not None
+  finally:
+    cluster.cancel(job.jid)
+  assert accounting['duplicate'] > 100 and accounting['invalid'] > 20
+  assert accounting['too_late'] > 5
+  lines = customer.dead_letter_lines()
+  assert sorted((d['source'], d['data']) for d in lines if d['reason'] == 'invalid') == invalid
+  assert sorted((d['source'], d['data']) for d in lines if d['reason'] == 'too_late') == too_late
+  assert len({d['message_id'] for d in lines}) == len(lines), 'a dead letter is written twice'
+  # The table is scoped to the customer: its too-late letters, each once.
+  rows = customer.dead_letter_rows()
+  assert sorted((r[1], bytes(r[2]).decode()) for r in rows) == too_late  # data: the exact bytes
+  assert {r[0] for r in rows} == {'too_late'}
+  assert len({r[3] for r in rows}) == len(rows), 'a dead letter is stored twice in the table'
