@@ -75,6 +75,47 @@ def letters(records: Iterable[dict], reason: str) -> list:
   return sorted((d['source'], dead_letter_payload(d)) for d in records if d['reason'] == reason)
 
 
+class LiveOutcome(NamedTuple):
+  """What the contract makes of live traffic whose too-late events are known."""
+  accounting: dict
+  windows: dict  # (customer, key, start, end) -> (count, sum, min, max)
+  invalid: list  # (source, payload) in publish order
+  too_late: list
+
+
+def live_outcome(sent: Iterable[tuple], window_s: int, too_late_ids=frozenset()) -> LiveOutcome:
+  """Contract section 3 over ``(source, payload)`` in arrival order, the
+  events named in ``too_late_ids`` too late (a live source's watermark decides
+  that; the caller knows which ones it sent beyond the lateness): invalid, else
+  too late, else duplicate (by event_id, the first copy counted), else aggregated."""
+  from tools import reference
+  counts = dict(received=0, invalid=0, too_late=0, duplicate=0, aggregated=0)
+  values: dict = {}
+  seen: set = set()
+  invalid, too_late = [], []
+  for source, data in sent:
+    counts['received'] += 1
+    fields = reference.validate(data)
+    if fields is None:
+      counts['invalid'] += 1
+      invalid.append((source, data))
+      continue
+    event_id, customer, key, value, t = fields
+    if event_id in too_late_ids:
+      counts['too_late'] += 1
+      too_late.append((source, data))
+      continue
+    if event_id in seen:
+      counts['duplicate'] += 1
+      continue
+    seen.add(event_id)
+    counts['aggregated'] += 1
+    start = t - t % (window_s * 1000)
+    values.setdefault((customer, key, start, start + window_s * 1000), []).append(value)
+  windows = {w: (len(v), sum(v), min(v), max(v)) for w, v in values.items()}
+  return LiveOutcome(counts, windows, invalid, too_late)
+
+
 def as_sent(pairs: Iterable[tuple]) -> list:
   """``(source, payload)`` pairs as ``letters`` gives them back, sorted."""
   return sorted((source, payload_bytes(body)) for source, body in pairs)

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from conftest import read_jsonl
+from conftest import live_outcome, read_jsonl
 from tools import reference
 from transforms.rules.model import dead_letter_payload, payload_bytes
 
@@ -62,33 +62,6 @@ def _cli(*args, module='pipeline'):
   return subprocess.run(
       [sys.executable, '-m', module, *args], cwd=REPO, capture_output=True, text=True,
       timeout=300, env=env)
-
-
-def _expected(sent):
-  """Contract section 3 for messages that all arrive before their window
-  closes: invalid, else duplicate (by event_id), else aggregated."""
-  counts = collections.Counter(received=0, invalid=0, too_late=0, duplicate=0, aggregated=0)
-  windows = collections.defaultdict(list)
-  seen = set()
-  invalid = []
-  for source, data in sent:
-    counts['received'] += 1
-    fields = reference.validate(data)
-    if fields is None:
-      counts['invalid'] += 1
-      invalid.append((source, data))
-      continue
-    event_id, customer, key, value, t = fields
-    if event_id in seen:
-      counts['duplicate'] += 1
-      continue
-    seen.add(event_id)
-    counts['aggregated'] += 1
-    start = t - t % (WINDOW_S * 1000)
-    windows[(customer, key, start, start + WINDOW_S * 1000)].append(value)
-  finals = {
-      w: (len(v), sum(v), min(v), max(v)) for w, v in windows.items()}
-  return dict(counts), finals, invalid
 
 
 def _final_panes(aggregates):
@@ -139,7 +112,7 @@ def test_simulated_traffic_through_the_emulator_equals_an_independent_count(
   sent += extras + [('C', not_utf8.decode('utf-8', 'surrogateescape'))]
   print('messages per subscription:', collections.Counter(s for s, _ in sent))
 
-  expected_accounting, expected_windows, expected_invalid = _expected(sent)
+  expected_accounting, expected_windows, expected_invalid, _ = live_outcome(sent, WINDOW_S)
   assert expected_accounting['invalid'] >= 2 and expected_accounting['duplicate'] >= 1
   last_close_ms = max(w[3] for w in expected_windows) + LATENESS_S * 1000
 

@@ -16,7 +16,6 @@ straggler's fate is fixed by its age.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import signal
@@ -27,7 +26,7 @@ import uuid
 
 import pytest
 
-from conftest import as_sent, letters, read_jsonl
+from conftest import as_sent, letters, live_outcome, read_jsonl
 from integration.conftest import flink_args
 from tools import reference
 from transforms.rules.model import payload_bytes
@@ -70,32 +69,6 @@ def _require_rest(emulator: str) -> None:
 def _event(event_id: str, value: float, event_time: int, customer: str = 'finserve') -> str:
   return json.dumps({'event_id': event_id, 'customer_id': customer, 'key': 'k',
                      'value': value, 'event_time': event_time})
-
-
-def _expected(sent, too_late_ids):
-  """Contract section 3 with the too-late events named: invalid, else too
-  late, else duplicate (by event_id, first copy counted), else aggregated."""
-  counts = collections.Counter(received=0, invalid=0, too_late=0, duplicate=0, aggregated=0)
-  windows = collections.defaultdict(list)
-  seen = set()
-  for _source, data in sent:
-    counts['received'] += 1
-    fields = reference.validate(data)
-    if fields is None:
-      counts['invalid'] += 1
-      continue
-    event_id, customer, key, value, t = fields
-    if event_id in too_late_ids:
-      counts['too_late'] += 1
-      continue
-    if event_id in seen:
-      counts['duplicate'] += 1
-      continue
-    seen.add(event_id)
-    counts['aggregated'] += 1
-    start = t - t % (WINDOW_S * 1000)
-    windows[(customer, key, start, start + WINDOW_S * 1000)].append(value)
-  return dict(counts), {w: (len(v), sum(v), min(v), max(v)) for w, v in windows.items()}
 
 
 def _finals(aggregates):
@@ -192,7 +165,8 @@ def test_a_pubsub_backlog_and_its_stragglers_on_flink_equal_the_contract(
             ts=str(now - (LATENESS_S + 5 * WINDOW_S) * 1000))
     late = now - 3 * WINDOW_S * 1000
     publish('C', _event('late-within', 2003.0, late), ts=str(late))
-    expected_accounting, expected_windows = _expected(sent, {'too-late-1', 'too-late-2'})
+    expected_accounting, expected_windows, _, _ = live_outcome(
+        sent, WINDOW_S, {'too-late-1', 'too-late-2'})
     _wait('phase 2 counted', lambda: (
         accounting() == expected_accounting and
         sum(p['count'] for p in finals().values()) == expected_accounting['aggregated']),

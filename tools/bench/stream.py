@@ -56,6 +56,9 @@ TARGET_EVENTS_PER_S = 5000
 #: The checkpoint interval of a Pub/Sub run unless given (ms): Flink acks a
 #: message when the checkpoint that holds it completes.
 PUBSUB_CHECKPOINT_MS = 2000
+#: How far Beam's Java Pub/Sub reader holds the watermark back (s): its
+#: minimum over the last minute's reads, and a minute idle before the wall clock.
+PUBSUB_WATERMARK_S = 120
 #: Event times of the generated traffic start here and are shifted to "now".
 BASE_MS = traffic.INCIDENT_START_MS
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -622,7 +625,9 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
         return True
       except (Reconciliation, OSError, ValueError, KeyError):
         return False
-    settle = args.window_size + args.allowed_lateness + 60
+    # Pub/Sub's reader holds the watermark a minute behind what it read, and
+    # moves it to the wall clock only after a minute without messages.
+    settle = args.window_size + args.allowed_lateness + 60 + (PUBSUB_WATERMARK_S if pubsub else 0)
     consistent = drained and wait_until(reconciled, settle, every_s=2)
   finally:
     # Each clean-up step runs whatever happened before it.
