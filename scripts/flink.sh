@@ -7,11 +7,7 @@
 # Ports: FLINK_JOB_PORT (18099), FLINK_ARTIFACT_PORT (18098),
 # FLINK_EXPANSION_PORT (18097, the job server's), KAFKA_EXPANSION_PORT (18096).
 # Logs in .stage/logs/flink-job-server.log and kafka-expansion.log; each job's
-# staged artifacts in .stage/flink/artifacts/<sha256>/. Its Flink keeps
-# checkpoints on disk (.stage/flink/checkpoints, config in .stage/flink/conf):
-# Flink's default keeps them in the JobManager's memory, at most 5 MB a task,
-# which a checkpointed job outgrows (the Pub/Sub source's ids of the last 10
-# minutes: ~5 MB at 1,500 messages/s).
+# staged artifacts in .stage/flink/artifacts/<sha256>/.
 # start is idempotent and waits until every port listens.
 set -euo pipefail
 source "$(dirname "$0")/lib-service.sh"
@@ -95,17 +91,13 @@ start() {
     fi
   done
   clean_artifacts --unrecorded
-  mkdir -p "$STAGE/flink/tmp" "$STAGE/flink/conf" "$STAGE/flink/checkpoints"
-  cat > "$STAGE/flink/conf/config.yaml" <<CONF
-# Written by scripts/flink.sh: the job server's local Flink.
-state.checkpoints.dir: file://$STAGE/flink/checkpoints
-CONF
+  mkdir -p "$STAGE/flink/tmp"
   nohup java -Xmx${FLINK_JOB_SERVER_HEAP:-3g} "${JAVA_OPENS[@]}" \
     -Djava.io.tmpdir="$STAGE/flink/tmp" -Djava.net.preferIPv4Stack=true \
     -cp "$LIB/*" org.apache.beam.runners.flink.FlinkJobServerDriver \
     --job-host=127.0.0.1 --job-port="$JOB_PORT" --artifact-port="$ARTIFACT_PORT" \
     --expansion-port="$EXPANSION_PORT" --flink-master='[local]' \
-    --artifacts-dir="$ARTIFACTS" --flink-conf-dir="$STAGE/flink/conf" \
+    --artifacts-dir="$ARTIFACTS" \
     >>"$LOG" 2>&1 < /dev/null &
   echo $! > "$RUN_DIR/flink.pid"
   if ! wait_ports 120 "$!" "$JOB_PORT" "$ARTIFACT_PORT" "$EXPANSION_PORT"; then
