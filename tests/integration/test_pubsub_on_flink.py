@@ -62,8 +62,9 @@ def _require_rest(emulator: str) -> None:
     with urllib.request.urlopen(f'http://{emulator}/v1/projects/{PROJECT}/topics', timeout=10):
       return
   except (urllib.error.URLError, OSError) as e:
-    pytest.skip(f'the Pub/Sub emulator at {emulator} has no REST API ({e}): Java PubsubIO '
-                'needs Google\'s emulator (google-cloud-cli-pubsub-emulator)')
+    raise AssertionError(
+        f'the Pub/Sub emulator at {emulator} has no REST API ({e}): Java PubsubIO needs '
+        'Google\'s emulator (google-cloud-cli-pubsub-emulator)') from None
 
 
 def _event(event_id: str, value: float, event_time: int, customer: str = 'finserve') -> str:
