@@ -390,8 +390,8 @@ def test_a_run_with_rollups_leaves_no_stale_rollup_folders_once_replaced(replays
   code, _, stderr = cli('--source', f'replay:{replays[0]}', '--output-dir', str(out))
   assert code == 0, stderr[-3000:]
   assert sorted(os.listdir(out)) == [
-      'accounting.json', 'aggregates.jsonl', 'aggregates.sqlite', 'dead_letter.jsonl',
-      'metrics.prom', 'report.html', MANIFEST]
+      'accounting.json', 'aggregates.jsonl', 'aggregates.sqlite', 'arrivals.json',
+      'dead_letter.jsonl', 'metrics.prom', 'report.html', MANIFEST]
 
 
 @pytest.mark.parametrize('lines, empty', [

@@ -112,6 +112,33 @@ def test_the_lateness_split_finds_every_too_late_message(incident_run):
   assert within  # the incident's late events inside the allowed lateness
 
 
+def test_a_bulk_replay_records_what_it_delivered_as_a_reading_of_the_replay_finds_it(
+    incident_run, tmp_path):
+  recorded = run_outputs.load(incident_run)
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(incident_run, copy)
+  os.remove(os.path.join(copy, 'arrivals.json'))
+  read = run_outputs.load(copy)  # the replay read again
+  assert recorded.replay_received == read.replay_received == {'A': 1343, 'B': 1200, 'C': 457}
+  assert recorded.replay_watermarks == read.replay_watermarks
+  assert sorted(recorded.replay_late) == sorted(read.replay_late) and len(read.replay_late) == 60
+
+
+def test_each_late_copy_of_a_redelivered_payload_is_judged_on_its_own(tmp_path):
+  redelivered = payload('x', T0 + 1000)
+  replay = write_replay(str(tmp_path / 'replay.jsonl'), [
+      data('A', redelivered), mark('A', T0 + MINUTE + 10_000),
+      data('A', redelivered),  # 10 s past the end: a duplicate, not too late
+      mark('A', T0 + MINUTE + 40_000),
+      data('A', redelivered)])  # 40 s past the end: too late (30 s allowed)
+  out = str(tmp_path / 'out')
+  assert tidemark_run.main(['--source', f'replay:{replay}', '--output-dir', out]) == 0
+  outputs = run_outputs.load(out)
+  assert outputs.accounting['too_late'] == outputs.accounting['duplicate'] == 1
+  assert outputs.replay_late == [(10.0, False), (40.0, True)]
+  assert outputs.replay_watermarks == {'A': [(1, T0 + MINUTE + 10_000), (2, T0 + MINUTE + 40_000)]}
+
+
 def test_every_chart_of_a_replay_run_is_a_drawn_svg(incident_run):
   made = charts.charts(run_outputs.load(incident_run))
   assert [c.title for c in made] == [

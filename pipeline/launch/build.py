@@ -11,7 +11,7 @@ from pipeline.settings.config import RunConfig, parse_aggregates_topic
 from transforms.flow.accounting import (
     CountChunkOutcomes, CountOutcomes, ReportProgress, accounting_progress)
 from transforms.flow.bulk import (
-    AdmitChunks, AggregateWindowsInBulk, ParseChunks, ReadReplayInChunks)
+    AdmitChunks, AggregateWindowsInBulk, DescribeArrivals, ParseChunks, ReadReplayInChunks)
 from transforms.flow.diagnostics import SampleMemory
 from transforms.rules.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.flow.parse import ParseEvents
@@ -227,6 +227,9 @@ def build_bulk(p: beam.Pipeline, config: RunConfig, source: ReadReplayInChunks) 
       'dead_letters': dead_letters,
       'accounting': accounting,
   } | 'Write' >> WriteWindowOutputs(config, duplicates=False)
+  (admitted.late
+   | 'Arrivals' >> DescribeArrivals(source.index.arrivals)
+   | 'WriteArrivals' >> WriteLatestJson(config.arrivals_path))
   publish = topic_sink(config)
   if publish is not None:
     panes | 'PublishAggregates' >> publish

@@ -2,9 +2,10 @@
 charts and the metrics are made of.
 
 ``load`` reads ``run.json``, the accounting, the panes, the dead letters, the
-duplicates and the reconciliation when the run wrote them, and the replay the
-run read when it is still there unchanged; ``breakdown`` splits the accounting
-by source and by customer as far as those files tell.
+duplicates and the reconciliation when the run wrote them, and what the replay
+delivered: as a bulk replay recorded it (``arrivals.json``), or else from the
+replay the run read when it is still there unchanged; ``breakdown`` splits the
+accounting by source and by customer as far as those files tell.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import msgspec
 from pipeline.runfolder import names
 from pipeline.runfolder.files import file_identity
 from transforms.rules.model import (
-    AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE, WindowKey, dead_letter_payload,
-    final_panes_of)
+    AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE, WindowKey, WindowSpec,
+    dead_letter_payload, final_panes_of, window_spec)
 from transforms.rules.payload import InvalidPayload, parse_payload, parse_rfc3339_ms
-from transforms.rules.replay import ReplayError, replay_sources, walk_replay
+from transforms.rules.admission import AdmissionRules
+from transforms.rules.replay import Arrivals, ReplayError, replay_sources, walk_replay
 
 
 class NotARunFolder(ValueError):
@@ -124,7 +126,23 @@ def _event_time(payload: str) -> Optional[int]:
     return None
 
 
-def _replay(manifest: dict, dead_letters: List[dict], size_ms: int) -> tuple:
+Delivered = Tuple[Optional[Dict[str, int]], Optional[Dict[str, List[Tuple[int, int]]]],
+                  Optional[List[Tuple[float, bool]]]]
+
+
+def _arrivals(output_dir: str) -> Optional[Delivered]:
+  """``(received per source, watermark history, late messages)`` as a bulk
+  replay recorded them (``arrivals.json``), or None if the run did not."""
+  described = _json(os.path.join(output_dir, names.ARRIVALS))
+  if described is None:
+    return None
+  return (described['received'],
+          {source: [(n, mark) for n, mark in points]
+           for source, points in described['watermarks'].items()},
+          [(behind, too_late) for behind, too_late in described['late']])
+
+
+def _replay(manifest: dict, dead_letters: List[dict], window: WindowSpec) -> Delivered:
   """``(received per source, watermark history, late messages)`` of the replay
   the run read, streamed once; (None, None, None) when the run did not read a
   replay or the file is gone or changed since. A late message is matched to the
@@ -137,39 +155,31 @@ def _replay(manifest: dict, dead_letters: List[dict], size_ms: int) -> tuple:
     return None, None, None
   too_late = collections.Counter((d['source'], d['data']) for d in dead_letters
                                  if d['reason'] == TOO_LATE)
-  received: Dict[str, int] = collections.Counter()
-  history: Dict[str, List[Tuple[int, int]]] = {}
+  rules = AdmissionRules(window)
   late: List[Tuple[float, bool]] = []
   try:
     sources = tuple(described.get('sources') or replay_sources(path))
-    history = {source: [] for source in sources}
-    messages = 0
+    arrivals = Arrivals(sources)
     for kind, source, payload, watermark in walk_replay(path, sources):
-      if kind == 'watermark':
-        history[source].append((messages, payload))
-        continue
-      if kind != 'data':
-        continue
-      messages += 1
-      received[source] += 1
-      if watermark is None:
+      arrivals.add(kind, source, payload)
+      if kind != 'data' or watermark is None:
         continue
       event_time = _event_time(payload)
-      if event_time is not None and watermark < event_time - event_time % size_ms + size_ms:
+      if event_time is not None and rules.past_end(event_time, watermark) is None:
         continue  # arrived before its window's end: the cheap look at its time is enough
       fields = payload_fields(payload)
       if fields is None:
         continue
-      event_time = fields[4]
-      if watermark < event_time - event_time % size_ms + size_ms:
+      behind = rules.past_end(fields[4], watermark)
+      if behind is None:
         continue
-      behind_s = (watermark - (event_time - event_time % size_ms + size_ms)) / 1000
       matched = too_late[(source, payload)] > 0
       too_late[(source, payload)] -= matched
-      late.append((behind_s, matched))
+      late.append((behind / 1000, matched))
   except (ReplayError, OSError):
     return None, None, None
-  return dict(received), history, late
+  received = {s: n for s, n in arrivals.received.items() if n}
+  return received, arrivals.watermarks, late
 
 
 #: Run statuses whose accounting is the run's whole (``pipeline.runfolder.files.COMMITTED``).
@@ -206,9 +216,12 @@ def load(output_dir: str) -> RunOutputs:
     raise NotARunFolder(f'{output_dir}: no run.json with settings: not a Tidemark output folder')
   finished = manifest.get('status') in FINISHED
   dead_letters = _json_lines(os.path.join(output_dir, names.DEAD_LETTERS)) or []
-  received, history, late = (
-      _replay(manifest, dead_letters, manifest['settings']['window_size_s'] * 1000)
-      if finished else (None, None, None))
+  received, history, late = (None, None, None)
+  if finished:
+    settings = manifest['settings']
+    received, history, late = _arrivals(output_dir) or _replay(
+        manifest, dead_letters,
+        window_spec(settings['window_size_s'], settings['allowed_lateness_s']))
   outputs = RunOutputs(
       directory=output_dir, manifest=manifest,
       accounting=(finished and _json(os.path.join(output_dir, names.ACCOUNTING)) or

@@ -9,6 +9,8 @@ DUPLICATES = 'duplicates.jsonl'
 REFUSED = 'refused.jsonl'
 MEMORY = 'memory.jsonl'
 RECONCILIATION = 'reconciliation.json'
+#: What a bulk replay delivered per source and how late its late events were.
+ARRIVALS = 'arrivals.json'
 SQLITE = 'aggregates.sqlite'
 REPORT = 'report.html'
 METRICS = 'metrics.prom'
@@ -26,4 +28,4 @@ OWNED_FOLDERS = r'rollup-[0-9]+s|' + RESTATED_DIR
 
 #: Every file a run may write into its folder (and each rollup's), run.json aside.
 OUTPUT_FILES = (AGGREGATES, DEAD_LETTERS, ACCOUNTING, MEMORY, REFUSED, DUPLICATES,
-                RECONCILIATION, SQLITE, REPORT, METRICS)
+                RECONCILIATION, ARRIVALS, SQLITE, REPORT, METRICS)

@@ -204,6 +204,11 @@ class RunConfig:
   def reconciliation_path(self) -> str:
     return os.path.join(self.output_dir, names.RECONCILIATION)
 
+  @property
+  def arrivals_path(self) -> str:
+    """What a bulk replay delivered per source, and how late its late events were."""
+    return os.path.join(self.output_dir, names.ARRIVALS)
+
   def rollup(self, size_s: int, allowed_lateness_s: int) -> 'RunConfig':
     """The settings of one rollup as if it were a run of its own: its window
     size and lateness, its outputs in OUTPUT_DIR/rollup-SIZEs/ (the same file
@@ -225,7 +230,7 @@ class RunConfig:
     """Every file the run writes in its output folder (not its rollups')."""
     return (self.aggregates_path, self.dead_letter_path, self.accounting_path,
             self.memory_path, self.refused_path, self.duplicates_path,
-            self.reconciliation_path)
+            self.reconciliation_path, self.arrivals_path)
 
   @classmethod
   def from_options(cls, options: PipelineOptions) -> 'RunConfig':

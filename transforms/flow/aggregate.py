@@ -48,6 +48,11 @@ class Stats(beam.CombineFn):
       low, high = min(low, lo), max(high, hi)
     return count, partials, spilled, low, high
 
+  def summarize(self, values: List[float]) -> Tuple[int, float, float, float]:
+    """``extract_output`` of ``values`` added one by one, at once: a list of
+    doubles is itself a valid set of partials for the exact sum."""
+    return self.extract_output((len(values), values, 0, min(values), max(values)))
+
   def extract_output(self, acc) -> Tuple[int, float, float, float]:
     count, partials, spilled, low, high = acc
     if not spilled:

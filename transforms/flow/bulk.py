@@ -45,7 +45,7 @@ from transforms.rules.model import (
     WindowSpec, stable_shard)
 from transforms.flow.parse import INVALID_TAG
 from transforms.rules.payload import InvalidPayload, parse_payload
-from transforms.rules.replay import ReplayIndex, read_chunk
+from transforms.rules.replay import Arrivals, ReplayIndex, read_chunk
 
 
 #: A message in a chunk: (arrival index, step, pipeline watermark ms at arrival
@@ -59,6 +59,13 @@ Row = tuple
 SEQ, STEP, ARRIVED_AT = 0, 1, 2
 EVENT_ID, CUSTOMER_ID, KEY, VALUE, EVENT_TIME, ARRIVAL_WATERMARK, SOURCE, DATA = range(3, 11)
 ADMITTED_FIELDS = ARRIVAL_WATERMARK + 1
+#: The values of a window's admitted events for one ``(customer_id, key)``
+#: that arrived in one step (so at one processing time): ``(customer_id, key,
+#: step, processing time s, values)``. Panes fire between steps, so these are
+#: all the trigger needs.
+Partial = Tuple[str, str, int, float, List[float]]
+#: ``(step, processing time s, values)``: a ``Partial`` of a known window and key.
+Arrival = Tuple[int, float, List[float]]
 
 
 def row_event(row: Row, digest: str) -> Event:
@@ -97,6 +104,9 @@ class ChunkCoder(beam.coders.Coder):
 
 
 _ROW_SIZE_GUESS = 256
+#: The tag of ``AdmittedChunks.late``.
+LATE_TAG = 'late'
+
 beam.coders.registry.register_coder(Chunk, ChunkCoder)
 
 
@@ -156,7 +166,9 @@ class ParseChunks(beam.PTransform):
 
 class _TooLateOrShardFn(beam.DoFn):
   """Rule 2 needs nothing but the row, so it is decided before the shuffle,
-  where the payload is still at hand; the rest go to their id's shard."""
+  where the payload is still at hand; the rest go to their id's shard. Every
+  event that arrived after its window's end is noted as ``(seconds the
+  watermark was past that end, whether it was too late)``."""
 
   def __init__(self, rules: AdmissionRules, shards: int, digest: str):
     self._rules = rules
@@ -167,18 +179,28 @@ class _TooLateOrShardFn(beam.DoFn):
     rules, shards = self._rules, self._shards
     by_shard: Dict[int, List[Row]] = defaultdict(Chunk)
     too_late: List[DeadLetter] = Chunk()
+    late: List[Tuple[float, bool]] = Chunk()
     for row in rows:
-      if rules.too_late(row[EVENT_TIME], row[ARRIVAL_WATERMARK]):
+      known = row[ARRIVAL_WATERMARK]
+      dropped = rules.too_late(row[EVENT_TIME], known)
+      if dropped:
         too_late.append(rules.too_late_letter(row_event(row, self._digest)))
       else:
         by_shard[stable_shard(row[EVENT_ID], shards)].append(row[:ADMITTED_FIELDS])
+      late_by = None if known is None else rules.past_end(row[EVENT_TIME], known)
+      if late_by is not None:
+        late.append((late_by / 1000, dropped))
     yield from by_shard.items()
     if too_late:
       yield pvalue.TaggedOutput(TOO_LATE_TAG, too_late)
+    if late:
+      yield pvalue.TaggedOutput(LATE_TAG, late)
 
 
 class _AdmitShardFn(beam.DoFn):
-  """Every copy of the shard's ids in arrival order, decided by the rules."""
+  """Every copy of the shard's ids in arrival order, decided by the rules; the
+  admitted events leave as ``Partial``s, so only their values cross the
+  shuffle by window."""
 
   #: How often (rows) the ids of closed windows are forgotten.
   PRUNE_EVERY = 50000
@@ -192,27 +214,36 @@ class _AdmitShardFn(beam.DoFn):
     _, chunks = element
     rows = sorted((row for chunk in chunks for row in chunk), key=lambda r: r[SEQ])
     first: Dict[str, int] = {}  # event_id -> closing of its first admitted copy
-    by_window: Dict[int, List[Row]] = defaultdict(Chunk)
+    # window start -> (customer_id, key, step) -> (processing time, values)
+    by_window: Dict[int, Dict[Tuple[str, str, int], Tuple[float, List[float]]]] = (
+        defaultdict(dict))
     duplicates = 0
     for n, row in enumerate(rows, 1):
       known = row[ARRIVAL_WATERMARK]
       event_id = row[EVENT_ID]
-      outcome = rules.decide(row[EVENT_TIME], known, first.get(event_id))
-      if outcome == AGGREGATED:
+      if not rules.duplicate(first.get(event_id), known):  # too late was decided before the shuffle
         first[event_id] = spec.closing(row[EVENT_TIME])
-        by_window[spec.start(row[EVENT_TIME])].append(row)
-      else:  # too late was decided before the shuffle
+        partials = by_window[spec.start(row[EVENT_TIME])]
+        slot = (row[CUSTOMER_ID], row[KEY], row[STEP])
+        partial = partials.get(slot)
+        if partial is None:
+          partials[slot] = (row[ARRIVED_AT], [row[VALUE]])
+        else:
+          partial[1].append(row[VALUE])
+      else:
         duplicates += 1
       if n % self.PRUNE_EVERY == 0 and known is not None:
         first = {i: c for i, c in first.items() if c > known}
-    yield from by_window.items()
+    for start, partials in by_window.items():
+      yield start, Chunk((customer_id, key, step, arrived_at, values)
+                         for (customer_id, key, step), (arrived_at, values) in partials.items())
     yield pvalue.TaggedOutput(AGGREGATED, len(rows) - duplicates)
     yield pvalue.TaggedOutput(DUPLICATE_TAG, duplicates)
 
 
 class AdmittedChunks(NamedTuple):
   """What ``AdmitChunks`` makes of the rows."""
-  #: ``(window start, rows)`` of admitted events
+  #: ``(window start, Partials)`` of admitted events
   admitted: beam.PCollection
   #: lists of DeadLetter with reason ``too_late``
   too_late: beam.PCollection
@@ -220,6 +251,9 @@ class AdmittedChunks(NamedTuple):
   duplicate: beam.PCollection
   #: per shard, how many events were admitted
   aggregated: beam.PCollection
+  #: lists of ``(seconds the watermark was past the window end, too late)``
+  #: of the events that arrived after their window's end
+  late: beam.PCollection
 
 
 class AdmitChunks(beam.PTransform):
@@ -240,7 +274,7 @@ class AdmitChunks(beam.PTransform):
   def expand(self, rows: beam.PCollection[List[Row]]) -> AdmittedChunks:
     routed = rows | 'TooLateOrShard' >> beam.ParDo(
         _TooLateOrShardFn(self._rules, self._shards, self._digest)).with_output_types(
-            Tuple[int, Chunk]).with_outputs(TOO_LATE_TAG, main='by_shard')
+            Tuple[int, Chunk]).with_outputs(TOO_LATE_TAG, LATE_TAG, main='by_shard')
     admitted = (
         routed.by_shard
         | 'GroupByShard' >> beam.GroupByKey()
@@ -248,7 +282,29 @@ class AdmitChunks(beam.PTransform):
             Tuple[int, Chunk]).with_outputs(DUPLICATE_TAG, AGGREGATED, main='admitted'))
     return AdmittedChunks(
         admitted.admitted, routed[TOO_LATE_TAG], admitted[DUPLICATE_TAG],
-        admitted[AGGREGATED])
+        admitted[AGGREGATED], routed[LATE_TAG])
+
+
+class DescribeArrivals(beam.PTransform):
+  """What the replay delivered (``Arrivals``, from its index) and how late its
+  late events were (``AdmittedChunks.late``), as one record: ``{"received":
+  {source: messages}, "watermarks": {source: [[messages so far, watermark ms],
+  ...]}, "late": [[seconds past the window end, too late], ...]}``."""
+
+  def __init__(self, arrivals: Arrivals):
+    super().__init__()
+    if not isinstance(arrivals, Arrivals):
+      raise TypeError(f'arrivals must be the index\'s Arrivals, got {arrivals!r}')
+    self._delivered = arrivals.to_json_dict()
+
+  def expand(self, late: beam.PCollection[List[Tuple[float, bool]]]) -> beam.PCollection[dict]:
+    delivered = self._delivered
+    return (
+        late
+        | 'AllLate' >> beam.combiners.ToList()
+        | 'Describe' >> beam.Map(lambda chunks: {
+            **delivered, 'late': sorted([behind, too_late] for chunk in chunks
+                                        for behind, too_late in chunk)}))
 
 
 def evaluated_early_firing(declared: trigger.TriggerFn,
@@ -299,50 +355,53 @@ def fire_panes(
   processing-time step ``early_firing_s`` after the first event since the last
   pane; after it, every step that brings events fires a late pane.
   """
-  return fire_panes_along(rows, window_end, early_firing_s,
+  arrivals: List[Arrival] = []
+  for row in rows:
+    if arrivals and arrivals[-1][0] == row[STEP]:
+      arrivals[-1][2].append(row[VALUE])
+    else:
+      arrivals.append((row[STEP], row[ARRIVED_AT], [row[VALUE]]))
+  return fire_panes_along(arrivals, window_end, early_firing_s,
                           StepClock.of(watermark_steps, processing_time_steps))
 
 
-def fire_panes_along(rows: Sequence[Row], window_end: int, early_firing_s: Optional[int],
+def fire_panes_along(arrivals: Sequence[Arrival], window_end: int, early_firing_s: Optional[int],
                      clock: StepClock) -> List[Tuple[str, tuple]]:
-  """``fire_panes`` with the steps arranged once (``StepClock``)."""
+  """``fire_panes`` of the window's events grouped by step (``Arrival``s in
+  step order), with the steps arranged once (``StepClock``)."""
   end_step = clock.watermark_steps[bisect.bisect_left(clock.marks, window_end)][0]
   panes: List[Tuple[str, tuple]] = []
-  combine = Stats()
-  acc = combine.create_accumulator()
-  on_time = [r for r in rows if r[STEP] < end_step]
-  late = rows[len(on_time):]
+  summarize = Stats().summarize
+  values: List[float] = []  # every value so far: the panes accumulate
+  on_time = [a for a in arrivals if a[0] < end_step]
+  late = arrivals[len(on_time):]
 
   if on_time:
     # ticks before the first event fire nothing: the window's start from there to its end
-    first = bisect.bisect_left(clock.processing_steps, on_time[0][STEP])
+    first = bisect.bisect_left(clock.processing_steps, on_time[0][0])
     last = bisect.bisect_left(clock.processing_steps, end_step)
     ticks = iter(clock.processing_time_steps[first:last] if early_firing_s else ())
     next_tick = next(ticks, None)
     timer = None
-    for row in on_time:
-      while next_tick is not None and next_tick[0] < row[STEP]:
+    for step, arrived_at, step_values in on_time:
+      while next_tick is not None and next_tick[0] < step:
         if timer is not None and next_tick[1] >= timer:
-          panes.append(('EARLY', combine.extract_output(acc)))
+          panes.append(('EARLY', summarize(values)))
           timer = None
         next_tick = next(ticks, None)
-      acc = combine.add_input(acc, row[VALUE])
+      values.extend(step_values)
       if early_firing_s and timer is None:
-        timer = row[ARRIVED_AT] + early_firing_s
+        timer = arrived_at + early_firing_s
     while next_tick is not None:
       if timer is not None and next_tick[1] >= timer:
-        panes.append(('EARLY', combine.extract_output(acc)))
+        panes.append(('EARLY', summarize(values)))
         timer = None
       next_tick = next(ticks, None)
-    panes.append(('ON_TIME', combine.extract_output(acc)))
+    panes.append(('ON_TIME', summarize(values)))
 
-  i = 0
-  while i < len(late):
-    step = late[i][STEP]
-    while i < len(late) and late[i][STEP] == step:
-      acc = combine.add_input(acc, late[i][VALUE])
-      i += 1
-    panes.append(('LATE', combine.extract_output(acc)))
+  for _, _, step_values in late:  # one pane per step that brings events
+    values.extend(step_values)
+    panes.append(('LATE', summarize(values)))
   return panes
 
 
@@ -359,16 +418,24 @@ class _AggregateWindowFn(beam.DoFn):
   def setup(self):
     self._clock = StepClock.of(self._watermark_steps, self._processing_time_steps)
 
-  def process(self, element: Tuple[int, Iterable[List[Row]]]) -> Iterable[WindowAggregate]:
+  def process(self, element: Tuple[int, Iterable[List[Partial]]]) -> Iterable[WindowAggregate]:
     start, chunks = element
-    rows = sorted((row for chunk in chunks for row in chunk), key=lambda r: r[SEQ])
-    by_key: Dict[Tuple[str, str], List[Row]] = defaultdict(list)
-    for row in rows:
-      by_key[(row[CUSTOMER_ID], row[KEY])].append(row)
+    # (customer_id, key) -> step -> (processing time, values): every shard's partials
+    by_key: Dict[Tuple[str, str], Dict[int, Tuple[float, List[float]]]] = defaultdict(dict)
+    for chunk in chunks:
+      for customer_id, key, step, arrived_at, values in chunk:
+        steps = by_key[(customer_id, key)]
+        known = steps.get(step)
+        if known is None:
+          steps[step] = (arrived_at, values)
+        else:
+          known[1].extend(values)
     end = start + self._size_ms
-    for (customer_id, key), key_rows in by_key.items():
-      assert self._clock is not None  # made in setup
-      panes = fire_panes_along(key_rows, end, self._early, self._clock)
+    assert self._clock is not None  # made in setup
+    for (customer_id, key), steps in by_key.items():
+      arrivals = [(step, arrived_at, values)
+                  for step, (arrived_at, values) in sorted(steps.items())]
+      panes = fire_panes_along(arrivals, end, self._early, self._clock)
       for index, (timing, (count, total, low, high)) in enumerate(panes):
         yield WindowAggregate(
             customer_id, key, start, end, count, total, low, high, index, timing)
@@ -377,7 +444,7 @@ class _AggregateWindowFn(beam.DoFn):
 class AggregateWindowsInBulk(beam.PTransform):
   """The window aggregates of a whole replay, pane by pane.
 
-  Takes ``(window start, rows)`` of admitted events (AdmitChunks). Returns
+  Takes ``(window start, Partials)`` of admitted events (AdmitChunks). Returns
   WindowAggregate, every pane.
   """
 

@@ -35,6 +35,14 @@ class AdmissionRules(NamedTuple):
     """Rule 2: the event's window had closed when it arrived."""
     return known is not None and known >= self.spec.closing(event_time)
 
+  def past_end(self, event_time: int, known: Optional[int]) -> Optional[int]:
+    """How far (ms) the watermark was past the event's window end when it
+    arrived; None if it had not reached that end (or was unknown)."""
+    if known is None:
+      return None
+    behind = known - self.spec.end(event_time)
+    return behind if behind >= 0 else None
+
   def duplicate(self, first_closing: Optional[int], known: Optional[int]) -> bool:
     """Rule 3: the id's first copy was admitted and its window had not closed."""
     return first_closing is not None and (known is None or first_closing > known)

@@ -182,12 +182,12 @@ class WindowSpec(NamedTuple):
     return event_time - event_time % self.size_ms
 
   def end(self, event_time: int) -> int:
-    return self.start(event_time) + self.size_ms
+    return event_time - event_time % self.size_ms + self.size_ms
 
   def expiry(self, event_time: int) -> int:
     """The instant ``end + lateness``: once the watermark is past it, the
     window is closed and anything for it is too late."""
-    return self.start(event_time) + self.size_ms + self.lateness_ms
+    return event_time - event_time % self.size_ms + self.size_ms + self.lateness_ms
 
   def closing(self, event_time: int) -> int:
     """The first millisecond at which the window counts as closed: the
@@ -197,7 +197,7 @@ class WindowSpec(NamedTuple):
     Tidemark applies it on every runner (contract section 3 leaves it to the
     runner), so that Flink and the DirectRunner agree event for event.
     """
-    return self.expiry(event_time) + 1
+    return event_time - event_time % self.size_ms + self.size_ms + self.lateness_ms + 1
 
 
 def window_spec(window_size_s: int, allowed_lateness_s: int) -> WindowSpec:

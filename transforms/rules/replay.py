@@ -349,6 +349,34 @@ def walk_replay(path: str, sources: Tuple[str, ...]) -> Iterator[tuple]:
     yield kind, source, payload, timeline.watermark
 
 
+class Arrivals:
+  """What a replay delivered, source by source, in file order: the messages
+  each source sent and each source's watermark as the messages went on
+  (``(messages arrived so far, watermark ms)`` at each of its watermark lines)."""
+
+  def __init__(self, sources: Iterable[str] = ()):
+    self.received: Dict[str, int] = dict.fromkeys(sources, 0)
+    self.watermarks: Dict[str, List[Tuple[int, int]]] = {s: [] for s in self.received}
+    self.messages = 0
+
+  def add(self, kind: str, source: Optional[str], payload) -> None:
+    """One line as ``(kind, source, payload)``."""
+    if source is None:  # processing time
+      return
+    if source not in self.received:
+      self.received[source] = 0
+      self.watermarks[source] = []
+    if kind == 'data':
+      self.messages += 1
+      self.received[source] += 1
+    else:
+      self.watermarks[source].append((self.messages, payload))
+
+  def to_json_dict(self) -> dict:
+    return {'received': {s: n for s, n in self.received.items() if n},
+            'watermarks': {s: [list(p) for p in points] for s, points in self.watermarks.items()}}
+
+
 class ChunkStart(NamedTuple):
   """Where a run of ``messages`` messages begins, and the timeline just before."""
   offset: int  # byte offset of the chunk's first line in the file
@@ -367,6 +395,8 @@ class ReplayIndex(NamedTuple):
   watermark_steps: List[Tuple[int, Optional[int]]]
   #: ``(step, processing time s)`` of every processing-time step
   processing_time_steps: List[Tuple[int, float]]
+  #: what each source delivered
+  arrivals: Arrivals
   #: the file's identity in its messages' ids (``replay_digest``)
   digest: str = ''
 
@@ -381,9 +411,11 @@ def index_replay(path: str, chunk_messages: int = 20000) -> ReplayIndex:
   # counts) and where each chunk starts.
   sources: Dict[str, None] = {}
   items: List[tuple] = []
+  arrivals = Arrivals()
   messages = 0
   run = 0
   for offset, number, kind, source, payload in _checked_lines(path, sources):
+    arrivals.add(kind, source, payload)
     if kind == 'data':
       if messages % chunk_messages == 0:
         if run:
@@ -419,7 +451,7 @@ def index_replay(path: str, chunk_messages: int = 20000) -> ReplayIndex:
   timeline.finish()
   watermark_steps.append((timeline.step, None))
   return ReplayIndex(path, tuple(sources), messages, chunks, watermark_steps,
-                     processing_time_steps, replay_digest(path))
+                     processing_time_steps, arrivals, replay_digest(path))
 
 
 def read_chunk(path: str, chunk: ChunkStart) -> Iterator[Tuple[int, int, Optional[int], float, str, str]]:
