@@ -6,8 +6,10 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import signal
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -16,6 +18,48 @@ KAFKA_BOOTSTRAP = '127.0.0.1:' + os.environ.get('KAFKA_PORT', '19092')
 JOB_ENDPOINT = 'localhost:' + os.environ.get('FLINK_JOB_PORT', '18099')
 PUBSUB_SCRIPT = os.path.join(REPO, 'scripts', 'pubsub-emulator.sh')
 KAFKA_EXPANSION_SERVICE = 'localhost:' + os.environ.get('KAFKA_EXPANSION_PORT', '18096')
+
+
+#: The session cluster of scripts/flink-cluster.sh: its REST address and Python worker pool.
+FLINK_MASTER = '127.0.0.1:' + os.environ.get('FLINK_REST_PORT', '18081')
+WORKER_POOL = '127.0.0.1:' + os.environ.get('FLINK_WORKER_POOL_PORT', '18050')
+CLUSTER_SCRIPT = os.path.join(REPO, 'scripts', 'flink-cluster.sh')
+
+
+def run_script(path: str, action: str) -> None:
+  """``path action``: fails the test with the script's output if it fails."""
+  result = subprocess.run([path, action], capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, f'{path} {action}:\n{result.stdout}\n{result.stderr}'
+
+
+def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.5):
+  """The first true value of ``predicate()`` within ``timeout_s``; fails the
+  test naming ``what`` otherwise."""
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    value = predicate()
+    if value:
+      return value
+    time.sleep(every_s)
+  raise AssertionError(f'timed out after {timeout_s} s waiting for {what}')
+
+
+def replace_killed_taskmanager(cluster, jid: str) -> float:
+  """Kills the session cluster's TaskManager (SIGKILL), starts a new one and
+  waits until every task of job ``jid`` runs again after a restart. Returns
+  when it was killed (``time.time()``)."""
+  pid = int(open(os.path.join(REPO, '.stage', 'run', 'flink-taskmanager.pid')).read())
+  killed_at = time.time()
+  os.kill(pid, signal.SIGKILL)
+  wait_for(lambda: not os.path.exists(f'/proc/{pid}'), 30, 'the TaskManager to die')
+  run_script(CLUSTER_SCRIPT, 'start')  # a new TaskManager
+
+  def running_again() -> bool:
+    detail = cluster.job(jid)
+    return (cluster.restarts(jid) >= 1 and detail['state'] == 'RUNNING' and
+            all(v['status'] == 'RUNNING' for v in detail['vertices']))
+  wait_for(running_again, 120, 'the job to run again')
+  return killed_at
 
 
 def _script(name: str, action: str) -> None:

@@ -30,16 +30,15 @@ import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from integration.conftest import JOB_ENDPOINT, REPO
+from integration.conftest import (
+    CLUSTER_SCRIPT, FLINK_MASTER, JOB_ENDPOINT, REPO, WORKER_POOL, replace_killed_taskmanager,
+    run_script, wait_for)
 from integration.test_kafka_on_flink import Traffic
 from pipeline.deployment.flink_cluster import FlinkCluster
 from tools import reference
 
 pytestmark = pytest.mark.integration
 
-MASTER = '127.0.0.1:' + os.environ.get('FLINK_REST_PORT', '18081')
-POOL = '127.0.0.1:' + os.environ.get('FLINK_WORKER_POOL_PORT', '18050')
-CLUSTER_SCRIPT = os.path.join(REPO, 'scripts', 'flink-cluster.sh')
 POSTGRES_SCRIPT = os.path.join(REPO, 'scripts', 'postgres.sh')
 WINDOW_S, LATENESS_S, PARTITIONS = 5, 40, 2
 RATE, CUSTOMER = 60, 'faultco'
@@ -58,16 +57,11 @@ POISON = [
 ]
 
 
-def _script(path: str, action: str) -> None:
-  result = subprocess.run([path, action], capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, f'{path} {action}:\n{result.stdout}\n{result.stderr}'
-
-
 @pytest.fixture(scope='module')
 def flink_cluster(flink_job_server, kafka_broker, postgres_dsn):
-  _script(CLUSTER_SCRIPT, 'start')
-  yield FlinkCluster(MASTER)
-  _script(CLUSTER_SCRIPT, 'stop')
+  run_script(CLUSTER_SCRIPT, 'start')
+  yield FlinkCluster(FLINK_MASTER)
+  run_script(CLUSTER_SCRIPT, 'stop')
 
 
 class Customer:
@@ -91,7 +85,7 @@ class Customer:
     window = {'size_s': WINDOW_S, 'allowed_lateness_s': LATENESS_S, 'early_firing_s': 1}
     if rollup is not None:
       window['rollups'] = [{'size_s': rollup[0], 'allowed_lateness_s': rollup[1]}]
-    flink = {'job_endpoint': JOB_ENDPOINT, 'flink_master': MASTER, 'worker_pool': POOL,
+    flink = {'job_endpoint': JOB_ENDPOINT, 'flink_master': FLINK_MASTER, 'worker_pool': WORKER_POOL,
              'checkpoint_interval_s': 2, 'job_name': self.job_name}
     if parallelism is not None:
       flink['parallelism'] = parallelism
@@ -239,19 +233,9 @@ class Customer:
 
 def _down_for(script: str, seconds: float) -> None:
   """Stops a service with its script, and starts it again ``seconds`` later."""
-  _script(script, 'stop')
+  run_script(script, 'stop')
   time.sleep(seconds)
-  _script(script, 'start')
-
-
-def _wait(predicate, timeout_s: float, what: str):
-  deadline = time.monotonic() + timeout_s
-  while time.monotonic() < deadline:
-    value = predicate()
-    if value:
-      return value
-    time.sleep(0.5)
-  raise AssertionError(f'timed out after {timeout_s} s waiting for {what}')
+  run_script(script, 'start')
 
 
 def _completed_checkpoints(cluster: FlinkCluster, jid: str) -> int:
@@ -265,20 +249,10 @@ def test_a_killed_taskmanager_loses_nothing_and_doubles_nothing(
   job = flink_cluster.wait_for_job(customer.job_name, 120)
   try:
     publisher = customer.publish_in_background(45)
-    _wait(lambda: _completed_checkpoints(flink_cluster, job.jid) >= 3, 60, '3 checkpoints')
+    wait_for(lambda: _completed_checkpoints(flink_cluster, job.jid) >= 3, 60, '3 checkpoints')
     time.sleep(5)  # mid-way between checkpoints, traffic flowing
     checkpoint = flink_cluster.checkpoints(job.jid)['latest']['completed']
-    killed_at = time.time()
-    pid = int(open(os.path.join(REPO, '.stage', 'run', 'flink-taskmanager.pid')).read())
-    os.kill(pid, 9)
-    _wait(lambda: not os.path.exists(f'/proc/{pid}'), 30, 'the TaskManager to die')
-    _script(CLUSTER_SCRIPT, 'start')  # a new TaskManager
-
-    def running_again():
-      detail = flink_cluster.job(job.jid)
-      return (flink_cluster.restarts(job.jid) >= 1 and detail['state'] == 'RUNNING' and
-              all(v['status'] == 'RUNNING' for v in detail['vertices']))
-    _wait(running_again, 120, 'the job to run again')
+    killed_at = replace_killed_taskmanager(flink_cluster, job.jid)
     downtime = time.time() - killed_at
     publisher.join()
     expected = customer.expected()
@@ -303,7 +277,7 @@ def test_stop_with_savepoint_and_restore_continue_exactly(
   first = flink_cluster.wait_for_job(customer.job_name, 120)
   # traffic flows through the stop, the pause and the restore
   publisher = customer.publish_in_background(50, poison=True)
-  _wait(lambda: _completed_checkpoints(flink_cluster, first.jid) >= 2, 60, '2 checkpoints')
+  wait_for(lambda: _completed_checkpoints(flink_cluster, first.jid) >= 2, 60, '2 checkpoints')
   time.sleep(3)
   assert flink_cluster.restarts(first.jid) == 0, 'poison messages restarted the job'
   stopped_at = time.time()
@@ -333,7 +307,7 @@ def test_postgres_down_for_30_seconds_loses_nothing(
   job = flink_cluster.wait_for_job(customer.job_name, 120)
   try:
     publisher = customer.publish_in_background(50)
-    _wait(lambda: customer.finals(), 60, 'the first rows in PostgreSQL')
+    wait_for(lambda: customer.finals(), 60, 'the first rows in PostgreSQL')
     _down_for(POSTGRES_SCRIPT, 30)
     publisher.join()
     expected = customer.expected()
@@ -392,16 +366,11 @@ def test_the_deployed_shape_accounts_for_every_event_through_a_taskmanager_kill(
     publisher.start()
     # An ON_TIME row proves the gate knows the present (it holds the windows'
     # watermark at its next closing): from now on a 10-minute-old event is too late.
-    _wait(customer.on_time_rows, 60, 'the first ON_TIME row in PostgreSQL')
+    wait_for(customer.on_time_rows, 60, 'the first ON_TIME row in PostgreSQL')
     stragglers.set()
-    _wait(lambda: _completed_checkpoints(flink_cluster, job.jid) >= 4, 60, '4 checkpoints')
+    wait_for(lambda: _completed_checkpoints(flink_cluster, job.jid) >= 4, 60, '4 checkpoints')
     time.sleep(8)  # stragglers flowing, mid-way between checkpoints
-    pid = int(open(os.path.join(REPO, '.stage', 'run', 'flink-taskmanager.pid')).read())
-    os.kill(pid, 9)
-    _wait(lambda: not os.path.exists(f'/proc/{pid}'), 30, 'the TaskManager to die')
-    _script(CLUSTER_SCRIPT, 'start')  # a new TaskManager
-    _wait(lambda: flink_cluster.restarts(job.jid) >= 1 and
-          flink_cluster.job(job.jid)['state'] == 'RUNNING', 120, 'the job to run again')
+    replace_killed_taskmanager(flink_cluster, job.jid)
     publisher.join()
     replay = customer.traffic.write_replay(str(tmp_path / 'published.jsonl'))
     primary = reference.compute(replay, WINDOW_S, LATENESS_S)
@@ -410,7 +379,7 @@ def test_the_deployed_shape_accounts_for_every_event_through_a_taskmanager_kill(
         primary.accounting, {**primary.windows, **rolled.windows}, primary.too_late,
         primary.invalid)
     customer.settle(expected, timeout_s=240)
-    _wait(lambda: customer.accounting(rollup=True) == rolled.accounting, 120,
+    wait_for(lambda: customer.accounting(rollup=True) == rolled.accounting, 120,
           'the rollup accounting to equal the reference')
     time.sleep(5)  # anything still on its way would show now
     assert flink_cluster.checkpoints(job.jid)['latest']['restored'] is not None
@@ -465,13 +434,13 @@ def test_a_killed_jobmanager_is_resumed_from_the_latest_checkpoint(
   publisher = customer.publish_in_background(50)
   second = None
   try:
-    _wait(lambda: _completed_checkpoints(flink_cluster, first.jid) >= 3, 60, '3 checkpoints')
+    wait_for(lambda: _completed_checkpoints(flink_cluster, first.jid) >= 3, 60, '3 checkpoints')
     time.sleep(3)
     pid = int(open(os.path.join(REPO, '.stage', 'run', 'flink-jobmanager.pid')).read())
     os.kill(pid, 9)
-    _wait(lambda: not os.path.exists(f'/proc/{pid}'), 30, 'the JobManager to die')
+    wait_for(lambda: not os.path.exists(f'/proc/{pid}'), 30, 'the JobManager to die')
     killed_at = time.time()
-    _script(CLUSTER_SCRIPT, 'start')  # the JobManager again; the TaskManager rejoins it
+    run_script(CLUSTER_SCRIPT, 'start')  # the JobManager again; the TaskManager rejoins it
     assert flink_cluster.running_job(customer.job_name) is None  # forgotten
     assert '--savepoint_path' in customer.deploy('--resume', '--dry-run')
     customer.deploy('--resume')
@@ -498,7 +467,7 @@ def test_the_kafka_broker_down_for_30_seconds_loses_nothing(
   job = flink_cluster.wait_for_job(customer.job_name, 120)
   try:
     customer.publish(20)
-    _wait(lambda: _completed_checkpoints(flink_cluster, job.jid) >= 3, 60, '3 checkpoints')
+    wait_for(lambda: _completed_checkpoints(flink_cluster, job.jid) >= 3, 60, '3 checkpoints')
     _down_for(os.path.join(REPO, 'scripts', 'kafka.sh'), 30)
     customer.publish(20)
     expected = customer.expected()

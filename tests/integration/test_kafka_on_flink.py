@@ -26,7 +26,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from conftest import as_sent, letters
-from integration.conftest import KAFKA_EXPANSION_SERVICE, flink_args
+from integration.conftest import KAFKA_EXPANSION_SERVICE, flink_args, wait_for
 from tools import reference
 from pipeline.launch.build import build, read_source
 from pipeline.settings.config import RunConfig
@@ -100,16 +100,6 @@ class Traffic:
     return path
 
 
-def _wait(predicate, timeout_s: float, what: str):
-  deadline = time.monotonic() + timeout_s
-  while time.monotonic() < deadline:
-    value = predicate()
-    if value:
-      return value
-    time.sleep(1)
-  raise AssertionError(f'timed out after {timeout_s} s waiting for {what}')
-
-
 def _accounting(path: str):
   try:
     with open(path, encoding='utf-8') as f:
@@ -171,10 +161,10 @@ def test_kafka_traffic_on_flink_meets_the_contract(kafka_broker, flink_job_serve
   started = time.monotonic()
   result = pipeline.run()
   try:
-    _wait(lambda: (_accounting(config.accounting_path) or {}).get('received') == phase1,
+    wait_for(lambda: (_accounting(config.accounting_path) or {}).get('received') == phase1,
           150, f"{phase1} messages of phase 1 to be received")
     first_key = (CUSTOMERS[0], 'k0', first_window, first_window + size)
-    _wait(lambda: first_key in final_panes(config.aggregates_path), 120,
+    wait_for(lambda: first_key in final_panes(config.aggregates_path), 120,
           'the first window to fire')
     print(f'phase 1: {phase1} messages through Kafka and Flink in '
           f'{time.monotonic() - started:.1f} s (including job start)')
@@ -193,7 +183,7 @@ def test_kafka_traffic_on_flink_meets_the_contract(kafka_broker, flink_job_serve
     traffic.send('B', 1, b'{"event_id": 5}', phase2_mark)
     traffic.flush()
     total = len([line for line in traffic.lines if 'data' in line])
-    _wait(lambda: (_accounting(config.accounting_path) or {}).get('received') == total,
+    wait_for(lambda: (_accounting(config.accounting_path) or {}).get('received') == total,
           180, f'all {total} messages to be received')
     expected = reference.compute(
         traffic.write_replay(str(tmp_path / 'published.jsonl')), WINDOW_S, LATENESS_S)
@@ -203,10 +193,10 @@ def test_kafka_traffic_on_flink_meets_the_contract(kafka_broker, flink_job_serve
                 for w, p in final_panes(config.aggregates_path).items()}
       return finals == expected.windows and _accounting(
           config.accounting_path) == expected.accounting
-    _wait(settled, 120, 'final panes and accounting to equal the reference')
+    wait_for(settled, 120, 'final panes and accounting to equal the reference')
   finally:
     result.cancel()
-    _wait(lambda: result.state in (PipelineState.CANCELLED, PipelineState.FAILED,
+    wait_for(lambda: result.state in (PipelineState.CANCELLED, PipelineState.FAILED,
                                    PipelineState.DONE), 60, 'the Flink job to stop')
 
   kinds = expected.accounting

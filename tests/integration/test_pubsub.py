@@ -17,7 +17,7 @@ import pytest
 
 from conftest import live_outcome, read_jsonl
 from tools import reference
-from transforms.rules.model import dead_letter_payload, payload_bytes
+from transforms.rules.model import dead_letter_payload, final_panes_of, payload_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROJECT = 'tidemark-it'
@@ -62,15 +62,6 @@ def _cli(*args, module='pipeline'):
   return subprocess.run(
       [sys.executable, '-m', module, *args], cwd=REPO, capture_output=True, text=True,
       timeout=300, env=env)
-
-
-def _final_panes(aggregates):
-  finals = {}
-  for pane in aggregates:
-    w = (pane['customer_id'], pane['key'], pane['window_start'], pane['window_end'])
-    if w not in finals or pane['pane_index'] > finals[w]['pane_index']:
-      finals[w] = pane
-  return finals
 
 
 def test_simulated_traffic_through_the_emulator_equals_an_independent_count(
@@ -145,7 +136,7 @@ def test_simulated_traffic_through_the_emulator_equals_an_independent_count(
         with open(config.accounting_path, encoding='utf-8') as f:
           now = json.load(f)
         accounting = now
-      finals = _final_panes(read_jsonl(config.aggregates_path))
+      finals = final_panes_of(read_jsonl(config.aggregates_path))
       parts = sum(accounting.get(c, 0) for c in (
           'invalid', 'too_late', 'duplicate', 'aggregated'))
       if (accounting.get('received') == len(sent) == parts and
@@ -158,7 +149,7 @@ def test_simulated_traffic_through_the_emulator_equals_an_independent_count(
   print(f'pipeline ran {time.monotonic() - started:.1f} s; {accounting}')
 
   assert accounting == expected_accounting
-  finals = _final_panes(read_jsonl(config.aggregates_path))
+  finals = final_panes_of(read_jsonl(config.aggregates_path))
   assert {w: (p['count'], p['sum'], p['min'], p['max']) for w, p in finals.items()} == {
       w: (c, pytest.approx(s), lo, hi) for w, (c, s, lo, hi) in expected_windows.items()}
   dead = read_jsonl(config.dead_letter_path)

@@ -37,30 +37,24 @@ import psycopg
 import pytest
 
 from conftest import live_outcome
-from integration.conftest import JOB_ENDPOINT, REPO
+from integration.conftest import (
+    CLUSTER_SCRIPT, FLINK_MASTER, JOB_ENDPOINT, WORKER_POOL, replace_killed_taskmanager,
+    run_script, wait_for)
 from integration.test_pubsub_on_flink import PROJECT, _require_rest
 from pipeline.deployment.flink_cluster import FlinkCluster
 
 pytestmark = pytest.mark.integration
 
-MASTER = '127.0.0.1:' + os.environ.get('FLINK_REST_PORT', '18081')
-POOL = '127.0.0.1:' + os.environ.get('FLINK_WORKER_POOL_PORT', '18050')
-CLUSTER_SCRIPT = os.path.join(REPO, 'scripts', 'flink-cluster.sh')
 WINDOW_S, LATENESS_S = 5, 120
 RATE, CUSTOMER = 200, 'pubco'
-
-
-def _script(path: str, action: str) -> None:
-  result = subprocess.run([path, action], capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, f'{path} {action}:\n{result.stdout}\n{result.stderr}'
 
 
 @pytest.fixture(scope='module')
 def pubsub_cluster(flink_job_server, postgres_dsn, emulator):
   _require_rest(emulator)
-  _script(CLUSTER_SCRIPT, 'start')
-  yield FlinkCluster(MASTER)
-  _script(CLUSTER_SCRIPT, 'stop')
+  run_script(CLUSTER_SCRIPT, 'start')
+  yield FlinkCluster(FLINK_MASTER)
+  run_script(CLUSTER_SCRIPT, 'stop')
 
 
 class PubSubCustomer:
@@ -94,7 +88,7 @@ class PubSubCustomer:
           'sink': {'kind': 'postgres', 'dsn': re.sub(r':[^:@/]*@', '@', dsn),
                    'table': self.table, 'dead_letter_table': self.dead_table},
           'deploy': {'flink': {
-              'job_endpoint': JOB_ENDPOINT, 'flink_master': MASTER, 'worker_pool': POOL,
+              'job_endpoint': JOB_ENDPOINT, 'flink_master': FLINK_MASTER, 'worker_pool': WORKER_POOL,
               'checkpoint_interval_s': 2, 'parallelism': 2, 'job_name': self.job_name}},
       }, f)
 
@@ -171,15 +165,6 @@ class PubSubCustomer:
       return [json.loads(line) for line in f]
 
 
-def _wait(predicate, timeout_s: float, what: str):
-  deadline = time.monotonic() + timeout_s
-  while time.monotonic() < deadline:
-    if predicate():
-      return
-    time.sleep(1)
-  raise AssertionError(f'timed out after {timeout_s} s waiting for {what}')
-
-
 def test_a_pubsub_job_on_the_cluster_survives_a_killed_taskmanager_exactly(
     pubsub_cluster, postgres_dsn, tmp_path):
   cluster = pubsub_cluster
@@ -190,24 +175,15 @@ def test_a_pubsub_job_on_the_cluster_survives_a_killed_taskmanager_exactly(
     stragglers = threading.Event()
     publisher = threading.Thread(target=customer.publish, args=(75, stragglers))
     publisher.start()
-    _wait(lambda: cluster.checkpoints(job.jid)['counts']['completed'] >= 3, 90, '3 checkpoints')
+    wait_for(lambda: cluster.checkpoints(job.jid)['counts']['completed'] >= 3, 90, '3 checkpoints')
     time.sleep(3)  # between two checkpoints, traffic flowing
-    pid = int(open(os.path.join(REPO, '.stage', 'run', 'flink-taskmanager.pid')).read())
-    os.kill(pid, 9)
-    _wait(lambda: not os.path.exists(f'/proc/{pid}'), 30, 'the TaskManager to die')
-    _script(CLUSTER_SCRIPT, 'start')  # a new TaskManager
-
-    def running_again():
-      detail = cluster.job(job.jid)
-      return (cluster.restarts(job.jid) >= 1 and detail['state'] == 'RUNNING' and
-              all(v['status'] == 'RUNNING' for v in detail['vertices']))
-    _wait(running_again, 120, 'the job to run again')
+    replace_killed_taskmanager(cluster, job.jid)
     time.sleep(15)  # the readers' watermarks estimated again from the present
     stragglers.set()
     publisher.join()
     accounting, windows, invalid, too_late = customer.expected()
     # Windows close once the subscription has been idle for a minute.
-    _wait(lambda: customer.finals() == windows and customer.accounting() == accounting,
+    wait_for(lambda: customer.finals() == windows and customer.accounting() == accounting,
           300, 'final rows and accounting equal to the contract')
     assert cluster.checkpoints(job.jid)['latest']['restored'] is not None
   finally:

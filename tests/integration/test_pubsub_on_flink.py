@@ -29,7 +29,7 @@ import pytest
 from conftest import as_sent, letters, live_outcome, read_jsonl
 from integration.conftest import flink_args
 from tools import reference
-from transforms.rules.model import payload_bytes
+from transforms.rules.model import final_panes_of, payload_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -70,15 +70,6 @@ def _require_rest(emulator: str) -> None:
 def _event(event_id: str, value: float, event_time: int, customer: str = 'finserve') -> str:
   return json.dumps({'event_id': event_id, 'customer_id': customer, 'key': 'k',
                      'value': value, 'event_time': event_time})
-
-
-def _finals(aggregates):
-  finals = {}
-  for pane in aggregates:
-    w = (pane['customer_id'], pane['key'], pane['window_start'], pane['window_end'])
-    if w not in finals or pane['pane_index'] > finals[w]['pane_index']:
-      finals[w] = pane
-  return finals
 
 
 def _tail(log) -> str:
@@ -151,7 +142,7 @@ def test_a_pubsub_backlog_and_its_stragglers_on_flink_equal_the_contract(
       return {}
 
   def finals():
-    return _finals(read_jsonl(str(folder() / 'aggregates.jsonl')))
+    return final_panes_of(read_jsonl(str(folder() / 'aggregates.jsonl')))
 
   try:
     phase1 = len(sent)
