@@ -19,7 +19,7 @@ from conftest import (
 from tools import reference, traffic
 from pipeline.readback.reconciliation import final_panes
 from test_replay_and_cli import cli
-from transforms.flow import aggregate
+from transforms.flow import aggregate, bulk
 from transforms.flow.bulk import AggregateWindowsInBulk, evaluated_early_firing, fire_panes
 from transforms.rules.model import Event, window_spec
 from transforms.rules.replay import Messages, ReplayError, compile_replay, index_replay, read_chunk
@@ -124,6 +124,24 @@ def test_bulk_equals_the_streaming_runner_pane_for_pane(tmp_path, seed, early_fi
   assert bulk.accounting == streamed.accounting
   assert _multiset(bulk, 'aggregates') == _multiset(streamed, 'aggregates')
   assert _multiset(bulk, 'dead_letters') == _multiset(streamed, 'dead_letters')
+
+
+def test_a_replay_too_large_for_eight_dedup_shards_gets_more_with_the_same_outputs(
+    tmp_path, monkeypatch):
+  assert bulk.shards_for(1) == bulk.shards_for(8 * bulk.ROWS_PER_SHARD) == 8
+  assert bulk.shards_for(8 * bulk.ROWS_PER_SHARD + 1) == 9
+  replay = _generated(tmp_path, 1500, seed=14)
+  with open(replay, encoding='utf-8') as f:
+    lines = [line.rstrip('\n') for line in f]
+  (tmp_path / 'eight').mkdir()
+  (tmp_path / 'many').mkdir()
+  eight = run_replay(tmp_path / 'eight', lines, bulk=True)
+  monkeypatch.setattr(bulk, 'ROWS_PER_SHARD', 100)  # 15 shards
+  many = run_replay(tmp_path / 'many', lines, bulk=True)
+  assert many.accounting == eight.accounting == reference.compute(replay, 60, 30).accounting
+  assert eight.accounting['duplicate'] > 0
+  assert _multiset(many, 'aggregates') == _multiset(eight, 'aggregates')
+  assert _multiset(many, 'dead_letters') == _multiset(eight, 'dead_letters')
 
 
 def test_the_bulk_cli_equals_the_contract_on_a_larger_replay(tmp_path):

@@ -11,7 +11,8 @@ from pipeline.settings.config import RunConfig, parse_aggregates_topic
 from transforms.flow.accounting import (
     CountChunkOutcomes, CountOutcomes, ReportProgress, accounting_progress)
 from transforms.flow.bulk import (
-    AdmitChunks, AggregateWindowsInBulk, DescribeArrivals, ParseChunks, ReadReplayInChunks)
+    AdmitChunks, AggregateWindowsInBulk, DescribeArrivals, ParseChunks, ReadReplayInChunks,
+    shards_for)
 from transforms.flow.diagnostics import SampleMemory
 from transforms.rules.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.flow.parse import ParseEvents
@@ -207,7 +208,7 @@ def build_bulk(p: beam.Pipeline, config: RunConfig, source: ReadReplayInChunks) 
   chunks = p | 'Read' >> source | 'Progress' >> ReportProgress(source.index.messages, chunks=True)
   parsed = chunks | 'Parse' >> ParseChunks(source.index.digest)
   admitted = parsed.events | 'RouteLateAndDedup' >> AdmitChunks(
-      config.window, digest=source.index.digest)
+      config.window, shards_for(source.index.messages), source.index.digest)
   panes = admitted.admitted | 'Aggregate' >> AggregateWindowsInBulk(
       config.window, config.early_firing_s, source.index)
   dead_letters = (

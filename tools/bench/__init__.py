@@ -7,7 +7,9 @@
            core, times the cores the run uses); prints events/s, wall time,
            peak RSS, the three rates and the run's speed against the other two,
            and whether the outputs were equal. The full incident hour:
-           --messages 2850000 --rate 791.
+           --messages 2850000 --rate 791. --profile runs it once more in one
+           process under cProfile and prints each phase's share of the time
+           (tools/bench/profile.py).
   soak     HOURS of event time at a steady rate (1-minute windows with lateness);
            the worker's RSS is sampled inside the pipeline each event-time hour;
            on Flink the job server JVM's RSS and live heap (after a forced full
@@ -44,10 +46,13 @@ from typing import Callable, List, Optional, Tuple
 from tools import reference, traffic
 from tools.bench import deployed as bench_deployed
 from tools.bench import drain as bench_drain
+from tools.bench import profile as bench_profile
 from tools.bench import stream as bench_stream
 from pipeline.readback.reconciliation import live_output_dir
 from pipeline.readback.reconciliation import final_panes
 from transforms.flow.diagnostics import resident_mib
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _flag(extra: List[str], name: str, default: str) -> str:
@@ -69,16 +74,19 @@ def _replay_for(args: argparse.Namespace, messages: int, rate: float, tick_s: in
   return replay
 
 
+def _run_arguments(args: argparse.Namespace, replay: str, out: str, extra: List[str]) -> List[str]:
+  """``pipeline run ...``: the run of the replay into ``out``."""
+  return ['pipeline', 'run', '--source', f'replay:{replay}', '--window-size',
+          str(args.window_size), '--allowed-lateness', str(args.allowed_lateness),
+          '--output-dir', out, *extra]
+
+
 def _run_pipeline(args: argparse.Namespace, replay: str, extra: List[str],
                   on_poll: Optional[Callable[[str], None]] = None) -> Tuple[str, float]:
   """Runs ``python -m pipeline run`` on the replay; returns (output dir, wall s).
   ``on_poll(output dir)`` is called about twice a second while it runs."""
   out = os.path.join(args.workdir, 'out')
-  command = [
-      sys.executable, '-m', 'pipeline', 'run', '--source', f'replay:{replay}',
-      '--window-size', str(args.window_size), '--allowed-lateness',
-      str(args.allowed_lateness), '--output-dir', out, *extra
-  ]
+  command = [sys.executable, '-m', *_run_arguments(args, replay, out, extra)]
   log_path = os.path.join(args.workdir, 'run.log')
   started = time.monotonic()
   with open(log_path, 'w', encoding='utf-8') as log:
@@ -141,6 +149,13 @@ def _bench_replay(args: argparse.Namespace, extra: List[str]) -> dict:
     accounting = json.load(f)
   finals = final_panes(os.path.join(out, 'aggregates.jsonl'))
   windows = {w: (p['count'], p['sum'], p['min'], p['max']) for w, p in finals.items()}
+  profile = {}
+  if args.profile:
+    if _runner(extra) != 'DirectRunner' or '--direct_num_workers' in ' '.join(extra):
+      raise SystemExit('bench replay --profile: the DirectRunner in one process only')
+    profile = {'profile': bench_profile.profile_replay(
+        _run_arguments(args, replay, os.path.join(args.workdir, 'profiled'), extra),
+        args.workdir, REPO)}
   return {
       'bench': 'replay',
       'runner': _runner(extra),
@@ -159,6 +174,7 @@ def _bench_replay(args: argparse.Namespace, extra: List[str]) -> dict:
       'speed_vs_decode_limit': float(f'{rate / (per_core * cores):.3g}'),
       'outputs_equal_reference': (
           accounting == expected.accounting and windows == expected.windows),
+      **profile,
   }
 
 
@@ -283,6 +299,9 @@ def main(argv: List[str]) -> int:
   parser.add_argument('--hours', type=float, default=24.0, help='soak: event-time hours')
   parser.add_argument('--warmup-hours', type=int, default=3, help='soak: samples to ignore')
   parser.add_argument('--workdir', help='keep the replay and outputs here')
+  parser.add_argument('--profile', action='store_true',
+                      help='replay: run it again in one process under cProfile and print '
+                           'the share of each phase (tools/bench/profile.py)')
   parser.add_argument('--jvm-pid', type=int,
                       help='soak on Flink: the job server pid (default: scripts/flink.sh\'s)')
   parser.add_argument('--no-jvm-live-heap', dest='jvm_live_heap', action='store_false',

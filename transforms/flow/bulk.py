@@ -180,16 +180,20 @@ class _TooLateOrShardFn(beam.DoFn):
     by_shard: Dict[int, List[Row]] = defaultdict(Chunk)
     too_late: List[DeadLetter] = Chunk()
     late: List[Tuple[float, bool]] = Chunk()
+    past_end = rules.past_end
     for row in rows:
       known = row[ARRIVAL_WATERMARK]
+      late_by = None if known is None else past_end(row[EVENT_TIME], known)
+      if late_by is None:
+        by_shard[stable_shard(row[EVENT_ID], shards)].append(row[:ADMITTED_FIELDS])
+        continue
+      # only an event that arrived after its window's end can be too late
       dropped = rules.too_late(row[EVENT_TIME], known)
       if dropped:
         too_late.append(rules.too_late_letter(row_event(row, self._digest)))
       else:
         by_shard[stable_shard(row[EVENT_ID], shards)].append(row[:ADMITTED_FIELDS])
-      late_by = None if known is None else rules.past_end(row[EVENT_TIME], known)
-      if late_by is not None:
-        late.append((late_by / 1000, dropped))
+      late.append((late_by / 1000, dropped))
     yield from by_shard.items()
     if too_late:
       yield pvalue.TaggedOutput(TOO_LATE_TAG, too_late)
@@ -212,28 +216,32 @@ class _AdmitShardFn(beam.DoFn):
     rules = self._rules
     spec = rules.spec
     _, chunks = element
-    rows = sorted((row for chunk in chunks for row in chunk), key=lambda r: r[SEQ])
+    # each chunk's rows are a run of arrivals in order, and runs do not overlap
+    rows = [row for chunk in sorted(chunks, key=lambda c: c[0][SEQ]) for row in chunk]
     first: Dict[str, int] = {}  # event_id -> closing of its first admitted copy
     # window start -> (customer_id, key, step) -> (processing time, values)
     by_window: Dict[int, Dict[Tuple[str, str, int], Tuple[float, List[float]]]] = (
         defaultdict(dict))
     duplicates = 0
-    for n, row in enumerate(rows, 1):
-      known = row[ARRIVAL_WATERMARK]
-      event_id = row[EVENT_ID]
-      if not rules.duplicate(first.get(event_id), known):  # too late was decided before the shuffle
-        first[event_id] = spec.closing(row[EVENT_TIME])
-        partials = by_window[spec.start(row[EVENT_TIME])]
-        slot = (row[CUSTOMER_ID], row[KEY], row[STEP])
+    duplicate, closing, window_start = rules.duplicate, spec.closing, spec.start
+    prune_at = self.PRUNE_EVERY
+    for n, (_, step, arrived_at, event_id, customer_id, key, value, event_time,
+            known) in enumerate(rows, 1):
+      if not duplicate(first.get(event_id), known):  # too late was decided before the shuffle
+        first[event_id] = closing(event_time)
+        partials = by_window[window_start(event_time)]
+        slot = (customer_id, key, step)
         partial = partials.get(slot)
         if partial is None:
-          partials[slot] = (row[ARRIVED_AT], [row[VALUE]])
+          partials[slot] = (arrived_at, [value])
         else:
-          partial[1].append(row[VALUE])
+          partial[1].append(value)
       else:
         duplicates += 1
-      if n % self.PRUNE_EVERY == 0 and known is not None:
-        first = {i: c for i, c in first.items() if c > known}
+      if n == prune_at:
+        prune_at += self.PRUNE_EVERY
+        if known is not None:
+          first = {i: c for i, c in first.items() if c > known}
     for start, partials in by_window.items():
       yield start, Chunk((customer_id, key, step, arrived_at, values)
                          for (customer_id, key, step), (arrived_at, values) in partials.items())
@@ -254,6 +262,16 @@ class AdmittedChunks(NamedTuple):
   #: lists of ``(seconds the watermark was past the window end, too late)``
   #: of the events that arrived after their window's end
   late: beam.PCollection
+
+
+#: About how many rows a dedup shard may hold: its rows are one element.
+ROWS_PER_SHARD = 400_000
+
+
+def shards_for(messages: int) -> int:
+  """Dedup shards for a replay of ``messages``: 8 (enough for every worker of a
+  machine), more for a replay whose shards would hold over ``ROWS_PER_SHARD`` rows."""
+  return max(8, -(-messages // ROWS_PER_SHARD))
 
 
 class AdmitChunks(beam.PTransform):
