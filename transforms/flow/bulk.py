@@ -265,7 +265,7 @@ class AdmittedChunks(NamedTuple):
 
 
 #: About how many rows a dedup shard may hold: its rows are one element.
-ROWS_PER_SHARD = 400_000
+ROWS_PER_SHARD = 50_000
 
 
 def shards_for(messages: int) -> int:
