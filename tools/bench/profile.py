@@ -37,7 +37,9 @@ _REPORT = ('pipeline/readback/report.py', 'write')
 
 
 def _line_of(path: str, name: str, owner: str) -> int:
-  """The line where ``owner.name`` is defined in ``path`` (0: any)."""
+  """The line where ``owner.name`` is defined in ``path`` (0: any function of
+  that name). Raises LookupError if the class or its method is not there: a
+  renamed phase must not be counted as taking no time."""
   if not owner:
     return 0
   with open(path, encoding='utf-8') as f:
@@ -47,7 +49,7 @@ def _line_of(path: str, name: str, owner: str) -> int:
         inside = True
       elif inside and line.strip().startswith(f'def {name}('):
         return number
-  return -1
+  raise LookupError(f'{path}: no method {owner}.{name}: update tools/bench/profile.py PHASES')
 
 
 def phases(profile_path: str, repo: str) -> Dict[str, float]:
@@ -64,6 +66,10 @@ def phases(profile_path: str, repo: str) -> Dict[str, float]:
   total = max(entry[3] for entry in stats.values())
   seconds = {phase: sum(cumulative(*where) for where in entries)
              for phase, entries in PHASES}
+  idle = [phase for phase, s in seconds.items() if not s]
+  if idle:
+    raise LookupError(f'no function of {idle} ran in the profiled run: update '
+                      'tools/bench/profile.py PHASES')
   run, finish, report = cumulative(*_RUN), cumulative(*_FINISH), cumulative(*_REPORT)
   in_run = sum(v for k, v in seconds.items() if k != 'index')
   seconds['shuffle'] = max(run - in_run, 0.0)
