@@ -178,8 +178,7 @@ def _replay(manifest: dict, dead_letters: List[dict], window: WindowSpec) -> Del
       late.append((behind / 1000, matched))
   except (ReplayError, OSError):
     return None, None, None
-  received = {s: n for s, n in arrivals.received.items() if n}
-  return received, arrivals.watermarks, late
+  return arrivals.sources_received(), arrivals.watermarks, late
 
 
 #: Run statuses whose accounting is the run's whole (``pipeline.runfolder.files.COMMITTED``).

@@ -184,16 +184,14 @@ class _TooLateOrShardFn(beam.DoFn):
     for row in rows:
       known = row[ARRIVAL_WATERMARK]
       late_by = None if known is None else past_end(row[EVENT_TIME], known)
-      if late_by is None:
-        by_shard[stable_shard(row[EVENT_ID], shards)].append(row[:ADMITTED_FIELDS])
-        continue
       # only an event that arrived after its window's end can be too late
-      dropped = rules.too_late(row[EVENT_TIME], known)
+      dropped = late_by is not None and rules.too_late(row[EVENT_TIME], known)
       if dropped:
         too_late.append(rules.too_late_letter(row_event(row, self._digest)))
       else:
         by_shard[stable_shard(row[EVENT_ID], shards)].append(row[:ADMITTED_FIELDS])
-      late.append((late_by / 1000, dropped))
+      if late_by is not None:
+        late.append((late_by / 1000, dropped))
     yield from by_shard.items()
     if too_late:
       yield pvalue.TaggedOutput(TOO_LATE_TAG, too_late)

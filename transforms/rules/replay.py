@@ -372,8 +372,12 @@ class Arrivals:
     else:
       self.watermarks[source].append((self.messages, payload))
 
+  def sources_received(self) -> Dict[str, int]:
+    """The messages of each source that sent any."""
+    return {s: n for s, n in self.received.items() if n}
+
   def to_json_dict(self) -> dict:
-    return {'received': {s: n for s, n in self.received.items() if n},
+    return {'received': self.sources_received(),
             'watermarks': {s: [list(p) for p in points] for s, points in self.watermarks.items()}}
 
 
