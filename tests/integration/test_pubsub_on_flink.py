@@ -77,7 +77,8 @@ def _tail(log) -> str:
   return log.read()[-3000:]
 
 
-def _wait(what, predicate, timeout_s, run, log):
+def _wait(what, predicate, timeout_s, run, log, state=lambda: ''):
+  """Waits for ``predicate``; a failure shows ``state()`` (what the run wrote) and the log."""
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
     if run.poll() is not None:
@@ -85,7 +86,7 @@ def _wait(what, predicate, timeout_s, run, log):
     if predicate():
       return
     time.sleep(1)
-  raise AssertionError(f'timed out waiting for {what}: {_tail(log)}')
+  raise AssertionError(f'timed out waiting for {what}: {state()}\n{_tail(log)}')
 
 
 def test_a_pubsub_backlog_and_its_stragglers_on_flink_equal_the_contract(
@@ -150,7 +151,8 @@ def test_a_pubsub_backlog_and_its_stragglers_on_flink_equal_the_contract(
     _wait('phase 1 counted and closed', lambda: (
         accounting().get('received') == phase1 and
         sum(p['count'] for p in finals().values()) == accounting().get('aggregated') and
-        all(p['timing'] != 'EARLY' for p in finals().values())), 360, run, log)
+        all(p['timing'] != 'EARLY' for p in finals().values())), 360, run, log,
+        lambda: f'accounting {accounting()} of {phase1} sent')
     now = int(time.time() * 1000)
     publish('A', _event('too-late-1', 2001.0, t0 + 3))
     publish('B', _event('too-late-2', 2002.0, now - (LATENESS_S + 5 * WINDOW_S) * 1000),
@@ -162,7 +164,7 @@ def test_a_pubsub_backlog_and_its_stragglers_on_flink_equal_the_contract(
     _wait('phase 2 counted', lambda: (
         accounting() == expected_accounting and
         sum(p['count'] for p in finals().values()) == expected_accounting['aggregated']),
-        120, run, log)
+        120, run, log, lambda: f'accounting {accounting()}, expected {expected_accounting}')
   finally:
     run.send_signal(signal.SIGINT)
     run.wait(timeout=180)

@@ -77,6 +77,11 @@ class _StampFromAttributeFn(beam.DoFn):
 #: subscription's messages as the bytes of their ``google.pubsub.v1`` proto.
 PUBSUB_READ_URN = 'beam:transform:tidemark:pubsub_read_events:v1'
 
+#: How far the Java read's watermark trails the newest event time its reader
+#: has read, in processing time: a message read up to this long after a newer
+#: one is still on time (later, the gate judges it late or too late).
+WATERMARK_DELAY_S = 2.0
+
 _PROTO = pubsub_types.PubsubMessage.pb()
 
 
@@ -109,9 +114,11 @@ class ReadPubSubEvents(EventSource):
     serves Tidemark's Java classes), Beam's Java ``PubsubIO`` (``PUBSUB_READ_URN``,
     java/src), for portable runners that run Java sources but not the Python read
     (Flink). Its reader stamps every message with the highest event time read
-    so far (the attributes'), so the watermark follows event time and neither a
-    straggler nor a message without a usable attribute holds it back; messages
-    are acknowledged when the runner finalizes the checkpoint that holds them.
+    so far (the attributes'), and its watermark is the stamp it read
+    ``watermark_delay_s`` earlier, so the watermark follows event time and
+    neither a straggler nor a message without a usable attribute holds it back;
+    messages are acknowledged when the runner finalizes the checkpoint that
+    holds them.
   """
 
   def __init__(
@@ -120,7 +127,8 @@ class ReadPubSubEvents(EventSource):
       timestamp_attribute: str = 'ts',
       id_label: Optional[str] = None,
       reader_timestamps: bool = False,
-      expansion_service: Optional[str] = None):
+      expansion_service: Optional[str] = None,
+      watermark_delay_s: float = WATERMARK_DELAY_S):
     super().__init__()
     if not subscriptions:
       raise ValueError('subscriptions must name at least one source')
@@ -137,11 +145,14 @@ class ReadPubSubEvents(EventSource):
     if expansion_service is not None and (id_label or reader_timestamps):
       raise ValueError('the Java read stamps by the timestamp attribute itself and takes no '
                        'id_label (redeliveries are dropped by message id, duplicates by the gate)')
+    if not 0 <= watermark_delay_s <= 3600:
+      raise ValueError(f'watermark_delay_s must be within 0..3600, got {watermark_delay_s!r}')
     self.subscriptions = dict(subscriptions)
     self._timestamp_attribute = timestamp_attribute
     self._id_label = id_label
     self._reader_timestamps = reader_timestamps
     self._expansion_service = expansion_service
+    self._watermark_delay_ms = round(watermark_delay_s * 1000)
 
   def _read(self, pbegin: beam.pvalue.PBegin, source: str,
             subscription: str) -> beam.PCollection[PubsubMessage]:
@@ -158,7 +169,8 @@ class ReadPubSubEvents(EventSource):
             PUBSUB_READ_URN,
             ImplicitSchemaPayloadBuilder({
                 'subscription': subscription,
-                'timestamp_attribute': self._timestamp_attribute}),
+                'timestamp_attribute': self._timestamp_attribute,
+                'watermark_delay_ms': self._watermark_delay_ms}),
             self._expansion_service)
         | f'FromProto_{source}' >> beam.Map(message_from_proto).with_output_types(PubsubMessage))
 

@@ -2,22 +2,24 @@ package tidemark.pubsub;
 
 import java.util.Map;
 import org.apache.beam.sdk.expansion.ExternalTransformRegistrar;
-import org.apache.beam.sdk.io.gcp.pubsub.PubsubIO;
-import org.apache.beam.sdk.io.gcp.pubsub.PubsubMessages;
+import org.apache.beam.sdk.io.Read;
+import org.apache.beam.sdk.io.gcp.pubsub.PubsubClient;
+import org.apache.beam.sdk.io.gcp.pubsub.PubsubUnboundedSource;
+import org.apache.beam.sdk.options.ValueProvider.StaticValueProvider;
 import org.apache.beam.sdk.transforms.ExternalTransformBuilder;
-import org.apache.beam.sdk.transforms.MapElements;
 import org.apache.beam.sdk.transforms.PTransform;
 import org.apache.beam.sdk.values.PBegin;
 import org.apache.beam.sdk.values.PCollection;
-import org.apache.beam.sdk.values.TypeDescriptor;
 import org.apache.beam.vendor.guava.v32_1_2_jre.com.google.common.collect.ImmutableMap;
 import org.checkerframework.checker.nullness.qual.Nullable;
+import org.joda.time.Duration;
 
 /**
  * Tidemark's Pub/Sub read for other SDKs: one subscription read with Beam's PubsubIO, each
  * message (payload, attributes, message id) as the bytes of its {@code google.pubsub.v1}
  * proto, stamped with the event time of its timestamp attribute by {@link
- * EventTimeClientFactory}, so the watermark follows event time.
+ * EventTimeClientFactory}, so the watermark follows event time, a configured delay behind the
+ * newest stamp read ({@link RecentEventTimeSource}).
  */
 public final class ReadEventsRegistrar implements ExternalTransformRegistrar {
   public static final String URN = "beam:transform:tidemark:pubsub_read_events:v1";
@@ -31,6 +33,7 @@ public final class ReadEventsRegistrar implements ExternalTransformRegistrar {
   public static class Configuration {
     private @Nullable String subscription;
     private @Nullable String timestampAttribute;
+    private @Nullable Long watermarkDelayMs;
 
     public void setSubscription(String subscription) {
       this.subscription = subscription;
@@ -39,6 +42,10 @@ public final class ReadEventsRegistrar implements ExternalTransformRegistrar {
     public void setTimestampAttribute(String timestampAttribute) {
       this.timestampAttribute = timestampAttribute;
     }
+
+    public void setWatermarkDelayMs(Long watermarkDelayMs) {
+      this.watermarkDelayMs = watermarkDelayMs;
+    }
   }
 
   /** Builds the read from its configuration. */
@@ -46,10 +53,16 @@ public final class ReadEventsRegistrar implements ExternalTransformRegistrar {
       implements ExternalTransformBuilder<Configuration, PBegin, PCollection<byte[]>> {
     @Override
     public PTransform<PBegin, PCollection<byte[]>> buildExternal(Configuration config) {
-      if (config.subscription == null || config.timestampAttribute == null) {
-        throw new IllegalArgumentException("subscription and timestamp_attribute must be set");
+      if (config.subscription == null
+          || config.timestampAttribute == null
+          || config.watermarkDelayMs == null) {
+        throw new IllegalArgumentException(
+            "subscription, timestamp_attribute and watermark_delay_ms must be set");
       }
-      return new ReadEvents(config.subscription, config.timestampAttribute);
+      return new ReadEvents(
+          config.subscription,
+          config.timestampAttribute,
+          Duration.millis(config.watermarkDelayMs));
     }
   }
 
@@ -57,24 +70,29 @@ public final class ReadEventsRegistrar implements ExternalTransformRegistrar {
   static final class ReadEvents extends PTransform<PBegin, PCollection<byte[]>> {
     private final String subscription;
     private final String timestampAttribute;
+    private final Duration watermarkDelay;
 
-    ReadEvents(String subscription, String timestampAttribute) {
+    ReadEvents(String subscription, String timestampAttribute, Duration watermarkDelay) {
       this.subscription = subscription;
       this.timestampAttribute = timestampAttribute;
+      this.watermarkDelay = watermarkDelay;
     }
 
     @Override
     public PCollection<byte[]> expand(PBegin input) {
-      return input
-          .apply(
-              "Read",
-              PubsubIO.readMessagesWithAttributesAndMessageId()
-                  .fromSubscription(subscription)
-                  .withClientFactory(new EventTimeClientFactory(timestampAttribute)))
-          .apply(
-              "ToProtoBytes",
-              MapElements.into(TypeDescriptor.of(byte[].class))
-                  .via(new PubsubMessages.ParsePayloadAsPubsubMessageProto()));
+      // What PubsubIO.readMessagesWithAttributesAndMessageId() reads (its reader's bytes are
+      // then the message's proto, message id included), behind Tidemark's watermark.
+      PubsubUnboundedSource read =
+          new PubsubUnboundedSource(
+              new EventTimeClientFactory(timestampAttribute),
+              null,
+              null,
+              StaticValueProvider.of(PubsubClient.subscriptionPathFromPath(subscription)),
+              null,
+              null,
+              true,
+              true);
+      return input.apply("Read", Read.from(RecentEventTimeSource.of(read, watermarkDelay)));
     }
   }
 }
