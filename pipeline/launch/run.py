@@ -27,7 +27,8 @@ from pipeline.settings.checks import ConfigError
 from pipeline.settings.config import RunConfig, watermark_risks
 from pipeline.settings.options import FlinkRunnerJavaOptions
 from pipeline.settings.runners import (
-    capabilities, reach_pubsub_emulator, runner_name, tune_live_bundles, use_every_core)
+    capabilities, finish_bundles_at_checkpoints, reach_pubsub_emulator, runner_name,
+    tune_live_bundles, use_every_core)
 from pipeline.readback.reconciliation import (
     Reconciliation, RollupAccounting, reconcile_run, refused_lines,
     rollup_lines)
@@ -388,6 +389,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     use_every_core(options, argv, source.index.messages)
     os.environ[LAUNCHER_PID] = str(os.getpid())
   tune_live_bundles(options, config.unbounded)
+  finish_bundles_at_checkpoints(options, config.checkpointed)
   reach_pubsub_emulator(options, config.pubsub_expansion_service is not None)
   try:
     check_flink_job_server(options)

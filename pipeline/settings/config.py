@@ -17,7 +17,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.runfolder import names
 from pipeline.settings.checks import (
     MAX_RECORDS, MAX_SHARDS, ConfigError, check_seconds, check_text, parse_rollups)
-from pipeline.settings.options import TidemarkOptions, checkpoint_interval_ms, option_dests
+from pipeline.settings.options import (
+    FlinkRunnerJavaOptions, TidemarkOptions, checkpoint_interval_ms, option_dests)
 from pipeline.settings.runners import capabilities, runner_name
 from pipeline.settings.targets import (
     SOURCE_KINDS, check_folder, check_host_port, check_output_file, check_replay_file,
@@ -268,6 +269,12 @@ class RunConfig:
     if group is not None and not re.fullmatch(r'[A-Za-z0-9._-]{1,249}', group):
       raise ConfigError('--kafka-consumer-group', f'must be 1 to 249 of A-Z a-z 0-9 . _ -, got {group!r}')
     checkpointed = checkpoint_interval_ms(options) is not None
+    finish = options.view_as(FlinkRunnerJavaOptions).finish_bundle_before_checkpointing
+    if checkpointed and finish is not None and str(finish).lower() != 'true':
+      raise ConfigError(
+          '--finish_bundle_before_checkpointing', 'a checkpointed run needs it (true, the '
+          'default): without it Flink can pass a watermark on before the outputs of the '
+          'bundle it finished for the checkpoint, and drop admitted events as late')
     pubsub_expansion = None
     if kind == 'pubsub' and capabilities(runner).java_pubsub_read:
       pubsub_expansion = check_host_port(

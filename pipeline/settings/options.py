@@ -175,7 +175,8 @@ OPTIONS: Tuple[Option, ...] = (
         'pubsub: how many seconds behind the wall clock event times may be when they '
         "arrive (lagging sources, publish delays). The DirectRunner's Pub/Sub watermark "
         'is the wall clock, so a skew above the allowed lateness loses events to '
-        'too_late.',
+        "too_late. On Flink, how far each reader's watermark trails the newest event "
+        'time it read (default 2): later arrivals are late, then too late.',
         number=True, metavar='SECONDS'),
     Option(
         'run_seconds', 'Run for (s)', _POSITIVE_SECONDS,

@@ -4,7 +4,7 @@ Every runner-dependent choice (where workers write, whether a replay runs in
 bulk, what the Pub/Sub read may ask for, whether a TestStream may advance
 processing time) reads a field of this table, by the runner's class name;
 the options Tidemark sets per runner (``use_every_core``, ``tune_live_bundles``,
-``reach_pubsub_emulator``) are here too.
+``finish_bundles_at_checkpoints``, ``reach_pubsub_emulator``) are here too.
 """
 
 from __future__ import annotations
@@ -109,6 +109,26 @@ def tune_live_bundles(options: PipelineOptions, unbounded: bool) -> None:
   if (unbounded and not capabilities(options).in_process
       and flink.max_bundle_time_mills is None):
     flink.max_bundle_time_mills = LIVE_MAX_BUNDLE_TIME_MS
+
+
+def finish_bundles_at_checkpoints(options: PipelineOptions, checkpointed: bool) -> None:
+  """On a checkpointed portable run, has Flink finish each bundle before a
+  checkpoint's barrier (``--finish_bundle_before_checkpointing``).
+
+  Without it (Beam 2.62.0, ``DoFnOperator.snapshotState``) Flink finishes the
+  bundle *inside* the snapshot and buffers what the bundle still emits (the
+  window partials a bundle hands on when it ends) until after the barrier, but
+  may pass the stage's new output watermark on first: the windowing downstream
+  then finds those partials late and drops events the gate admitted (measured:
+  8 and 9 of ~100,000 events, Kafka at 1,000 events/s, 10 s windows, 2 s
+  checkpoints; none with this option). ``ConfigError`` refuses turning it off.
+  """
+  from pipeline.settings.options import FlinkRunnerJavaOptions
+  if not checkpointed or capabilities(options).in_process:
+    return
+  flink = options.view_as(FlinkRunnerJavaOptions)
+  if flink.finish_bundle_before_checkpointing is None:
+    flink.finish_bundle_before_checkpointing = 'true'
 
 
 def reach_pubsub_emulator(options: PipelineOptions, java_pubsub_read: bool) -> None:

@@ -77,10 +77,11 @@ class _StampFromAttributeFn(beam.DoFn):
 #: subscription's messages as the bytes of their ``google.pubsub.v1`` proto.
 PUBSUB_READ_URN = 'beam:transform:tidemark:pubsub_read_events:v1'
 
-#: How far the Java read's watermark trails the newest event time its reader
-#: has read, in processing time: a message read up to this long after a newer
-#: one is still on time (later, the gate judges it late or too late).
-WATERMARK_DELAY_S = 2.0
+#: How far (s) the Java read's watermark trails, by default, the newest event
+#: time read: a message read up to this long after a newer one is still on time
+#: (later, the gate judges it late or too late). A run sets it with
+#: ``--expected-skew``.
+WATERMARK_DELAY_S = 2
 
 _PROTO = pubsub_types.PubsubMessage.pb()
 
@@ -128,7 +129,7 @@ class ReadPubSubEvents(EventSource):
       id_label: Optional[str] = None,
       reader_timestamps: bool = False,
       expansion_service: Optional[str] = None,
-      watermark_delay_s: float = WATERMARK_DELAY_S):
+      watermark_delay_s: int = WATERMARK_DELAY_S):
     super().__init__()
     if not subscriptions:
       raise ValueError('subscriptions must name at least one source')
@@ -145,14 +146,14 @@ class ReadPubSubEvents(EventSource):
     if expansion_service is not None and (id_label or reader_timestamps):
       raise ValueError('the Java read stamps by the timestamp attribute itself and takes no '
                        'id_label (redeliveries are dropped by message id, duplicates by the gate)')
-    if not 0 <= watermark_delay_s <= 3600:
-      raise ValueError(f'watermark_delay_s must be within 0..3600, got {watermark_delay_s!r}')
+    if watermark_delay_s < 0:
+      raise ValueError(f'watermark_delay_s must not be negative, got {watermark_delay_s!r}')
     self.subscriptions = dict(subscriptions)
     self._timestamp_attribute = timestamp_attribute
     self._id_label = id_label
     self._reader_timestamps = reader_timestamps
     self._expansion_service = expansion_service
-    self._watermark_delay_ms = round(watermark_delay_s * 1000)
+    self._watermark_delay_ms = watermark_delay_s * 1000
 
   def _read(self, pbegin: beam.pvalue.PBegin, source: str,
             subscription: str) -> beam.PCollection[PubsubMessage]:
