@@ -7,7 +7,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.settings.checks import ConfigError
 from pipeline.settings.config import RunConfig
-from pipeline.settings.runners import OTHER, RUNNERS, capabilities, runner_name
+from pipeline.settings.options import FlinkRunnerJavaOptions
+from pipeline.settings.runners import (
+    OTHER, RUNNERS, capabilities, finish_bundles_at_checkpoints, runner_name)
 
 
 def test_a_runner_is_known_by_its_class_name_however_it_is_given():
@@ -42,3 +44,29 @@ def test_a_runner_whose_workers_are_elsewhere_writes_to_a_bucket_not_a_local_fol
   assert RunConfig.from_options(PipelineOptions(
       ['--runner=DataflowRunner', '--output-dir=gs://b/out'])).output_dir == 'gs://b/out'
   assert RunConfig.from_options(PipelineOptions(['--output-dir=/tmp/out'])).output_dir == '/tmp/out'
+
+
+FLINK = ['--runner=PortableRunner', '--job_endpoint=localhost:18099', '--output-dir=/tmp/out',
+         '--source=kafka:localhost:9092/A=a', '--streaming']
+
+
+def _finish_bundle(args) -> object:
+  options = PipelineOptions(args)
+  finish_bundles_at_checkpoints(options, RunConfig.from_options(options).checkpointed)
+  return options.view_as(FlinkRunnerJavaOptions).finish_bundle_before_checkpointing
+
+
+def test_a_checkpointed_flink_run_finishes_its_bundles_before_each_checkpoint():
+  assert _finish_bundle(FLINK + ['--checkpointing_interval=2000']) == 'true'
+  assert _finish_bundle(
+      FLINK + ['--checkpointing_interval=2000', '--finish_bundle_before_checkpointing=true']) == 'true'
+  assert _finish_bundle(FLINK) is None  # no checkpoints: nothing is finished for them
+  assert _finish_bundle(['--output-dir=/tmp/out']) is None  # the DirectRunner
+
+
+def test_a_checkpointed_run_that_turns_off_finishing_bundles_is_refused_by_name():
+  with pytest.raises(ConfigError) as e:
+    RunConfig.from_options(PipelineOptions(
+        FLINK + ['--checkpointing_interval=2000', '--finish_bundle_before_checkpointing=false']))
+  assert e.value.field == '--finish_bundle_before_checkpointing'
+  assert 'drop admitted events' in str(e.value)
