@@ -56,8 +56,8 @@ TARGET_EVENTS_PER_S = 5000
 #: The checkpoint interval of a Pub/Sub run unless given (ms): Flink acks a
 #: message when the checkpoint that holds it completes.
 PUBSUB_CHECKPOINT_MS = 2000
-#: How far Beam's Java Pub/Sub reader holds the watermark back (s): its
-#: minimum over the last minute's reads, and a minute idle before the wall clock.
+#: How long (s) to allow the Java Pub/Sub read's watermark to reach the wall
+#: clock once traffic stops: each reader does after a minute without messages.
 PUBSUB_WATERMARK_S = 120
 #: Event times of the generated traffic start here and are shifted to "now".
 BASE_MS = traffic.INCIDENT_START_MS
@@ -630,8 +630,8 @@ def bench_stream(args: argparse.Namespace, extra: List[str]) -> dict:
         return True
       except (Reconciliation, OSError, ValueError, KeyError):
         return False
-    # Pub/Sub's reader holds the watermark a minute behind what it read, and
-    # moves it to the wall clock only after a minute without messages.
+    # A Pub/Sub reader moves its watermark to the wall clock only after a
+    # minute without messages: then the last windows close.
     settle = args.window_size + args.allowed_lateness + 60 + (PUBSUB_WATERMARK_S if pubsub else 0)
     consistent = drained and wait_until(reconciled, settle, every_s=2)
   finally:
