@@ -13,10 +13,11 @@ from apache_beam.utils.timestamp import Timestamp
 
 from conftest import T0, payload
 from tools import reference, simulate, traffic
+from pipeline.launch.build import read_source
 from pipeline.settings.config import ConfigError, RunConfig, watermark_risks
 from pipeline.settings.runners import capabilities
 from transforms.connectors.pubsub import (
-    ReadPubSubEvents, check_subscription_path, timestamp_from_attribute)
+    WATERMARK_DELAY_S, ReadPubSubEvents, check_subscription_path, timestamp_from_attribute)
 from transforms.connectors.sources import decode_payload
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +70,18 @@ def test_read_pubsub_events_validates_in_init():
     ReadPubSubEvents({'A': SUB, 'B': SUB})
   with pytest.raises(ValueError, match='id_label'):
     ReadPubSubEvents({'A': SUB}, id_label='')
+  with pytest.raises(ValueError, match='watermark_delay_s'):
+    ReadPubSubEvents({'A': SUB}, expansion_service='localhost:1', watermark_delay_s=-1)
   assert ReadPubSubEvents({'A': SUB}, id_label='event_id').subscriptions == {'A': SUB}
+
+
+def test_the_java_reads_watermark_trails_by_the_expected_skew_or_two_seconds():
+  flink = ['--runner=PortableRunner', '--job_endpoint=localhost:18099', '--streaming',
+           '--checkpointing_interval=2000', f'--source=pubsub:A={SUB}', '--output-dir=/tmp/o']
+  read = read_source(RunConfig.from_options(PipelineOptions(flink)))
+  assert read.watermark_delay_s == WATERMARK_DELAY_S == 2
+  read = read_source(RunConfig.from_options(PipelineOptions(flink + ['--expected-skew=7'])))
+  assert read.watermark_delay_s == 7
 
 
 # --- config -----------------------------------------------------------------------

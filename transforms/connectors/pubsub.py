@@ -153,7 +153,7 @@ class ReadPubSubEvents(EventSource):
     self._id_label = id_label
     self._reader_timestamps = reader_timestamps
     self._expansion_service = expansion_service
-    self._watermark_delay_ms = watermark_delay_s * 1000
+    self.watermark_delay_s = watermark_delay_s
 
   def _read(self, pbegin: beam.pvalue.PBegin, source: str,
             subscription: str) -> beam.PCollection[PubsubMessage]:
@@ -171,7 +171,7 @@ class ReadPubSubEvents(EventSource):
             ImplicitSchemaPayloadBuilder({
                 'subscription': subscription,
                 'timestamp_attribute': self._timestamp_attribute,
-                'watermark_delay_ms': self._watermark_delay_ms}),
+                'watermark_delay_ms': self.watermark_delay_s * 1000}),
             self._expansion_service)
         | f'FromProto_{source}' >> beam.Map(message_from_proto).with_output_types(PubsubMessage))
 
