@@ -20,7 +20,8 @@ from tools import reference, traffic
 from pipeline.readback.reconciliation import final_panes
 from test_replay_and_cli import cli
 from transforms.flow import aggregate, bulk
-from transforms.flow.bulk import AggregateWindowsInBulk, evaluated_early_firing, fire_panes
+from transforms.flow.bulk import AggregateWindowsInBulk, fire_panes
+from transforms.flow.replay_panes import evaluated_early_firing
 from transforms.rules.model import Event, window_spec
 from transforms.rules.replay import Messages, ReplayError, compile_replay, index_replay, read_chunk
 

@@ -24,7 +24,7 @@ from transforms.connectors.postgres import UpsertPostgres, WriteDeadLettersToPos
 from transforms.connectors.sinks import UpsertSqlite
 from transforms.flow.stable import AwaitCheckpoint
 from transforms.connectors.topics import PublishAggregatesToKafka, PublishAggregatesToPubSub
-from transforms.connectors.pubsub import ReadPubSubEvents, WATERMARK_DELAY_S
+from transforms.connectors.pubsub import ReadPubSubEvents
 from transforms.connectors.sources import EventSource, ReadKafkaEvents, ReadReplay
 
 
@@ -53,8 +53,7 @@ def read_source(config: RunConfig) -> Union[EventSource, ReadReplayInChunks]:
     return ReadPubSubEvents(
         config.pubsub_subscriptions, id_label=config.pubsub_id_label,
         expansion_service=config.pubsub_expansion_service,
-        watermark_delay_s=(WATERMARK_DELAY_S if config.expected_skew_s is None
-                           else config.expected_skew_s))
+        watermark_delay_s=config.expected_skew_s)
   if config.source_kind == 'kafka':
     bootstrap, sources = config.kafka
     return ReadKafkaEvents(

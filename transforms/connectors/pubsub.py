@@ -116,7 +116,7 @@ class ReadPubSubEvents(EventSource):
     java/src), for portable runners that run Java sources but not the Python read
     (Flink). Its reader stamps every message with the highest event time read
     so far (the attributes'), and its watermark is the stamp it read
-    ``watermark_delay_s`` earlier, so the watermark follows event time and
+    ``watermark_delay_s`` earlier (None: ``WATERMARK_DELAY_S``), so the watermark follows event time and
     neither a straggler nor a message without a usable attribute holds it back;
     messages are acknowledged when the runner finalizes the checkpoint that
     holds them.
@@ -129,7 +129,7 @@ class ReadPubSubEvents(EventSource):
       id_label: Optional[str] = None,
       reader_timestamps: bool = False,
       expansion_service: Optional[str] = None,
-      watermark_delay_s: int = WATERMARK_DELAY_S):
+      watermark_delay_s: Optional[int] = None):
     super().__init__()
     if not subscriptions:
       raise ValueError('subscriptions must name at least one source')
@@ -146,7 +146,9 @@ class ReadPubSubEvents(EventSource):
     if expansion_service is not None and (id_label or reader_timestamps):
       raise ValueError('the Java read stamps by the timestamp attribute itself and takes no '
                        'id_label (redeliveries are dropped by message id, duplicates by the gate)')
-    if watermark_delay_s < 0:
+    if watermark_delay_s is None:
+      watermark_delay_s = WATERMARK_DELAY_S
+    elif watermark_delay_s < 0:
       raise ValueError(f'watermark_delay_s must not be negative, got {watermark_delay_s!r}')
     self.subscriptions = dict(subscriptions)
     self._timestamp_attribute = timestamp_attribute

@@ -172,7 +172,7 @@ def pane_trigger(early_firing_s: Optional[int]) -> trigger.AfterWatermark:
   ``early_firing_s`` of processing time after a pane's first event, the on-time
   pane when the watermark passes the window end, then one late pane per late
   firing. Panes accumulate (``PANE_ACCUMULATION``). The bulk replay evaluates
-  this same declaration (``transforms.flow.bulk.fire_panes``) and refuses any other."""
+  this same declaration (``transforms.flow.replay_panes.fire_panes_along``) and refuses any other."""
   early = trigger.AfterProcessingTime(early_firing_s) if early_firing_s else None
   return trigger.AfterWatermark(early=early, late=trigger.AfterCount(1))
 

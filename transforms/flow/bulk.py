@@ -15,9 +15,7 @@ limits a Python runner), and emit the same outputs:
   arrived under, every copy of an ``event_id`` walked in arrival order in its
   shard;
 * ``AggregateWindowsInBulk``: per window, the panes the streaming windows'
-  trigger (``aggregate.pane_trigger``, read through ``evaluated_early_firing``,
-  which refuses any shape ``fire_panes`` does not evaluate) fires along the
-  replay's timeline.
+  trigger fires along the replay's timeline (``transforms.flow.replay_panes``).
 
 Elements are lists (one per chunk, shard or window); only the outputs are single
 records.
@@ -25,8 +23,6 @@ records.
 
 from __future__ import annotations
 
-import bisect
-import math
 import pickle
 from collections import defaultdict
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -34,16 +30,16 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.coders import coder_impl
-from apache_beam.transforms import trigger
 
 from transforms.flow.gate import DUPLICATE_TAG, TOO_LATE_TAG
 from transforms.rules.admission import AdmissionRules
 from transforms.flow import aggregate
-from transforms.flow.aggregate import Stats
 from transforms.rules.model import (
     AGGREGATED, INVALID, DeadLetter, Event, WindowAggregate, check_early_firing, message_identity,
     WindowSpec, stable_shard)
 from transforms.flow.parse import INVALID_TAG
+from transforms.flow.replay_panes import (
+    Arrival, StepClock, evaluated_early_firing, fire_panes_along)
 from transforms.rules.payload import InvalidPayload, parse_payload
 from transforms.rules.replay import Arrivals, ReplayIndex, read_chunk
 
@@ -64,8 +60,6 @@ ADMITTED_FIELDS = ARRIVAL_WATERMARK + 1
 #: step, processing time s, values)``. Panes fire between steps, so these are
 #: all the trigger needs.
 Partial = Tuple[str, str, int, float, List[float]]
-#: ``(step, processing time s, values)``: a ``Partial`` of a known window and key.
-Arrival = Tuple[int, float, List[float]]
 
 
 def row_event(row: Row, digest: str) -> Event:
@@ -323,54 +317,14 @@ class DescribeArrivals(beam.PTransform):
                                         for behind, too_late in chunk)}))
 
 
-def evaluated_early_firing(declared: trigger.TriggerFn,
-                           accumulation=trigger.AccumulationMode.ACCUMULATING) -> Optional[int]:
-  """The early firing delay of the declared trigger (``aggregate.pane_trigger``),
-  the one parameter ``fire_panes`` evaluates it by. Raises ValueError for a
-  trigger of any other shape: ``fire_panes`` evaluates accumulating
-  ``AfterWatermark(early=AfterProcessingTime(s) or none, late=AfterCount(1))``."""
-  early, late = (getattr(getattr(declared, part, None), 'underlying', None)
-                 for part in ('early', 'late'))
-  if (type(declared) is not trigger.AfterWatermark or late != trigger.AfterCount(1)
-      or accumulation != trigger.AccumulationMode.ACCUMULATING
-      or (early is not None and type(early) is not trigger.AfterProcessingTime)):
-    raise ValueError(
-        'the bulk replay evaluates accumulating AfterWatermark(early=AfterProcessingTime(s), '
-        f'late=AfterCount(1)); the windows declare {declared!r}, {accumulation!r}')
-  return None if early is None else early.delay
-
-
-class StepClock(NamedTuple):
-  """A replay's watermark and processing-time steps, arranged once for
-  ``fire_panes`` (each window then finds its own steps by bisection)."""
-  watermark_steps: Sequence[Tuple[int, Optional[int]]]
-  #: each watermark step's watermark, infinity for the last (None)
-  marks: List[float]
-  processing_time_steps: Sequence[Tuple[int, float]]
-  processing_steps: List[int]
-
-  @classmethod
-  def of(cls, watermark_steps: Sequence[Tuple[int, Optional[int]]],
-         processing_time_steps: Sequence[Tuple[int, float]]) -> 'StepClock':
-    return cls(watermark_steps, [math.inf if m is None else m for _, m in watermark_steps],
-               processing_time_steps, [s for s, _ in processing_time_steps])
-
-
 def fire_panes(
     rows: Sequence[Row],
     window_end: int,
     early_firing_s: Optional[int],
     watermark_steps: Sequence[Tuple[int, Optional[int]]],
     processing_time_steps: Sequence[Tuple[int, float]]) -> List[Tuple[str, tuple]]:
-  """The panes the streaming trigger fires for one (customer, key, window):
-  ``(timing, (count, sum, min, max))`` in pane order.
-
-  ``rows`` are the window's accepted events for the key, in arrival order. The
-  on-time pane fires at the step where the watermark reaches the window end (if
-  anything arrived before it); before that, an early pane fires at the first
-  processing-time step ``early_firing_s`` after the first event since the last
-  pane; after it, every step that brings events fires a late pane.
-  """
+  """``fire_panes_along`` of a window's accepted rows for one key, in arrival
+  order, and the replay's steps as listed."""
   arrivals: List[Arrival] = []
   for row in rows:
     if arrivals and arrivals[-1][0] == row[STEP]:
@@ -379,46 +333,6 @@ def fire_panes(
       arrivals.append((row[STEP], row[ARRIVED_AT], [row[VALUE]]))
   return fire_panes_along(arrivals, window_end, early_firing_s,
                           StepClock.of(watermark_steps, processing_time_steps))
-
-
-def fire_panes_along(arrivals: Sequence[Arrival], window_end: int, early_firing_s: Optional[int],
-                     clock: StepClock) -> List[Tuple[str, tuple]]:
-  """``fire_panes`` of the window's events grouped by step (``Arrival``s in
-  step order), with the steps arranged once (``StepClock``)."""
-  end_step = clock.watermark_steps[bisect.bisect_left(clock.marks, window_end)][0]
-  panes: List[Tuple[str, tuple]] = []
-  summarize = Stats().summarize
-  values: List[float] = []  # every value so far: the panes accumulate
-  on_time = [a for a in arrivals if a[0] < end_step]
-  late = arrivals[len(on_time):]
-
-  if on_time:
-    # ticks before the first event fire nothing: the window's start from there to its end
-    first = bisect.bisect_left(clock.processing_steps, on_time[0][0])
-    last = bisect.bisect_left(clock.processing_steps, end_step)
-    ticks = iter(clock.processing_time_steps[first:last] if early_firing_s else ())
-    next_tick = next(ticks, None)
-    timer = None
-    for step, arrived_at, step_values in on_time:
-      while next_tick is not None and next_tick[0] < step:
-        if timer is not None and next_tick[1] >= timer:
-          panes.append(('EARLY', summarize(values)))
-          timer = None
-        next_tick = next(ticks, None)
-      values.extend(step_values)
-      if early_firing_s and timer is None:
-        timer = arrived_at + early_firing_s
-    while next_tick is not None:
-      if timer is not None and next_tick[1] >= timer:
-        panes.append(('EARLY', summarize(values)))
-        timer = None
-      next_tick = next(ticks, None)
-    panes.append(('ON_TIME', summarize(values)))
-
-  for _, _, step_values in late:  # one pane per step that brings events
-    values.extend(step_values)
-    panes.append(('LATE', summarize(values)))
-  return panes
 
 
 class _AggregateWindowFn(beam.DoFn):
