@@ -188,6 +188,9 @@ NUMBERS = {
                     ('--source', 'pubsub:projects/tidemark-prod/subscriptions/acme-events')),
     'shards': (MAX_SHARDS, True, ()),
     'kafka_max_records': (MAX_RECORDS, True, ('--source', 'kafka:localhost:9092/acme-events')),
+    'pubsub_max_messages': (MAX_RECORDS, True, (
+        '--source', 'pubsub:projects/tidemark-prod/subscriptions/acme-events',
+        '--runner', 'FlinkRunner', '--checkpointing_interval', '10000')),
 }
 
 

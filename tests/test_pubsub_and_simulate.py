@@ -84,6 +84,29 @@ def test_the_java_reads_watermark_trails_by_the_expected_skew_or_two_seconds():
   assert read.watermark_delay_s == 7
 
 
+def test_pubsub_max_messages_bounds_the_java_read_of_each_subscription():
+  flink = ['--runner=PortableRunner', '--job_endpoint=localhost:18099', '--streaming',
+           '--checkpointing_interval=2000', f'--source=pubsub:A={SUB}', '--output-dir=/tmp/o']
+  unbounded = read_source(RunConfig.from_options(PipelineOptions(flink)))
+  assert unbounded.java_read_config(SUB)['max_num_records'] is None
+  bounded = read_source(RunConfig.from_options(
+      PipelineOptions(flink + ['--pubsub-max-messages=500'])))
+  assert bounded.java_read_config(SUB) == {
+      'subscription': SUB, 'timestamp_attribute': 'ts', 'watermark_delay_ms': 2000,
+      'max_num_records': 500}
+
+
+def test_pubsub_max_messages_is_refused_where_the_read_cannot_be_bounded():
+  # The DirectRunner reads Pub/Sub in Python, without a bound.
+  with pytest.raises(ConfigError) as e:
+    config(f'--source=pubsub:{SUB}', '--pubsub-max-messages=10')
+  assert e.value.field == '--pubsub-max-messages' and 'DirectRunner' in e.value.reason
+  with pytest.raises(ValueError, match='max_num_records'):
+    ReadPubSubEvents({'A': SUB}, max_num_records=10)
+  with pytest.raises(ValueError, match='max_num_records'):
+    ReadPubSubEvents({'A': SUB}, expansion_service='localhost:1', max_num_records=0)
+
+
 # --- config -----------------------------------------------------------------------
 
 def test_pubsub_source_names_default_to_the_subscription_id():

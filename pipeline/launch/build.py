@@ -53,7 +53,8 @@ def read_source(config: RunConfig) -> Union[EventSource, ReadReplayInChunks]:
     return ReadPubSubEvents(
         config.pubsub_subscriptions, id_label=config.pubsub_id_label,
         expansion_service=config.pubsub_expansion_service,
-        watermark_delay_s=config.expected_skew_s)
+        watermark_delay_s=config.expected_skew_s,
+        max_num_records=config.pubsub_max_messages)
   if config.source_kind == 'kafka':
     bootstrap, sources = config.kafka
     return ReadKafkaEvents(

@@ -27,8 +27,7 @@ from pipeline.settings.checks import ConfigError
 from pipeline.settings.config import RunConfig, watermark_risks
 from pipeline.settings.options import FlinkRunnerJavaOptions
 from pipeline.settings.runners import (
-    capabilities, finish_bundles_at_checkpoints, reach_pubsub_emulator, runner_name,
-    tune_live_bundles, use_every_core)
+    capabilities, runner_name, settle_live_options, use_every_core)
 from pipeline.readback.reconciliation import (
     Reconciliation, RollupAccounting, reconcile_run, refused_lines,
     rollup_lines)
@@ -69,7 +68,8 @@ def describe_input(config: RunConfig, source=None) -> dict:
     bootstrap, topics = config.kafka
     return {'kind': kind, 'bootstrap': bootstrap, 'topics': topics,
             'max_records_per_topic': config.kafka_max_records}
-  return {'kind': kind, 'subscriptions': config.pubsub_subscriptions}
+  return {'kind': kind, 'subscriptions': config.pubsub_subscriptions,
+          'max_messages_per_subscription': config.pubsub_max_messages}
 
 
 @dataclasses.dataclass
@@ -388,9 +388,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     assert isinstance(source, ReadReplayInChunks)
     use_every_core(options, argv, source.index.messages)
     os.environ[LAUNCHER_PID] = str(os.getpid())
-  tune_live_bundles(options, config.unbounded)
-  finish_bundles_at_checkpoints(options, config.checkpointed)
-  reach_pubsub_emulator(options, config.pubsub_expansion_service is not None)
+  settle_live_options(options, config.unbounded, config.checkpointed,
+                      config.pubsub_expansion_service is not None)
   try:
     check_flink_job_server(options)
     warnings = watermark_risks(config, runner_name(options))

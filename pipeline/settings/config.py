@@ -88,6 +88,8 @@ class RunConfig:
   #: pubsub sources on a runner that reads Pub/Sub in Java (Flink): the
   #: expansion service of Tidemark's Java read (None: Python's ReadFromPubSub)
   pubsub_expansion_service: Optional[str] = None
+  #: per subscription; makes a Java Pub/Sub read bounded (benchmarks, drains)
+  pubsub_max_messages: Optional[int] = None
   #: pubsub sources: how far behind the wall clock event times may arrive (s)
   expected_skew_s: Optional[int] = None
   #: unbounded sources: stop (cancel) the run after this many seconds
@@ -275,6 +277,13 @@ class RunConfig:
           '--finish_bundle_before_checkpointing', 'a checkpointed run needs it (true, the '
           'default): without it Flink can pass a watermark on before the outputs of the '
           'bundle it finished for the checkpoint, and drop admitted events as late')
+    max_messages = opts.pubsub_max_messages
+    if max_messages is not None and not 0 < max_messages <= MAX_RECORDS:
+      raise ConfigError('--pubsub-max-messages',
+                        f'must be 1 to {MAX_RECORDS}, got {max_messages}')
+    if max_messages is not None and not capabilities(runner).java_pubsub_read:
+      raise ConfigError('--pubsub-max-messages', f'the {runner} reads Pub/Sub without a bound; '
+                        'a bounded read needs a runner that reads it in Java (FlinkRunner)')
     pubsub_expansion = None
     if kind == 'pubsub' and capabilities(runner).java_pubsub_read:
       pubsub_expansion = check_host_port(
@@ -365,6 +374,7 @@ class RunConfig:
         sample_memory_s=sample_memory,
         pubsub_id_label=id_label if kind == 'pubsub' else None,
         pubsub_expansion_service=pubsub_expansion,
+        pubsub_max_messages=max_messages if kind == 'pubsub' else None,
         expected_skew_s=skew,
         run_seconds=run_seconds,
         serve_metrics=None if opts.serve_metrics is None else check_host_port(

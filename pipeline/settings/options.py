@@ -212,6 +212,12 @@ OPTIONS: Tuple[Option, ...] = (
         "Stop each Kafka topic's read after this many records (a bounded read).",
         number=True),
     Option(
+        'pubsub_max_messages', 'Pub/Sub messages per subscription',
+        '^' + _at_most(MAX_RECORDS, positive=True) + '$',
+        "Stop each Pub/Sub subscription's read after this many messages (a bounded read, "
+        'on runners that read Pub/Sub in Java: Flink).',
+        number=True),
+    Option(
         'kafka_consumer_group', 'Kafka consumer group', '^[A-Za-z0-9._-]{1,249}$',
         'Kafka consumer group (group.id): offsets are committed to it when a checkpoint '
         'completes, so a new job of the same group starts where the last one stopped (a '

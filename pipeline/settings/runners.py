@@ -145,3 +145,13 @@ def reach_pubsub_emulator(options: PipelineOptions, java_pubsub_read: bool) -> N
   java.pubsub_root_url = f'http://{emulator}'
   if java.credential_factory_class is None:
     java.credential_factory_class = NO_CREDENTIALS
+
+
+def settle_live_options(options: PipelineOptions, unbounded: bool, checkpointed: bool,
+                        java_pubsub_read: bool) -> None:
+  """What a run of an unbounded source sets on its runner's options, for every
+  pipeline that reads one (the product, and the benchmarks' ceiling beside it):
+  short bundles, bundles finished before checkpoints, the emulator's address."""
+  tune_live_bundles(options, unbounded)
+  finish_bundles_at_checkpoints(options, checkpointed)
+  reach_pubsub_emulator(options, java_pubsub_read)

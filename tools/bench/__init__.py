@@ -17,10 +17,10 @@
            keyed state and timers there) are sampled as each of those samples
            appears; prints the samples and whether they stay flat (within
            +-10 %) after the warm-up.
-  stream   Kafka -> the pipeline on Flink at increasing rates: the highest rate
+  stream   Kafka (or Pub/Sub) -> the pipeline on Flink at increasing rates: the highest rate
            sustained (backlog not growing) and the window-end-to-ON_TIME-pane
            latency (see tools/bench/stream.py).
-  drain    a pre-filled Kafka backlog read through Flink by the pipeline and by
+  drain    a pre-filled Kafka (or Pub/Sub) backlog read through Flink by the pipeline and by
            the stateless ceiling (read -> parse -> window -> combine), in the
            same command: both drain rates and their ratio (tools/bench/drain.py).
   deployed the shape customers deploy (session cluster, worker pool, parallelism,

@@ -7,6 +7,7 @@ backlog and runner, to price the exactness machinery.
 
   python -m tools.bench.ceiling --source kafka:BOOTSTRAP/TOPIC,... --kafka-max-records N
       --output-dir DIR [--window-size W --allowed-lateness L] [Beam options]
+  python -m tools.bench.ceiling --source pubsub:SUBSCRIPTION,... --pubsub-max-messages N ...
 """
 
 from __future__ import annotations
@@ -18,19 +19,19 @@ from typing import List, Optional
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipeline.launch.build import read_source
 from pipeline.settings.config import RunConfig
+from pipeline.settings.runners import settle_live_options
 from transforms.flow.aggregate import AggregateWindows
 from transforms.flow.parse import ParseEvents
 from transforms.connectors.writers import WriteJsonLines
-from transforms.connectors.sources import ReadKafkaEvents
 
 
 def build_ceiling(p: beam.Pipeline, config: RunConfig) -> None:
-  bootstrap, sources = config.kafka
+  """The pipeline's source (Kafka or Pub/Sub, as ``--source`` says), parsing
+  and windowed aggregation, written as JSON lines."""
   (p
-   | 'Read' >> ReadKafkaEvents(
-       bootstrap, sources, config.kafka_expansion_service,
-       max_num_records=config.kafka_max_records)
+   | 'Read' >> read_source(config)
    | 'Parse' >> ParseEvents()).events | 'Aggregate' >> AggregateWindows(
        config.window, config.early_firing_s) | 'Write' >> WriteJsonLines(config.aggregates_path)
 
@@ -39,9 +40,11 @@ def main(argv: Optional[List[str]] = None) -> int:
   options = PipelineOptions(sys.argv[1:] if argv is None else argv)
   options.view_as(StandardOptions).streaming = True
   config = RunConfig.from_options(options)
-  if config.source_kind != 'kafka':
-    print('ceiling: --source must be kafka:...', file=sys.stderr)
+  if not config.unbounded:
+    print('ceiling: --source must be kafka:... or pubsub:...', file=sys.stderr)
     return 2
+  settle_live_options(options, config.unbounded, config.checkpointed,
+                      config.pubsub_expansion_service is not None)
   os.makedirs(config.output_dir, exist_ok=True)
   p = beam.Pipeline(options=options)
   build_ceiling(p, config)

@@ -1,23 +1,26 @@
-"""``python -m tools bench drain``: how fast a Kafka backlog drains through
-Flink, the pipeline beside the stateless ceiling, in the same command.
+"""``python -m tools bench drain``: how fast a backlog drains through Flink,
+the pipeline beside the stateless ceiling, in the same command.
 
-Needs a running Kafka broker and Flink job server (``scripts/kafka.sh start``,
-``scripts/flink.sh start``). It creates fresh topics (one per traffic source),
-fills them with the simulator's incident traffic (skewed sources, stragglers,
-redeliveries, garbage), the same number of messages in every topic and event
-times ending at the moment the fill ends, in the traffic's arrival order, then reads that backlog with bounded
-reads (``--kafka-max-records``) through
+Needs a running Kafka broker (or, ``--source pubsub``, the Pub/Sub emulator with
+``PUBSUB_EMULATOR_HOST`` set) and Flink job server (``scripts/kafka.sh start`` or
+``scripts/pubsub-emulator.sh start``, ``scripts/flink.sh start``). It creates
+fresh topics (one per traffic source), fills them with the simulator's incident
+traffic (skewed sources, stragglers, redeliveries, garbage), the same number of
+messages in every topic and event times ending at the moment the fill ends, in
+the traffic's arrival order, then reads that backlog with bounded reads
+(``--kafka-max-records``, ``--pubsub-max-messages``) through
 
 * ``ceiling``: read → parse → window → combine → write (tools/bench/ceiling.py),
 * ``tidemark``: ``python -m pipeline run``, the whole product,
 
 each twice per round: the first ``--small`` messages of every topic, then the
-whole backlog (after one unmeasured warm-up read). Start-up (expansion, submission, job start) costs the same in
-both reads, so the drain rate is the difference in messages over the
-difference in wall time. Rounds alternate the two pipelines; the figures are
-the medians. It checks the pipeline's accounting of the whole backlog
-(received = published, and the run reconciled: exit code 0) and prints one
-JSON line.
+whole backlog (after one unmeasured warm-up read). A Pub/Sub read consumes what
+it reads, so every read has subscriptions of its own, created before the fill.
+Start-up (expansion, submission, job start) costs the same in both reads, so
+the drain rate is the difference in messages over the difference in wall time.
+Rounds alternate the two pipelines; the figures are the medians. It checks the
+pipeline's accounting of the whole backlog (received = published, and the run
+reconciled: exit code 0) and prints one JSON line.
 """
 
 from __future__ import annotations
@@ -30,25 +33,23 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 from tools import simulate, traffic
-from tools.bench.stream import require_services, flink_args, option_value
+from tools.bench.stream import (
+    PUBSUB_CHECKPOINT_MS, flink_args, option_value, require_services)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def fill_backlog(bootstrap: str, per_topic: int, partitions: int, seed: int,
-                 window_size_s: int, allowed_lateness_s: int) -> Tuple[Dict[str, str], int]:
-  """Creates one topic per source and fills each with ``per_topic`` messages
-  of incident traffic whose event times end now; returns ``({source: topic},
-  seconds the fill took)``."""
-  from confluent_kafka.admin import AdminClient, NewTopic
+def backlog_lines(per_topic: int, seed: int, window_size_s: int,
+                  allowed_lateness_s: int) -> List[traffic.Data]:
+  """``per_topic`` messages of incident traffic per source, in the traffic's
+  arrival order: stragglers and redeliveries arrive behind their sources'
+  record times, as in production."""
   profile = traffic.Profile(
       messages=per_topic * 8, seed=seed, rate_per_s=800.0, window_size_s=window_size_s,
       allowed_lateness_s=allowed_lateness_s)
-  # In the traffic's arrival order: stragglers and redeliveries arrive behind
-  # their sources' record times, as in production.
   lines: List[traffic.Data] = []
   per_source: Dict[str, int] = {}
   for line in traffic.generate(profile):
@@ -58,18 +59,61 @@ def fill_backlog(bootstrap: str, per_topic: int, partitions: int, seed: int,
   short = {s: n for s, n in per_source.items() if n < per_topic}
   if short:
     raise SystemExit(f'bench drain: the traffic has too few messages for {short}')
-  prefix = f'tidemark-drain-{uuid.uuid4().hex[:8]}-'
-  topics = {s: prefix + s for s in per_source}
-  admin = AdminClient({'bootstrap.servers': bootstrap})
-  for future in admin.create_topics(
-      [NewTopic(t, partitions, 1) for t in topics.values()]).values():
-    future.result(30)
+  return lines
+
+
+def _send(lines: Sequence[traffic.Data], target) -> float:
+  """Sends ``lines`` as fast as ``target`` takes them, event times ending a few
+  seconds after the send does (a backlog of now); returns the seconds taken."""
   started = time.monotonic()
-  # Event times end a few seconds before the fill does, as a backlog of now.
   estimate_s = len(lines) / 15000
   offset = int((time.time() + estimate_s) * 1000) - max(line.event_time for line in lines)
-  simulate.simulate(lines, simulate.KafkaTarget(bootstrap, prefix), 0, offset)
-  return topics, round(time.monotonic() - started, 1)
+  simulate.simulate(lines, target, 0, offset)
+  return round(time.monotonic() - started, 1)
+
+
+class KafkaBacklog:
+  """One Kafka topic per source; every read reads it from the start."""
+
+  def __init__(self, bootstrap: str, partitions: int, lines: Sequence[traffic.Data]):
+    from confluent_kafka.admin import AdminClient, NewTopic
+    prefix = f'tidemark-drain-{uuid.uuid4().hex[:8]}-'
+    topics = {s: prefix + s for s in sorted({line.source for line in lines})}
+    admin = AdminClient({'bootstrap.servers': bootstrap})
+    for future in admin.create_topics(
+        [NewTopic(t, partitions, 1) for t in topics.values()]).values():
+      future.result(30)
+    self.fill_s = _send(lines, simulate.KafkaTarget(bootstrap, prefix))
+    self._source = f'kafka:{bootstrap}/' + ','.join(f'{s}={t}' for s, t in topics.items())
+
+  def read_args(self, per_topic: int) -> List[str]:
+    return ['--source', self._source, '--kafka-max-records', str(per_topic)]
+
+
+class PubSubBacklog:
+  """One Pub/Sub topic per source and ``reads`` subscriptions to each, all
+  created before the fill: a read acknowledges (consumes) what it reads, so
+  each read takes a set of subscriptions of its own."""
+
+  def __init__(self, project: str, reads: int, lines: Sequence[traffic.Data]):
+    from google.cloud import pubsub_v1
+    prefix = f'tidemark-drain-{uuid.uuid4().hex[:8]}-'
+    sources = sorted({line.source for line in lines})
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    topics = {s: publisher.create_topic(name=publisher.topic_path(project, prefix + s)).name
+              for s in sources}
+    self._reads: Iterator[str] = iter([
+        'pubsub:' + ','.join(
+            f'{s}=' + subscriber.create_subscription(request={
+                'name': subscriber.subscription_path(project, f'{prefix}read{k}-{s}'),
+                'topic': topic, 'ack_deadline_seconds': 60}).name
+            for s, topic in topics.items())
+        for k in range(reads)])
+    self.fill_s = _send(lines, simulate.PubSubTarget(project, prefix, sources,
+                                                     create_topics=False))
+
+  def read_args(self, per_topic: int) -> List[str]:
+    return ['--source', next(self._reads), '--pubsub-max-messages', str(per_topic)]
 
 
 def _timed(command: Sequence[str], log_path: str) -> Tuple[int, float]:
@@ -82,17 +126,27 @@ def _timed(command: Sequence[str], log_path: str) -> Tuple[int, float]:
 def bench_drain(args: argparse.Namespace, extra: List[str]) -> dict:
   if option_value(extra, '--runner') is None:
     extra = flink_args() + list(extra)
-  problem = require_services(args.bootstrap_servers, extra)
+  pubsub = args.source == 'pubsub'
+  if pubsub and option_value(extra, '--checkpointing_interval') is None:
+    # Flink's Pub/Sub read needs a checkpointed run (config.py says why).
+    extra = list(extra) + [f'--checkpointing_interval={PUBSUB_CHECKPOINT_MS}']
+  if pubsub and option_value(extra, '--state_backend') is None:
+    # A bounded Pub/Sub read drops redeliveries by message id in a grouping
+    # that holds the whole backlog until the read ends: more than the 5 MB
+    # Flink's default (in-memory) checkpoint storage takes.
+    extra = list(extra) + ['--state_backend=filesystem', '--state_backend_storage_path=file://' +
+                           os.path.join(os.path.abspath(args.workdir), 'checkpoints')]
+  problem = require_services(None if pubsub else args.bootstrap_servers, extra)
   if problem:
     raise SystemExit(problem.replace('bench stream', 'bench drain'))
   per_topic = args.messages // 3
   small = args.small // 3
   if not 0 < small < per_topic:
     raise SystemExit('bench drain: --small must be positive and smaller than --messages')
-  topics, fill_s = fill_backlog(args.bootstrap_servers, per_topic, args.partitions, args.seed,
-                                args.window_size, args.allowed_lateness)
-  source = f'kafka:{args.bootstrap_servers}/' + ','.join(f'{s}={t}' for s, t in topics.items())
-  common = ['--source', source, '--window-size', str(args.window_size),
+  lines = backlog_lines(per_topic, args.seed, args.window_size, args.allowed_lateness)
+  backlog = (PubSubBacklog(args.project, 1 + 4 * args.rounds, lines) if pubsub else
+             KafkaBacklog(args.bootstrap_servers, args.partitions, lines))
+  common = ['--window-size', str(args.window_size),
             '--allowed-lateness', str(args.allowed_lateness), *extra]
   commands = {
       'ceiling': [sys.executable, '-m', 'tools.bench.ceiling'],
@@ -103,8 +157,8 @@ def bench_drain(args: argparse.Namespace, extra: List[str]) -> dict:
   accounting = None
   # The first job on a job server pays class loading and JIT warm-up: not measured.
   warmup = os.path.join(args.workdir, 'warmup')
-  _timed(commands['ceiling'] + common + ['--kafka-max-records', str(small), '--output-dir',
-                                         warmup], warmup + '.log')
+  _timed(commands['ceiling'] + common + backlog.read_args(small) + ['--output-dir', warmup],
+         warmup + '.log')
   for k in range(args.rounds):
     order = list(commands) if k % 2 == 0 else list(commands)[::-1]
     measured = {}
@@ -113,7 +167,7 @@ def bench_drain(args: argparse.Namespace, extra: List[str]) -> dict:
       for n in (small, per_topic):
         out = os.path.join(args.workdir, f'{name}-{k}-{n}')
         code, wall = _timed(
-            commands[name] + common + ['--kafka-max-records', str(n), '--output-dir', out],
+            commands[name] + common + backlog.read_args(n) + ['--output-dir', out],
             out + '.log')
         if code != 0:
           problems.append(f'{name} reading {n} per topic exited {code}; see {out}.log')
@@ -137,10 +191,11 @@ def bench_drain(args: argparse.Namespace, extra: List[str]) -> dict:
   tidemark = statistics.median(r['tidemark']['events_per_s'] for r in rounds)
   return {
       'bench': 'drain',
+      'source': args.source,
       'messages': 3 * per_topic,
       'small': 3 * small,
-      'partitions_per_topic': args.partitions,
-      'fill_s': fill_s,
+      'partitions_per_topic': None if pubsub else args.partitions,
+      'fill_s': backlog.fill_s,
       'ceiling_events_per_s': round(ceiling),
       'tidemark_events_per_s': round(tidemark),
       'ratio': round(statistics.median(r['ratio'] for r in rounds), 2),

@@ -701,13 +701,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--step-seconds', type=float, default=60.0, help='stream: wall s per step')
   parser.add_argument('--slack-seconds', type=float, default=5.0,
                       help='stream: backlog growth tolerated per step, in seconds of traffic')
-  parser.add_argument('--partitions', type=int, default=1, help='stream: partitions per topic')
+  parser.add_argument('--partitions', type=int, default=1, help='stream, drain: Kafka partitions per topic')
   parser.add_argument('--bootstrap-servers', default=simulate.DEFAULT_KAFKA_SERVERS,
-                      help='stream: Kafka')
+                      help='stream, drain: Kafka')
   parser.add_argument('--source', choices=('kafka', 'pubsub'), default='kafka',
-                      help='stream: what the job reads: Kafka topics, or Pub/Sub subscriptions '
+                      help='stream, drain: what the job reads: Kafka topics, or Pub/Sub subscriptions '
                       'on the emulator (PUBSUB_EMULATOR_HOST)')
-  parser.add_argument('--project', default='tidemark-bench', help='stream: Pub/Sub project')
+  parser.add_argument('--project', default='tidemark-bench', help='stream, drain: Pub/Sub project')
   parser.add_argument('--startup-timeout', type=float, default=300.0,
                       help='stream: s to wait for the job to start and read the warm-up')
   parser.add_argument('--py-spy', metavar='PATH',

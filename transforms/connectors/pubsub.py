@@ -119,7 +119,10 @@ class ReadPubSubEvents(EventSource):
     ``watermark_delay_s`` earlier (None: ``WATERMARK_DELAY_S``), so the watermark follows event time and
     neither a straggler nor a message without a usable attribute holds it back;
     messages are acknowledged when the runner finalizes the checkpoint that
-    holds them.
+    holds them. With ``max_num_records`` it reads that many messages from each
+    subscription and ends (Beam's bounded read of an unbounded source: the
+    messages are acknowledged as the read ends, redeliveries dropped by
+    message id), so the job's windows close and the run finishes.
   """
 
   def __init__(
@@ -129,7 +132,8 @@ class ReadPubSubEvents(EventSource):
       id_label: Optional[str] = None,
       reader_timestamps: bool = False,
       expansion_service: Optional[str] = None,
-      watermark_delay_s: Optional[int] = None):
+      watermark_delay_s: Optional[int] = None,
+      max_num_records: Optional[int] = None):
     super().__init__()
     if not subscriptions:
       raise ValueError('subscriptions must name at least one source')
@@ -150,12 +154,26 @@ class ReadPubSubEvents(EventSource):
       watermark_delay_s = WATERMARK_DELAY_S
     elif watermark_delay_s < 0:
       raise ValueError(f'watermark_delay_s must not be negative, got {watermark_delay_s!r}')
+    if max_num_records is not None and (expansion_service is None or max_num_records <= 0):
+      raise ValueError('max_num_records must be positive, and needs the Java read '
+                       f'(expansion_service), got {max_num_records!r}')
     self.subscriptions = dict(subscriptions)
     self._timestamp_attribute = timestamp_attribute
     self._id_label = id_label
     self._reader_timestamps = reader_timestamps
     self._expansion_service = expansion_service
     self.watermark_delay_s = watermark_delay_s
+    self.max_num_records = max_num_records
+
+  def java_read_config(self, subscription: str) -> dict:
+    """The fields of the Java read's expansion request for ``subscription``
+    (a field that is None is left out: without ``max_num_records`` the read is
+    unbounded)."""
+    return {
+        'subscription': subscription,
+        'timestamp_attribute': self._timestamp_attribute,
+        'watermark_delay_ms': self.watermark_delay_s * 1000,
+        'max_num_records': self.max_num_records}
 
   def _read(self, pbegin: beam.pvalue.PBegin, source: str,
             subscription: str) -> beam.PCollection[PubsubMessage]:
@@ -169,11 +187,7 @@ class ReadPubSubEvents(EventSource):
     return (
         pbegin
         | f'Read_{source}' >> ExternalTransform(
-            PUBSUB_READ_URN,
-            ImplicitSchemaPayloadBuilder({
-                'subscription': subscription,
-                'timestamp_attribute': self._timestamp_attribute,
-                'watermark_delay_ms': self.watermark_delay_s * 1000}),
+            PUBSUB_READ_URN, ImplicitSchemaPayloadBuilder(self.java_read_config(subscription)),
             self._expansion_service)
         | f'FromProto_{source}' >> beam.Map(message_from_proto).with_output_types(PubsubMessage))
 

@@ -34,6 +34,7 @@ public final class ReadEventsRegistrar implements ExternalTransformRegistrar {
     private @Nullable String subscription;
     private @Nullable String timestampAttribute;
     private @Nullable Long watermarkDelayMs;
+    private @Nullable Long maxNumRecords;
 
     public void setSubscription(String subscription) {
       this.subscription = subscription;
@@ -45,6 +46,10 @@ public final class ReadEventsRegistrar implements ExternalTransformRegistrar {
 
     public void setWatermarkDelayMs(Long watermarkDelayMs) {
       this.watermarkDelayMs = watermarkDelayMs;
+    }
+
+    public void setMaxNumRecords(Long maxNumRecords) {
+      this.maxNumRecords = maxNumRecords;
     }
   }
 
@@ -59,23 +64,38 @@ public final class ReadEventsRegistrar implements ExternalTransformRegistrar {
         throw new IllegalArgumentException(
             "subscription, timestamp_attribute and watermark_delay_ms must be set");
       }
+      if (config.maxNumRecords != null && config.maxNumRecords <= 0) {
+        throw new IllegalArgumentException(
+            "max_num_records must be positive, got " + config.maxNumRecords);
+      }
       return new ReadEvents(
           config.subscription,
           config.timestampAttribute,
-          Duration.millis(config.watermarkDelayMs));
+          Duration.millis(config.watermarkDelayMs),
+          config.maxNumRecords);
     }
   }
 
-  /** The read itself. */
+  /**
+   * The read itself: unbounded, or with {@code maxNumRecords} a bounded read of that many
+   * messages (Beam's {@code BoundedReadFromUnboundedSource}: the messages are acknowledged when
+   * the read ends, redeliveries dropped by message id).
+   */
   static final class ReadEvents extends PTransform<PBegin, PCollection<byte[]>> {
     private final String subscription;
     private final String timestampAttribute;
     private final Duration watermarkDelay;
+    private final @Nullable Long maxNumRecords;
 
-    ReadEvents(String subscription, String timestampAttribute, Duration watermarkDelay) {
+    ReadEvents(
+        String subscription,
+        String timestampAttribute,
+        Duration watermarkDelay,
+        @Nullable Long maxNumRecords) {
       this.subscription = subscription;
       this.timestampAttribute = timestampAttribute;
       this.watermarkDelay = watermarkDelay;
+      this.maxNumRecords = maxNumRecords;
     }
 
     @Override
@@ -92,7 +112,11 @@ public final class ReadEventsRegistrar implements ExternalTransformRegistrar {
               null,
               true,
               true);
-      return input.apply("Read", Read.from(RecentEventTimeSource.of(read, watermarkDelay)));
+      Read.Unbounded<byte[]> unbounded = Read.from(RecentEventTimeSource.of(read, watermarkDelay));
+      if (maxNumRecords != null) {
+        return input.apply("Read", unbounded.withMaxNumRecords(maxNumRecords));
+      }
+      return input.apply("Read", unbounded);
     }
   }
 }
