@@ -190,7 +190,7 @@ NUMBERS = {
     'kafka_max_records': (MAX_RECORDS, True, ('--source', 'kafka:localhost:9092/acme-events')),
     'pubsub_max_messages': (MAX_RECORDS, True, (
         '--source', 'pubsub:projects/tidemark-prod/subscriptions/acme-events',
-        '--runner', 'FlinkRunner', '--checkpointing_interval', '10000')),
+        '--runner', 'FlinkRunner')),
 }
 
 

@@ -89,8 +89,10 @@ def test_pubsub_max_messages_bounds_the_java_read_of_each_subscription():
            '--checkpointing_interval=2000', f'--source=pubsub:A={SUB}', '--output-dir=/tmp/o']
   unbounded = read_source(RunConfig.from_options(PipelineOptions(flink)))
   assert unbounded.java_read_config(SUB)['max_num_records'] is None
+  # A bounded read acknowledges as it ends, and its job ends only without checkpoints.
+  bounded_flink = [o for o in flink if not o.startswith('--checkpointing_interval')]
   bounded = read_source(RunConfig.from_options(
-      PipelineOptions(flink + ['--pubsub-max-messages=500'])))
+      PipelineOptions(bounded_flink + ['--pubsub-max-messages=500'])))
   assert bounded.java_read_config(SUB) == {
       'subscription': SUB, 'timestamp_attribute': 'ts', 'watermark_delay_ms': 2000,
       'max_num_records': 500}
@@ -101,6 +103,10 @@ def test_pubsub_max_messages_is_refused_where_the_read_cannot_be_bounded():
   with pytest.raises(ConfigError) as e:
     config(f'--source=pubsub:{SUB}', '--pubsub-max-messages=10')
   assert e.value.field == '--pubsub-max-messages' and 'DirectRunner' in e.value.reason
+  with pytest.raises(ConfigError) as e:
+    config(f'--source=pubsub:{SUB}', '--pubsub-max-messages=10', '--checkpointing_interval=2000',
+           runner='FlinkRunner')
+  assert e.value.field == '--pubsub-max-messages' and 'checkpoints' in e.value.reason
   with pytest.raises(ValueError, match='max_num_records'):
     ReadPubSubEvents({'A': SUB}, max_num_records=10)
   with pytest.raises(ValueError, match='max_num_records'):

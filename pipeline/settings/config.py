@@ -284,12 +284,18 @@ class RunConfig:
     if max_messages is not None and not capabilities(runner).java_pubsub_read:
       raise ConfigError('--pubsub-max-messages', f'the {runner} reads Pub/Sub without a bound; '
                         'a bounded read needs a runner that reads it in Java (FlinkRunner)')
+    bound = ('--kafka-max-records' if max_records is not None and kind == 'kafka' else
+             '--pubsub-max-messages' if max_messages is not None and kind == 'pubsub' else None)
+    if bound and checkpointed:
+      raise ConfigError(
+          bound, 'a bounded read ends its job only without checkpoints (Flink keeps the '
+          'sources of a checkpointed job running): leave --checkpointing_interval unset')
     pubsub_expansion = None
     if kind == 'pubsub' and capabilities(runner).java_pubsub_read:
       pubsub_expansion = check_host_port(
           '--pubsub-expansion-service',
           opts.pubsub_expansion_service or DEFAULT_KAFKA_EXPANSION_SERVICE)
-      if not checkpointed:
+      if not checkpointed and max_messages is None:
         raise ConfigError(
             '--checkpointing_interval', f'the {runner} acknowledges a Pub/Sub message when '
             'the checkpoint that holds it completes: set it (milliseconds, e.g. 10000)')

@@ -36,8 +36,7 @@ import uuid
 from typing import Dict, Iterator, List, Sequence, Tuple
 
 from tools import simulate, traffic
-from tools.bench.stream import (
-    PUBSUB_CHECKPOINT_MS, flink_args, option_value, require_services)
+from tools.bench.stream import flink_args, option_value, require_services
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -127,15 +126,6 @@ def bench_drain(args: argparse.Namespace, extra: List[str]) -> dict:
   if option_value(extra, '--runner') is None:
     extra = flink_args() + list(extra)
   pubsub = args.source == 'pubsub'
-  if pubsub and option_value(extra, '--checkpointing_interval') is None:
-    # Flink's Pub/Sub read needs a checkpointed run (config.py says why).
-    extra = list(extra) + [f'--checkpointing_interval={PUBSUB_CHECKPOINT_MS}']
-  if pubsub and option_value(extra, '--state_backend') is None:
-    # A bounded Pub/Sub read drops redeliveries by message id in a grouping
-    # that holds the whole backlog until the read ends: more than the 5 MB
-    # Flink's default (in-memory) checkpoint storage takes.
-    extra = list(extra) + ['--state_backend=filesystem', '--state_backend_storage_path=file://' +
-                           os.path.join(os.path.abspath(args.workdir), 'checkpoints')]
   problem = require_services(None if pubsub else args.bootstrap_servers, extra)
   if problem:
     raise SystemExit(problem.replace('bench stream', 'bench drain'))

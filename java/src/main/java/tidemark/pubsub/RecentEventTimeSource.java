@@ -2,18 +2,24 @@ package tidemark.pubsub;
 
 import java.io.IOException;
 import java.lang.reflect.Constructor;
+import java.lang.reflect.Field;
+import java.lang.reflect.Method;
 import java.util.ArrayDeque;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.NoSuchElementException;
+import java.util.Queue;
 import org.apache.beam.sdk.coders.Coder;
 import org.apache.beam.sdk.io.UnboundedSource;
+import org.apache.beam.sdk.io.gcp.pubsub.PubsubClient;
 import org.apache.beam.sdk.io.gcp.pubsub.PubsubUnboundedSource;
 import org.apache.beam.sdk.options.PipelineOptions;
 import org.apache.beam.sdk.transforms.windowing.BoundedWindow;
 import org.checkerframework.checker.nullness.qual.Nullable;
 import org.joda.time.Duration;
 import org.joda.time.Instant;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
 
 /**
  * Beam's Pub/Sub source with a watermark that trails the stamps its readers read by a short
@@ -33,6 +39,11 @@ import org.joda.time.Instant;
  * (four per parallel instance), and when a backlog is pulled by some of them in large batches, the
  * others may never receive one: each would hold the job's watermark at the beginning of time, and
  * no window would ever close.
+ *
+ * <p>A reader that closes hands the messages it pulled but never read back to Pub/Sub at once.
+ * Beam's reader leaves them in flight until their ack deadline expires (a minute by default),
+ * and a bounded read ({@code withMaxNumRecords}, whose readers close as each reaches its share)
+ * would wait that long for them.
  */
 final class RecentEventTimeSource
     extends UnboundedSource<byte[], UnboundedSource.CheckpointMark> {
@@ -40,6 +51,11 @@ final class RecentEventTimeSource
 
   /** How long a reader reads nothing before its watermark follows the wall clock. */
   static final Duration IDLE = Duration.standardMinutes(1);
+
+  private static final Logger LOG = LoggerFactory.getLogger(RecentEventTimeSource.class);
+
+  /** Unread messages handed back to Pub/Sub per request. */
+  private static final int NACK_BATCH = 1000;
 
   /** Stamps read within one bucket of this many milliseconds share one entry. */
   private static final long BUCKET_MS = 100;
@@ -191,7 +207,38 @@ final class RecentEventTimeSource
 
     @Override
     public void close() throws IOException {
-      delegate.close();
+      try {
+        releaseUnread();
+      } finally {
+        delegate.close();
+      }
+    }
+
+    /**
+     * Nacks (an ack deadline of 0) the messages Beam's reader pulled and never handed on, so
+     * Pub/Sub delivers them again at once. They were never read, so nothing downstream holds
+     * them; a checkpoint that listed them nacks them again when restored (Beam's reader does).
+     */
+    private void releaseUnread() {
+      try {
+        Field field = delegate.getClass().getDeclaredField("notYetRead");
+        field.setAccessible(true);
+        List<String> ackIds = new ArrayList<>();
+        for (Object message : (Queue<?>) field.get(delegate)) {
+          ackIds.add(((PubsubClient.IncomingMessage) message).ackId());
+        }
+        Method nack = delegate.getClass().getMethod("nackBatch", long.class, List.class);
+        nack.setAccessible(true);
+        for (int i = 0; i < ackIds.size(); i += NACK_BATCH) {
+          nack.invoke(
+              delegate,
+              System.currentTimeMillis(),
+              new ArrayList<>(ackIds.subList(i, Math.min(ackIds.size(), i + NACK_BATCH))));
+        }
+      } catch (ReflectiveOperationException | RuntimeException e) {
+        // Not fatal: Pub/Sub redelivers them when their ack deadline expires.
+        LOG.warn("Could not hand unread Pub/Sub messages back on close", e);
+      }
     }
 
     @Override
