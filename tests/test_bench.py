@@ -70,11 +70,20 @@ def test_slope_is_least_squares():
 
 
 def test_the_highest_sustained_rate_stops_at_the_first_failure():
-  steps = [{'rate': r, 'sustained': s} for r, s in ((250, True), (500, True), (1000, False),
-                                                     (2000, True))]
+  steps = [{'rate': r, 'sustained': s, 'reached': True}
+           for r, s in ((250, True), (500, True), (1000, False), (2000, True))]
   assert max_sustained(steps) == 500
-  assert max_sustained([{'rate': 250, 'sustained': False}]) is None
+  assert max_sustained([{'rate': 250, 'sustained': False, 'reached': True}]) is None
   assert max_sustained([]) is None
+
+
+def test_a_rate_the_publisher_did_not_reach_is_not_sustained():
+  # The publisher sent 60 % of the 2,500/s asked; the pipeline kept up with that.
+  short = step_verdict(2500, _samples(1500, 60, 1.0, 1.0), slack_s=5)
+  assert short['sustained'] is True and short['reached'] is False
+  assert step_verdict(1000, _samples(1000, 60, 1.0, 1.0), 5)['reached'] is True
+  full = step_verdict(1000, _samples(1000, 60, 1.0, 1.0), 5)
+  assert max_sustained([full, short]) == 1000 and max_sustained([short, full]) is None
 
 
 def test_percentiles_are_nearest_rank():

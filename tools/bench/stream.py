@@ -107,6 +107,11 @@ def slope(points: Sequence[Tuple[float, float]]) -> float:
 Sample = Tuple[float, int, int, int]
 
 
+#: A step whose publisher reached less than this share of its rate offered the
+#: pipeline less than the rate the step names: it is no verdict on that rate.
+REACHED_SHARE = 0.95
+
+
 def step_verdict(rate: float, samples: Sequence[Sample], slack_s: float) -> dict:
   """Whether one step of the ramp was sustained, from observations taken
   through it (the first at its start, the last at its end).
@@ -117,7 +122,8 @@ def step_verdict(rate: float, samples: Sequence[Sample], slack_s: float) -> dict
   the difference of two snapshots: accounting.json is rewritten every 2 s and
   events wait in the router for timer rounds, so a single snapshot is noisy.
   The step is sustained when neither grew by more than ``slack_s`` seconds of
-  traffic at ``rate``.
+  traffic at ``rate``; it ``reached`` its rate when the publisher sent at least
+  ``REACHED_SHARE`` of it.
   """
   if rate <= 0 or slack_s < 0 or len(samples) < 2:
     raise ValueError('rate must be positive, slack_s non-negative, and a step needs '
@@ -142,6 +148,7 @@ def step_verdict(rate: float, samples: Sequence[Sample], slack_s: float) -> dict
       'unrouted_growth': round(unrouted),
       'samples': len(samples),
       'sustained': backlog <= allowed and unrouted <= allowed,
+      'reached': (p1 - p0) / seconds >= REACHED_SHARE * rate,
   }
 
 
@@ -167,10 +174,11 @@ def latency_summary(latencies: Sequence[Tuple[int, float]]) -> dict:
 
 
 def max_sustained(steps: Iterable[dict]) -> Optional[float]:
-  """The highest rate of the unbroken run of sustained steps from the start."""
+  """The highest rate of the unbroken run of steps from the start that the
+  publisher reached and the pipeline sustained."""
   best = None
   for step in steps:
-    if not step['sustained']:
+    if not (step['sustained'] and step['reached']):
       break
     best = step['rate']
   return best
