@@ -15,7 +15,9 @@ not grow by more than ``--slack-seconds`` of traffic).
 Per step it prints the CPU each process used (JobManager, TaskManager, the
 worker pool with its SDK workers and how many of those run, broker, PostgreSQL,
 this publisher) and the latency from a window's end to its ON_TIME row in
-PostgreSQL and to its ON_TIME pane in aggregates.jsonl; at the end the job's
+PostgreSQL (or the LATE row that replaced it: a pane released by the same
+checkpoint as the one after it may be overwritten before a poll sees it) and to
+its ON_TIME pane in aggregates.jsonl; at the end the job's
 checkpoint durations (Flink's REST API), then it cancels the job and checks the
 accounting (received = published = invalid + too_late + duplicate + aggregated).
 Prints one JSON line.
@@ -50,8 +52,8 @@ PROCESSES = ('flink-jobmanager', 'flink-taskmanager', 'flink-worker-pool', 'kafk
 
 
 class _RowWatcher(threading.Thread):
-  """Polls the PostgreSQL table for ON_TIME rows: the wall time (ms) each
-  window's first appeared."""
+  """Polls the PostgreSQL table for rows past EARLY (ON_TIME, or a LATE row
+  that replaced it): the wall time (ms) each window's first appeared."""
 
   def __init__(self, dsn: str, table: str, every_s: float = 0.2):
     super().__init__(daemon=True)
@@ -68,7 +70,7 @@ class _RowWatcher(threading.Thread):
         conn = conn or psycopg.connect(self._dsn, autocommit=True)
         rows = conn.execute(
             f'SELECT customer_id, key, window_start, window_end FROM "{self._table}" '
-            "WHERE timing = 'ON_TIME'").fetchall()
+            "WHERE timing <> 'EARLY'").fetchall()
         now = int(time.time() * 1000)
         with self.lock:
           for customer, key, start, end in rows:
