@@ -388,8 +388,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     assert isinstance(source, ReadReplayInChunks)
     use_every_core(options, argv, source.index.messages)
     os.environ[LAUNCHER_PID] = str(os.getpid())
-  settle_live_options(options, config.unbounded, config.checkpointed,
-                      config.pubsub_expansion_service is not None)
+  settle_live_options(options, config)
   try:
     check_flink_job_server(options)
     warnings = watermark_risks(config, runner_name(options))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from transforms.rules.model import MAX_EVENT_TIME, MIN_EVENT_TIME
 
@@ -35,7 +35,8 @@ MAX_SECONDS = (MAX_EVENT_TIME - MIN_EVENT_TIME) // 1000
 _TOO_LONG = 'at most {max} seconds (100 years, the span of valid event times), got {value}'
 #: Keys of the gate (--shards, a customer file's ``shards``): at most this many.
 MAX_SHARDS = 1024
-#: A count of records (--kafka-max-records) as Kafka (a Java long) can take it.
+#: A count of records (--kafka-max-records, --pubsub-max-messages) as the Java
+#: reads (a Java long) take it.
 MAX_RECORDS = 2**63 - 1
 #: The longest checkpoint interval (--checkpointing_interval, a customer file's
 #: ``checkpoint_interval_s``): a day; outputs wait for the next checkpoint.
@@ -54,6 +55,13 @@ def check_text(field: str, value: str) -> str:
       raise ConfigError(
           field, f'contains a control character (U+{ord(char):04X}) at position {i + 1}; '
           'settings are one line of visible text')
+  return value
+
+
+def check_count(field: str, value: Optional[int]) -> Optional[int]:
+  """A count of records, 1 to MAX_RECORDS (None: unbounded)."""
+  if value is not None and not 0 < value <= MAX_RECORDS:
+    raise ConfigError(field, f'must be 1 to {MAX_RECORDS}, got {value}')
   return value
 
 

@@ -16,7 +16,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.runfolder import names
 from pipeline.settings.checks import (
-    MAX_RECORDS, MAX_SHARDS, ConfigError, check_seconds, check_text, parse_rollups)
+    MAX_SHARDS, ConfigError, check_count, check_seconds, check_text, parse_rollups)
 from pipeline.settings.options import (
     FlinkRunnerJavaOptions, TidemarkOptions, checkpoint_interval_ms, option_dests)
 from pipeline.settings.runners import capabilities, runner_name
@@ -263,9 +263,7 @@ class RunConfig:
       parse_kafka_target(target)
     expansion = check_host_port(
         '--kafka-expansion-service', opts.kafka_expansion_service or DEFAULT_KAFKA_EXPANSION_SERVICE)
-    max_records = opts.kafka_max_records
-    if max_records is not None and not 0 < max_records <= MAX_RECORDS:
-      raise ConfigError('--kafka-max-records', f'must be 1 to {MAX_RECORDS}, got {max_records}')
+    max_records = check_count('--kafka-max-records', opts.kafka_max_records)
     runner = runner_name(options)
     group = opts.kafka_consumer_group
     if group is not None and not re.fullmatch(r'[A-Za-z0-9._-]{1,249}', group):
@@ -277,10 +275,7 @@ class RunConfig:
           '--finish_bundle_before_checkpointing', 'a checkpointed run needs it (true, the '
           'default): without it Flink can pass a watermark on before the outputs of the '
           'bundle it finished for the checkpoint, and drop admitted events as late')
-    max_messages = opts.pubsub_max_messages
-    if max_messages is not None and not 0 < max_messages <= MAX_RECORDS:
-      raise ConfigError('--pubsub-max-messages',
-                        f'must be 1 to {MAX_RECORDS}, got {max_messages}')
+    max_messages = check_count('--pubsub-max-messages', opts.pubsub_max_messages)
     if max_messages is not None and not capabilities(runner).java_pubsub_read:
       raise ConfigError('--pubsub-max-messages', f'the {runner} reads Pub/Sub without a bound; '
                         'a bounded read needs a runner that reads it in Java (FlinkRunner)')

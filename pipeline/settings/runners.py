@@ -10,9 +10,12 @@ the options Tidemark sets per runner (``use_every_core``, ``tune_live_bundles``,
 from __future__ import annotations
 
 import os
-from typing import Dict, List, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Union
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+if TYPE_CHECKING:  # config.py imports this module
+  from pipeline.settings.config import RunConfig
 
 
 class Capabilities(NamedTuple):
@@ -147,11 +150,10 @@ def reach_pubsub_emulator(options: PipelineOptions, java_pubsub_read: bool) -> N
     java.credential_factory_class = NO_CREDENTIALS
 
 
-def settle_live_options(options: PipelineOptions, unbounded: bool, checkpointed: bool,
-                        java_pubsub_read: bool) -> None:
-  """What a run of an unbounded source sets on its runner's options, for every
-  pipeline that reads one (the product, and the benchmarks' ceiling beside it):
+def settle_live_options(options: PipelineOptions, config: 'RunConfig') -> None:
+  """What a run of ``config`` sets on its runner's options, for every pipeline
+  that reads a live source (the product, and the benchmarks' ceiling beside it):
   short bundles, bundles finished before checkpoints, the emulator's address."""
-  tune_live_bundles(options, unbounded)
-  finish_bundles_at_checkpoints(options, checkpointed)
-  reach_pubsub_emulator(options, java_pubsub_read)
+  tune_live_bundles(options, config.unbounded)
+  finish_bundles_at_checkpoints(options, config.checkpointed)
+  reach_pubsub_emulator(options, config.pubsub_expansion_service is not None)

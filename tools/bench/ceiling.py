@@ -43,8 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   if not config.unbounded:
     print('ceiling: --source must be kafka:... or pubsub:...', file=sys.stderr)
     return 2
-  settle_live_options(options, config.unbounded, config.checkpointed,
-                      config.pubsub_expansion_service is not None)
+  settle_live_options(options, config)
   os.makedirs(config.output_dir, exist_ok=True)
   p = beam.Pipeline(options=options)
   build_ceiling(p, config)

@@ -26,6 +26,7 @@ reconciled: exit code 0) and prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -33,10 +34,11 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple, Union
 
 from tools import simulate, traffic
-from tools.bench.stream import flink_args, option_value, require_services
+from tools.bench.stream import (
+    KafkaFeed, PubSubFeed, flink_args, option_value, require_services)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,58 +63,14 @@ def backlog_lines(per_topic: int, seed: int, window_size_s: int,
   return lines
 
 
-def _send(lines: Sequence[traffic.Data], target) -> float:
-  """Sends ``lines`` as fast as ``target`` takes them, event times ending a few
+def _fill(feed: Union[KafkaFeed, PubSubFeed], lines: Sequence[traffic.Data]) -> float:
+  """Sends ``lines`` as fast as ``feed`` takes them, event times ending a few
   seconds after the send does (a backlog of now); returns the seconds taken."""
   started = time.monotonic()
   estimate_s = len(lines) / 15000
   offset = int((time.time() + estimate_s) * 1000) - max(line.event_time for line in lines)
-  simulate.simulate(lines, target, 0, offset)
+  simulate.simulate(lines, feed.target, 0, offset)
   return round(time.monotonic() - started, 1)
-
-
-class KafkaBacklog:
-  """One Kafka topic per source; every read reads it from the start."""
-
-  def __init__(self, bootstrap: str, partitions: int, lines: Sequence[traffic.Data]):
-    from confluent_kafka.admin import AdminClient, NewTopic
-    prefix = f'tidemark-drain-{uuid.uuid4().hex[:8]}-'
-    topics = {s: prefix + s for s in sorted({line.source for line in lines})}
-    admin = AdminClient({'bootstrap.servers': bootstrap})
-    for future in admin.create_topics(
-        [NewTopic(t, partitions, 1) for t in topics.values()]).values():
-      future.result(30)
-    self.fill_s = _send(lines, simulate.KafkaTarget(bootstrap, prefix))
-    self._source = f'kafka:{bootstrap}/' + ','.join(f'{s}={t}' for s, t in topics.items())
-
-  def read_args(self, per_topic: int) -> List[str]:
-    return ['--source', self._source, '--kafka-max-records', str(per_topic)]
-
-
-class PubSubBacklog:
-  """One Pub/Sub topic per source and ``reads`` subscriptions to each, all
-  created before the fill: a read acknowledges (consumes) what it reads, so
-  each read takes a set of subscriptions of its own."""
-
-  def __init__(self, project: str, reads: int, lines: Sequence[traffic.Data]):
-    from google.cloud import pubsub_v1
-    prefix = f'tidemark-drain-{uuid.uuid4().hex[:8]}-'
-    sources = sorted({line.source for line in lines})
-    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-    topics = {s: publisher.create_topic(name=publisher.topic_path(project, prefix + s)).name
-              for s in sources}
-    self._reads: Iterator[str] = iter([
-        'pubsub:' + ','.join(
-            f'{s}=' + subscriber.create_subscription(request={
-                'name': subscriber.subscription_path(project, f'{prefix}read{k}-{s}'),
-                'topic': topic, 'ack_deadline_seconds': 60}).name
-            for s, topic in topics.items())
-        for k in range(reads)])
-    self.fill_s = _send(lines, simulate.PubSubTarget(project, prefix, sources,
-                                                     create_topics=False))
-
-  def read_args(self, per_topic: int) -> List[str]:
-    return ['--source', next(self._reads), '--pubsub-max-messages', str(per_topic)]
 
 
 def _timed(command: Sequence[str], log_path: str) -> Tuple[int, float]:
@@ -134,8 +92,19 @@ def bench_drain(args: argparse.Namespace, extra: List[str]) -> dict:
   if not 0 < small < per_topic:
     raise SystemExit('bench drain: --small must be positive and smaller than --messages')
   lines = backlog_lines(per_topic, args.seed, args.window_size, args.allowed_lateness)
-  backlog = (PubSubBacklog(args.project, 1 + 4 * args.rounds, lines) if pubsub else
-             KafkaBacklog(args.bootstrap_servers, args.partitions, lines))
+  prefix = f'tidemark-drain-{uuid.uuid4().hex[:8]}-'
+  sources = sorted({line.source for line in lines})
+  feed: Union[KafkaFeed, PubSubFeed] = (
+      PubSubFeed(args.project, prefix, sources, reads=1 + 4 * args.rounds) if pubsub else
+      KafkaFeed(args.bootstrap_servers, prefix, sources, args.partitions))
+  fill_s = _fill(feed, lines)
+  bound = '--pubsub-max-messages' if pubsub else '--kafka-max-records'
+  reads = itertools.count()
+
+  def read_args(n: int) -> List[str]:
+    """The next read's source and bound: ``n`` messages per topic."""
+    return ['--source', feed.source_for(next(reads)), bound, str(n)]
+
   common = ['--window-size', str(args.window_size),
             '--allowed-lateness', str(args.allowed_lateness), *extra]
   commands = {
@@ -147,7 +116,7 @@ def bench_drain(args: argparse.Namespace, extra: List[str]) -> dict:
   accounting = None
   # The first job on a job server pays class loading and JIT warm-up: not measured.
   warmup = os.path.join(args.workdir, 'warmup')
-  _timed(commands['ceiling'] + common + backlog.read_args(small) + ['--output-dir', warmup],
+  _timed(commands['ceiling'] + common + read_args(small) + ['--output-dir', warmup],
          warmup + '.log')
   for k in range(args.rounds):
     order = list(commands) if k % 2 == 0 else list(commands)[::-1]
@@ -157,7 +126,7 @@ def bench_drain(args: argparse.Namespace, extra: List[str]) -> dict:
       for n in (small, per_topic):
         out = os.path.join(args.workdir, f'{name}-{k}-{n}')
         code, wall = _timed(
-            commands[name] + common + backlog.read_args(n) + ['--output-dir', out],
+            commands[name] + common + read_args(n) + ['--output-dir', out],
             out + '.log')
         if code != 0:
           problems.append(f'{name} reading {n} per topic exited {code}; see {out}.log')
@@ -185,7 +154,7 @@ def bench_drain(args: argparse.Namespace, extra: List[str]) -> dict:
       'messages': 3 * per_topic,
       'small': 3 * small,
       'partitions_per_topic': None if pubsub else args.partitions,
-      'fill_s': backlog.fill_s,
+      'fill_s': fill_s,
       'ceiling_events_per_s': round(ceiling),
       'tidemark_events_per_s': round(tidemark),
       'ratio': round(statistics.median(r['ratio'] for r in rounds), 2),

@@ -491,29 +491,42 @@ class KafkaFeed:
     self.target = simulate.KafkaTarget(bootstrap, prefix)
     self.port = int(bootstrap.split(',')[0].rsplit(':', 1)[1])
 
+  def source_for(self, read: int) -> str:
+    """``--source`` of the ``read``-th read: every read reads the topics from the start."""
+    return self.source
+
   def delete(self) -> None:
     self._admin.delete_topics(list(self.topics.values()))
 
 
 class PubSubFeed:
-  """Fresh Pub/Sub topics on the emulator, a subscription each, and their publisher."""
+  """Fresh Pub/Sub topics on the emulator, ``reads`` subscriptions each (a
+  read consumes what it reads, so each read takes a set of its own), and
+  their publisher."""
 
-  def __init__(self, project: str, prefix: str, sources: Sequence[str]):
+  def __init__(self, project: str, prefix: str, sources: Sequence[str], reads: int = 1):
     from google.cloud import pubsub_v1
     self._publisher, self._subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
     self.topics = {s: self._publisher.create_topic(
         name=self._publisher.topic_path(project, prefix + s)).name for s in sources}
-    self.subscriptions = {s: self._subscriber.create_subscription(request={
-        'name': self._subscriber.subscription_path(project, f'{prefix}sub-{s}'),
+    #: per read, {source: subscription path}
+    self.subscriptions = [{s: self._subscriber.create_subscription(request={
+        'name': self._subscriber.subscription_path(project, f'{prefix}sub{k or ""}-{s}'),
         'topic': topic, 'ack_deadline_seconds': 60}).name for s, topic in self.topics.items()}
-    self.source = 'pubsub:' + ','.join(f'{s}={p}' for s, p in self.subscriptions.items())
+        for k in range(reads)]
+    self.source = self.source_for(0)
     self.target = simulate.PubSubTarget(project, prefix, list(sources), create_topics=False)
     emulator = os.environ.get('PUBSUB_EMULATOR_HOST', ':0')
     self.port = int(emulator.rsplit(':', 1)[1])
 
+  def source_for(self, read: int) -> str:
+    """``--source`` of the ``read``-th read."""
+    return 'pubsub:' + ','.join(f'{s}={p}' for s, p in self.subscriptions[read].items())
+
   def delete(self) -> None:
-    for path in self.subscriptions.values():
-      self._subscriber.delete_subscription(subscription=path)
+    for subscriptions in self.subscriptions:
+      for path in subscriptions.values():
+        self._subscriber.delete_subscription(subscription=path)
     for path in self.topics.values():
       self._publisher.delete_topic(topic=path)
 

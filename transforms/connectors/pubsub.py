@@ -116,8 +116,9 @@ class ReadPubSubEvents(EventSource):
     java/src), for portable runners that run Java sources but not the Python read
     (Flink). Its reader stamps every message with the highest event time read
     so far (the attributes'), and its watermark is the stamp it read
-    ``watermark_delay_s`` earlier (None: ``WATERMARK_DELAY_S``), so the watermark follows event time and
-    neither a straggler nor a message without a usable attribute holds it back;
+    ``watermark_delay_s`` earlier (None: ``WATERMARK_DELAY_S``), so the
+    watermark follows event time and neither a straggler nor a message without
+    a usable attribute holds it back;
     messages are acknowledged when the runner finalizes the checkpoint that
     holds them. With ``max_num_records`` it reads that many messages from each
     subscription and ends (Beam's bounded read of an unbounded source: the
