@@ -27,7 +27,8 @@ from pipeline.settings.checks import ConfigError
 from pipeline.settings.config import RunConfig, watermark_risks
 from pipeline.settings.options import FlinkRunnerJavaOptions
 from pipeline.settings.runners import (
-    capabilities, runner_name, settle_live_options, use_every_core)
+    capabilities, finish_bundles_at_checkpoints, reach_pubsub_emulator, runner_name,
+    tune_live_bundles, use_every_core)
 from pipeline.readback.reconciliation import (
     Reconciliation, RollupAccounting, reconcile_run, refused_lines,
     rollup_lines)
@@ -71,6 +72,15 @@ def describe_input(config: RunConfig, source=None) -> dict:
   return {'kind': kind, 'subscriptions': config.pubsub_subscriptions,
           'max_messages_per_subscription': config.pubsub_max_messages}
 
+
+
+def settle_live_options(options: PipelineOptions, config: RunConfig) -> None:
+  """What a run of ``config`` sets on its runner's options, for every pipeline
+  that reads a live source (the product, and the benchmarks' ceiling beside it):
+  short bundles, bundles finished before checkpoints, the emulator's address."""
+  tune_live_bundles(options, config.unbounded)
+  finish_bundles_at_checkpoints(options, config.checkpointed)
+  reach_pubsub_emulator(options, config.pubsub_expansion_service is not None)
 
 @dataclasses.dataclass
 class StagedRun:

@@ -10,13 +10,9 @@ the options Tidemark sets per runner (``use_every_core``, ``tune_live_bundles``,
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Union
+from typing import Dict, List, NamedTuple, Optional, Union
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
-
-if TYPE_CHECKING:  # config.py imports this module
-  from pipeline.settings.config import RunConfig
-
 
 class Capabilities(NamedTuple):
   #: The Python SDK's own runner: its workers are this process or its children,
@@ -149,11 +145,3 @@ def reach_pubsub_emulator(options: PipelineOptions, java_pubsub_read: bool) -> N
   if java.credential_factory_class is None:
     java.credential_factory_class = NO_CREDENTIALS
 
-
-def settle_live_options(options: PipelineOptions, config: 'RunConfig') -> None:
-  """What a run of ``config`` sets on its runner's options, for every pipeline
-  that reads a live source (the product, and the benchmarks' ceiling beside it):
-  short bundles, bundles finished before checkpoints, the emulator's address."""
-  tune_live_bundles(options, config.unbounded)
-  finish_bundles_at_checkpoints(options, config.checkpointed)
-  reach_pubsub_emulator(options, config.pubsub_expansion_service is not None)

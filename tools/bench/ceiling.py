@@ -21,7 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline.launch.build import read_source
 from pipeline.settings.config import RunConfig
-from pipeline.settings.runners import settle_live_options
+from pipeline.launch.run import settle_live_options
 from transforms.flow.aggregate import AggregateWindows
 from transforms.flow.parse import ParseEvents
 from transforms.connectors.writers import WriteJsonLines
