@@ -15,7 +15,7 @@ from pipeline.launch.build import Built, build, build_bulk
 from pipeline.settings.config import RunConfig
 from transforms.flow.bulk import ReadReplayInChunks
 from transforms.rules.model import dead_letter_payload, payload_bytes
-from transforms.rules.replay import index_replay
+from transforms.rules.replay_index import index_replay
 from transforms.connectors.sources import ReadReplay
 
 T0 = 1705543200000  # 2024-01-18T02:00:00Z

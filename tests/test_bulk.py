@@ -22,8 +22,9 @@ from test_replay_and_cli import cli
 from transforms.flow import aggregate, bulk
 from transforms.flow.bulk import AggregateWindowsInBulk, fire_panes
 from transforms.flow.replay_panes import evaluated_early_firing
-from transforms.rules.model import Event, window_spec
-from transforms.rules.replay import Messages, ReplayError, compile_replay, index_replay, read_chunk
+from transforms.rules.model import window_spec
+from transforms.rules.replay import Messages, ReplayError, compile_replay
+from transforms.rules.replay_index import index_replay, read_chunk
 
 
 def _generated(tmp_path, messages: int, seed: int, **profile) -> str:
@@ -55,8 +56,8 @@ def test_index_refuses_a_bad_line_naming_it(tmp_path):
 
 
 def _row(seq: int, step: int, arrived_at: float, value: float) -> tuple:
-  event = Event(f'e{seq}', 'finserve', 'AAPL', value, T0, 'A', '{}', None)
-  return (seq, step, arrived_at, *event)
+  """The ``seq``-th event's arrival, as ``fire_panes`` takes it."""
+  return (step, arrived_at, value)
 
 
 def test_the_trigger_along_the_timeline_early_on_time_then_one_late_pane_per_step():

@@ -32,7 +32,8 @@ from transforms.flow.aggregate import Stats
 from transforms.rules.model import dead_letter_payload, payload_bytes
 from transforms.flow.bulk import ReadReplayInChunks
 from transforms.rules.payload import MAX_NESTING, MAX_PAYLOAD_BYTES, InvalidPayload, parse_payload
-from transforms.rules.replay import ReplayError, compile_replay, index_replay
+from transforms.rules.replay import ReplayError, compile_replay
+from transforms.rules.replay_index import index_replay
 
 Payload = Union[str, bytes]
 MAX = sys.float_info.max

@@ -9,14 +9,13 @@ from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.settings.config import RunConfig, parse_aggregates_topic
 from transforms.flow.accounting import (
-    CountChunkOutcomes, CountOutcomes, ReportProgress, accounting_progress)
+    CountOutcomes, ReportProgress, SumOutcomes, accounting_progress)
 from transforms.flow.bulk import (
-    AdmitChunks, AggregateWindowsInBulk, DescribeArrivals, ParseChunks, ReadReplayInChunks,
-    shards_for)
+    AdmitChunks, AggregateWindowsInBulk, DescribeArrivals, ParseChunks, ReadReplayInChunks)
 from transforms.flow.diagnostics import SampleMemory
 from transforms.rules.model import AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.flow.parse import ParseEvents
-from transforms.rules.replay import index_replay
+from transforms.rules.replay_index import index_replay
 from transforms.flow.rollup import Rollup
 from transforms.connectors.bigquery import WriteAggregatesToBigQuery, WriteDeadLettersToBigQuery
 from transforms.connectors.writers import WriteJsonLines, WriteLatestJson, is_local
@@ -209,21 +208,11 @@ def build_bulk(p: beam.Pipeline, config: RunConfig, source: ReadReplayInChunks) 
 
   chunks = p | 'Read' >> source | 'Progress' >> ReportProgress(source.index.messages, chunks=True)
   parsed = chunks | 'Parse' >> ParseChunks(source.index.digest)
-  admitted = parsed.events | 'RouteLateAndDedup' >> AdmitChunks(
-      config.window, shards_for(source.index.messages), source.index.digest)
+  admitted = parsed | 'RouteLateAndDedup' >> AdmitChunks(config.window, source.index)
   panes = admitted.admitted | 'Aggregate' >> AggregateWindowsInBulk(
       config.window, config.early_firing_s, source.index)
-  dead_letters = (
-      (parsed.invalid, admitted.too_late)
-      | 'DeadLetters' >> beam.Flatten()
-      | 'OnePerMessage' >> beam.FlatMap(lambda letters: letters))
-  accounting = {
-      RECEIVED: chunks,
-      INVALID: parsed.invalid,
-      TOO_LATE: admitted.too_late,
-      DUPLICATE: admitted.duplicate,
-      AGGREGATED: admitted.aggregated,
-  } | 'Accounting' >> CountChunkOutcomes()
+  dead_letters = admitted.dead_letters | 'OnePerMessage' >> beam.FlatMap(lambda letters: letters)
+  accounting = admitted.counts | 'Accounting' >> SumOutcomes()
 
   _ = {
       'aggregates': panes,

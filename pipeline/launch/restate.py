@@ -48,7 +48,8 @@ from transforms.rules.model import (
     AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE, WindowAggregate, WindowSpec,
     final_panes_of, iso_millis, window_spec)
 from transforms.rules.payload import InvalidPayload, parse_payload, parse_rfc3339_ms
-from transforms.rules.replay import ReplayError, index_replay, replay_digest
+from transforms.rules.replay import ReplayError, replay_digest
+from transforms.rules.replay_index import index_replay
 from transforms.rules.restatement import ADDED_TOO_LATE, RESTATED, RestateRange, same_figures
 
 #: How far before --from and after --to + lateness a broker's history is read

@@ -109,7 +109,7 @@ def decode_limit(replay: str) -> float:
   import msgspec
 
   from transforms.rules.model import payload_bytes
-  from transforms.rules.replay import index_replay, read_chunk
+  from transforms.rules.replay_index import index_replay, read_chunk
   index = index_replay(replay)
   payloads = [payload_bytes(message[5]) for chunk in index.chunks
               for message in read_chunk(replay, chunk)]

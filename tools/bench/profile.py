@@ -20,8 +20,8 @@ from typing import Dict, List, Tuple
 #: pipeline's run takes beyond its DoFns is the runner's (coders, grouping,
 #: bundles): ``shuffle``.
 PHASES: Tuple[Tuple[str, Tuple[Tuple[str, ...], ...]], ...] = (
-    ('index', (('transforms/rules/replay.py', 'index_replay'),)),
-    ('read_lines', (('transforms/rules/replay.py', 'read_chunk'),)),
+    ('index', (('transforms/rules/replay_index.py', 'index_replay'),)),
+    ('read_lines', (('transforms/rules/replay_index.py', 'read_chunk_columns'),)),
     ('decode_and_check', (('transforms/flow/bulk.py', 'process', '_ParseChunkFn'),)),
     ('rules', (('transforms/flow/bulk.py', 'process', '_TooLateOrShardFn'),
                ('transforms/flow/bulk.py', 'process', '_AdmitShardFn'))),

@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, NamedTuple
 import apache_beam as beam
 
 from transforms.rules.model import message_identity, payload_bytes
-from transforms.rules.replay import ReplayIndex, read_chunk
+from transforms.rules.replay_index import ReplayIndex, read_chunk
 
 
 class KafkaUnreachable(ConnectionError):

@@ -106,23 +106,36 @@ class CountOutcomes(beam.PTransform):
         | 'Sum' >> beam.CombineGlobally(_SumCategories()).without_defaults())
 
 
-class CountChunkOutcomes(beam.PTransform):
-  """The accounting of a bulk run, as one dict of every category.
+class SumOutcomes(beam.PTransform):
+  """The accounting of a bulk run, as one dict of every category: the sum of
+  parts ``{category: messages}``, one PCollection per stage (``bulk.AdmitChunks``:
+  each stage counts its outcomes in one output)."""
 
-  Takes a dict from category to a PCollection whose elements are either lists
-  (each item one message) or, for ``aggregated``, counts.
-  """
-
-  def expand(self, outcomes: Dict[str, beam.PCollection]) -> beam.PCollection[Dict[str, int]]:
-    counted = [
-        pcoll | f'Count{category.title()}' >> beam.Map(
-            lambda x, c=category: (c, x if isinstance(x, int) else len(x)))
-        for category, pcoll in outcomes.items()
-    ]
+  def expand(self, parts: Tuple[beam.PCollection, ...]) -> beam.PCollection[Dict[str, int]]:
     return (
-        counted
+        parts
         | 'All' >> beam.Flatten()
-        | 'Sum' >> beam.CombineGlobally(_SumCategories()))
+        | 'Sum' >> beam.CombineGlobally(_SumParts()))
+
+
+class _SumParts(beam.CombineFn):
+
+  def create_accumulator(self) -> Dict[str, int]:
+    return dict.fromkeys(CATEGORIES, 0)
+
+  def add_input(self, acc, part: Dict[str, int]):
+    for category, n in part.items():
+      acc[category] += n
+    return acc
+
+  def merge_accumulators(self, accumulators):
+    merged = self.create_accumulator()
+    for acc in accumulators:
+      self.add_input(merged, acc)
+    return merged
+
+  def extract_output(self, acc) -> Dict[str, int]:
+    return acc
 
 
 #: The launcher's pid, in the environment its worker processes inherit.

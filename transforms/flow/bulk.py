@@ -8,8 +8,8 @@ that timeline, in chunks of thousands of messages (per-element overhead is what
 limits a Python runner), and emit the same outputs:
 
 * ``ReadReplayInChunks``: the indexed file (``transforms.rules.replay.index_replay``)
-  read chunk by chunk, in parallel;
-* ``ParseChunks``: contract section 1, by ``transforms.rules.payload.parse_payload``;
+  read chunk by chunk, in parallel (``transforms.rules.replay_chunks``);
+* ``ParseChunks``: contract section 1, by ``transforms.rules.payload.parse_payloads``;
 * ``AdmitChunks``: too late, duplicate or admitted, by
   ``transforms.rules.admission.AdmissionRules`` with the watermark each message
   arrived under, every copy of an ``event_id`` walked in arrival order in its
@@ -17,56 +17,105 @@ limits a Python runner), and emit the same outputs:
 * ``AggregateWindowsInBulk``: per window, the panes the streaming windows'
   trigger fires along the replay's timeline (``transforms.flow.replay_panes``).
 
-Elements are lists (one per chunk, shard or window); only the outputs are single
-records.
+Elements are chunks, one per chunk of the file, shard or window, their events
+column by column (``Rows``); only the outputs are single records.
 """
 
 from __future__ import annotations
 
 import pickle
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
+import numpy as np
 from apache_beam import pvalue
 from apache_beam.coders import coder_impl
 
-from transforms.flow.gate import DUPLICATE_TAG, TOO_LATE_TAG
 from transforms.rules.admission import AdmissionRules
 from transforms.flow import aggregate
 from transforms.rules.model import (
-    AGGREGATED, INVALID, DeadLetter, Event, WindowAggregate, check_early_firing, message_identity,
+    AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE, DeadLetter, Event, WindowAggregate, check_early_firing, message_identity,
     WindowSpec, stable_shard)
-from transforms.flow.parse import INVALID_TAG
 from transforms.flow.replay_panes import (
-    Arrival, StepClock, evaluated_early_firing, fire_panes_along)
-from transforms.rules.payload import InvalidPayload, parse_payload
-from transforms.rules.replay import Arrivals, ReplayIndex, read_chunk
+    NO_WATERMARK, Arrival, StepClock, evaluated_early_firing, fire_panes_along)
+from transforms.rules.payload import parse_payloads
+from transforms.rules.replay import Arrivals
+from transforms.rules.replay_index import ChunkColumns, ReplayIndex, read_chunk_columns
 
 
-#: A message in a chunk: (arrival index, step, pipeline watermark ms at arrival
-#: or None, processing time s at arrival, source, payload).
-Message = Tuple[int, int, Optional[int], float, str, str]
-#: An event in a chunk, a plain tuple (cheap to encode): arrival index, step,
-#: processing time s at arrival, the event's fields, the watermark it arrived
-#: under, then where it came from. Past the too-late check only the first
-#: ``ADMITTED_FIELDS`` travel on (dedup and aggregation need no payload).
-Row = tuple
-SEQ, STEP, ARRIVED_AT = 0, 1, 2
-EVENT_ID, CUSTOMER_ID, KEY, VALUE, EVENT_TIME, ARRIVAL_WATERMARK, SOURCE, DATA = range(3, 11)
-ADMITTED_FIELDS = ARRIVAL_WATERMARK + 1
-#: The values of a window's admitted events for one ``(customer_id, key)``
-#: that arrived in one step (so at one processing time): ``(customer_id, key,
-#: step, processing time s, values)``. Panes fire between steps, so these are
-#: all the trigger needs.
-Partial = Tuple[str, str, int, float, List[float]]
+class Rows:
+  """Events column by column, in arrival order: the first arrived as the
+  replay's message ``first`` (from 0); the ``i``-th arrived at ``step[i]``,
+  its ``(customer_id, key)`` is ``pairs[pair[i]]``. Numbers are NumPy arrays:
+  a part of a chunk pickles in a few pieces. ``event_id`` and ``event_time``
+  travel as far as the dedup shards."""
+  __slots__ = ('first', 'step', 'pair', 'pairs', 'value', 'event_time', 'event_id')
+
+  def __init__(self, first: int, step: np.ndarray, pair: np.ndarray,
+               pairs: List[Tuple[str, str]], value: np.ndarray,
+               event_time: Optional[np.ndarray] = None, event_id: Optional[List[str]] = None):
+    self.first, self.step, self.pair, self.pairs = first, step, pair, pairs
+    self.value, self.event_time, self.event_id = value, event_time, event_id
+
+  def __len__(self) -> int:
+    return len(self.step)
+
+  def __getstate__(self):
+    return tuple(getattr(self, name) for name in self.__slots__)
+
+  def __setstate__(self, state):
+    for name, value in zip(self.__slots__, state):
+      setattr(self, name, value)
+
+  def take(self, positions: np.ndarray, events: bool = True) -> 'Rows':
+    """The rows at ``positions`` (ascending); without ``event_id`` and
+    ``event_time`` unless ``events``."""
+    first = self.first + int(positions[0]) if len(positions) else self.first
+    if not events:
+      return Rows(first, self.step[positions], self.pair[positions], self.pairs,
+                  self.value[positions])
+    assert self.event_id is not None and self.event_time is not None
+    return Rows(first, self.step[positions], self.pair[positions], self.pairs,
+                self.value[positions], self.event_time[positions],
+                [self.event_id[i] for i in positions.tolist()])
+
+  @staticmethod
+  def concatenate(parts: Sequence['Rows']) -> 'Rows':
+    """Parts one after the other, their pairs in one table."""
+    pairs: Dict[Tuple[str, str], int] = {}
+    codes = []
+    for part in parts:
+      local = np.array([pairs.setdefault(p, len(pairs)) for p in part.pairs], dtype=np.int32)
+      codes.append(local[part.pair])
+    events = all(part.event_id is not None for part in parts)
+    return Rows(
+        parts[0].first if parts else 0,
+        np.concatenate([part.step for part in parts]), np.concatenate(codes), list(pairs),
+        np.concatenate([part.value for part in parts]),
+        np.concatenate([part.event_time for part in parts]) if events else None,
+        [i for part in parts for i in part.event_id or ()] if events else None)
+
+  def split_by(self, keys: np.ndarray, events: bool = True) -> Iterable[Tuple[int, 'Rows']]:
+    """``(key, rows)`` for each distinct key of the rows' ``keys``, in order."""
+    order = np.argsort(keys, kind='stable')
+    cuts = np.flatnonzero(np.diff(keys[order])) + 1
+    for positions in np.split(order, cuts):
+      if len(positions):
+        yield int(keys[positions[0]]), self.take(positions, events)
 
 
-def row_event(row: Row, digest: str) -> Event:
-  """The row's event; ``digest`` is its replay's (``replay.replay_digest``)."""
-  return Event(row[EVENT_ID], row[CUSTOMER_ID], row[KEY], row[VALUE], row[EVENT_TIME],
-               row[SOURCE], row[DATA], row[ARRIVAL_WATERMARK],
-               message_identity('replay', digest, row[SEQ] + 1))
+class ParsedChunk(NamedTuple):
+  """A chunk's events (``rows``) with the source and payload of each (for
+  its dead letter, should it be too late), and its invalid payloads' dead letters."""
+  rows: Rows
+  #: each event's place in the chunk's messages
+  position: List[int]
+  source: List[str]
+  data: List[str]
+  invalid: List[DeadLetter]
+  #: how many messages the chunk holds
+  messages: int
 
 
 class Chunk(list):
@@ -74,10 +123,10 @@ class Chunk(list):
 
 
 class ChunkCoder(beam.coders.Coder):
-  """Pickle: fast for large nested lists, and it keeps the lone surrogates an
-  invalid payload may hold. Its size estimate is a guess from the length, as
-  the runner estimates sizes of sampled elements on every step and encoding a
-  whole chunk to measure it costs as much as shipping it."""
+  """Pickle: fast for large nested lists and NumPy arrays, and it keeps the
+  lone surrogates an invalid payload may hold. Its size estimate is a guess
+  from the length, as the runner estimates sizes of sampled elements on every
+  step and encoding a whole chunk to measure it costs as much as shipping it."""
 
   def _create_impl(self):
     return coder_impl.CallbackCoderImpl(
@@ -97,27 +146,31 @@ class ChunkCoder(beam.coders.Coder):
     return hash(type(self))
 
 
-_ROW_SIZE_GUESS = 256
-#: The tag of ``AdmittedChunks.late``.
+_ROW_SIZE_GUESS = 64
+#: The tags of ``AdmittedChunks.late``, ``dead_letters`` and ``counts``.
 LATE_TAG = 'late'
+DEAD_LETTER_TAG = 'dead_letters'
+COUNTS_TAG = 'counts'
 
-beam.coders.registry.register_coder(Chunk, ChunkCoder)
+for _chunk_type in (Chunk, ChunkColumns, Rows):
+  beam.coders.registry.register_coder(_chunk_type, ChunkCoder)
 
 
 class ReadReplayInChunks(beam.PTransform):
-  """The indexed replay as lists of messages, one per chunk, read in parallel."""
+  """The indexed replay as chunks of messages (``ChunkColumns``), read in parallel."""
 
   def __init__(self, index: ReplayIndex):
     super().__init__()
     self.index = index
 
-  def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[List[Message]]:
+  def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[ChunkColumns]:
     path = self.index.path
     return (
         pbegin
         | 'Chunks' >> beam.Create(self.index.chunks)
         | 'Spread' >> beam.Reshuffle()
-        | 'Read' >> beam.Map(lambda chunk: Chunk(read_chunk(path, chunk))).with_output_types(Chunk))
+        | 'Read' >> beam.Map(lambda chunk: read_chunk_columns(path, chunk)).with_output_types(
+            ChunkColumns))
 
 
 class _ParseChunkFn(beam.DoFn):
@@ -125,132 +178,140 @@ class _ParseChunkFn(beam.DoFn):
   def __init__(self, digest: str):
     self._digest = digest
 
-  def process(self, messages: List[Message]) -> Iterable:
-    rows: List[Row] = Chunk()
-    invalid: List[DeadLetter] = Chunk()
-    digest = self._digest
-    for seq, step, watermark, processing_time, source, data in messages:
-      try:
-        fields = parse_payload(data)
-      except InvalidPayload as e:
-        invalid.append(DeadLetter(INVALID, source, data, str(e),
-                                  message_identity('replay', digest, seq + 1)))
-        continue
-      rows.append((seq, step, processing_time, *fields, watermark, source, data))
-    yield rows
-    if invalid:
-      yield pvalue.TaggedOutput(INVALID_TAG, invalid)
+  def process(self, chunk: ChunkColumns) -> Iterable[ParsedChunk]:
+    parsed = parse_payloads(chunk.data)
+    first, sources, datas = chunk.first, chunk.source, chunk.data
+    at = parsed.position
+    pairs: Dict[Tuple[str, str], int] = {}
+    pair = np.array([pairs.setdefault(p, len(pairs))
+                     for p in zip(parsed.customer_id, parsed.key)], dtype=np.int32)
+    yield ParsedChunk(
+        Rows(first, np.array([chunk.step[i] for i in at], dtype=np.int64), pair, list(pairs),
+             np.array(parsed.value, dtype=np.float64),
+             np.array(parsed.event_time, dtype=np.int64), parsed.event_id),
+        at, [sources[i] for i in at], [datas[i] for i in at],
+        [DeadLetter(INVALID, sources[i], datas[i], reason,
+                    message_identity('replay', self._digest, first + i + 1))
+         for i, reason in parsed.invalid],
+        len(chunk))
 
 
 class ParseChunks(beam.PTransform):
-  """Payloads to Events, a chunk at a time.
-
-  Returns a DoOutputsTuple: ``events`` (lists of rows) and ``invalid`` (lists
-  of DeadLetter with reason ``invalid``).
-  """
+  """Payloads to events, a chunk at a time: ``ParsedChunk``s, each with its
+  invalid payloads' dead letters (reason ``invalid``)."""
 
   def __init__(self, digest: str = ''):
     super().__init__()
     self._digest = digest
 
-  def expand(self, chunks: beam.PCollection[List[Message]]):
+  def expand(self, chunks: beam.PCollection[ChunkColumns]) -> beam.PCollection[ParsedChunk]:
     return chunks | 'Validate' >> beam.ParDo(_ParseChunkFn(self._digest)).with_output_types(
-        Chunk).with_outputs(INVALID_TAG, main='events')
+        ParsedChunk)
+
+
+def _known(watermark: int) -> Optional[int]:
+  return None if watermark == NO_WATERMARK else watermark
 
 
 class _TooLateOrShardFn(beam.DoFn):
   """Rule 2 needs nothing but the row, so it is decided before the shuffle,
-  where the payload is still at hand; the rest go to their id's shard. Every
-  event that arrived after its window's end is noted as ``(seconds the
+  where the payload is still at hand; the rest go to their id's shard. The
+  chunk's dead letters (invalid, too late) leave in one output, and its counts
+  in another: the multi-process DirectRunner lost elements of a Flatten of two
+  outputs of one fused stage (whole chunks of dead letters, at a few million
+  messages), so the bulk graph has none.
+  Every event that arrived after its window's end is noted as ``(seconds the
   watermark was past that end, whether it was too late)``."""
 
-  def __init__(self, rules: AdmissionRules, shards: int, digest: str):
+  def __init__(self, rules: AdmissionRules, shards: int, digest: str, clock: StepClock):
     self._rules = rules
     self._shards = shards
     self._digest = digest
+    self._clock = clock
 
-  def process(self, rows: List[Row]) -> Iterable:
-    rules, shards = self._rules, self._shards
-    by_shard: Dict[int, List[Row]] = defaultdict(Chunk)
+  def process(self, parsed: ParsedChunk) -> Iterable:
+    rules, rows = self._rules, parsed.rows
+    assert rows.event_id is not None and rows.event_time is not None
+    watermark = self._clock.watermark_at(rows.step)
+    # only an event that arrived after its window's end can be too late: the
+    # rules decide those, one by one
+    after_end = np.flatnonzero(watermark >= rules.spec.end(rows.event_time))
+    kept = np.ones(len(rows), dtype=bool)
     too_late: List[DeadLetter] = Chunk()
     late: List[Tuple[float, bool]] = Chunk()
-    past_end = rules.past_end
-    for row in rows:
-      known = row[ARRIVAL_WATERMARK]
-      late_by = None if known is None else past_end(row[EVENT_TIME], known)
-      # only an event that arrived after its window's end can be too late
-      dropped = late_by is not None and rules.too_late(row[EVENT_TIME], known)
+    for i in after_end.tolist():
+      event_time, known = int(rows.event_time[i]), _known(int(watermark[i]))
+      late_by = rules.past_end(event_time, known)
+      if late_by is None:
+        continue
+      dropped = rules.too_late(event_time, known)
       if dropped:
-        too_late.append(rules.too_late_letter(row_event(row, self._digest)))
-      else:
-        by_shard[stable_shard(row[EVENT_ID], shards)].append(row[:ADMITTED_FIELDS])
-      if late_by is not None:
-        late.append((late_by / 1000, dropped))
-    yield from by_shard.items()
-    if too_late:
-      yield pvalue.TaggedOutput(TOO_LATE_TAG, too_late)
+        kept[i] = False
+        customer_id, key = rows.pairs[rows.pair[i]]
+        too_late.append(rules.too_late_letter(Event(
+            rows.event_id[i], customer_id, key, float(rows.value[i]), event_time,
+            parsed.source[i], parsed.data[i], known,
+            message_identity('replay', self._digest, rows.first + parsed.position[i] + 1))))
+      late.append((late_by / 1000, dropped))
+    if parsed.invalid or too_late:
+      yield pvalue.TaggedOutput(DEAD_LETTER_TAG, Chunk(parsed.invalid + too_late))
+    yield pvalue.TaggedOutput(COUNTS_TAG, {
+        RECEIVED: parsed.messages, INVALID: len(parsed.invalid), TOO_LATE: len(too_late)})
     if late:
       yield pvalue.TaggedOutput(LATE_TAG, late)
+    kept_at = np.flatnonzero(kept)
+    event_ids = [rows.event_id[i] for i in kept_at.tolist()] if too_late else rows.event_id
+    shards = np.array([stable_shard(event_id, self._shards) for event_id in event_ids],
+                      dtype=np.int64)
+    # (a part's ``first`` orders the parts of a shard: its first message's number)
+    for shard, part in rows.take(kept_at).split_by(shards):
+      yield shard, part
 
 
 class _AdmitShardFn(beam.DoFn):
-  """Every copy of the shard's ids in arrival order, decided by the rules; the
-  admitted events leave as ``Partial``s, so only their values cross the
-  shuffle by window."""
+  """Every copy of the shard's ids in arrival order, decided by the rules: an
+  id that arrived once is admitted (too late was decided before the shuffle),
+  the copies of an id that arrived more than once are walked in order. The
+  admitted events leave by window start, as their step, pair and value."""
 
-  #: How often (rows) the ids of closed windows are forgotten.
-  PRUNE_EVERY = 50000
-
-  def __init__(self, rules: AdmissionRules):
+  def __init__(self, rules: AdmissionRules, clock: StepClock):
     self._rules = rules
+    self._clock = clock
 
-  def process(self, element: Tuple[int, Iterable[List[Row]]]) -> Iterable:
+  def process(self, element: Tuple[int, Iterable[Rows]]) -> Iterable:
     rules = self._rules
     spec = rules.spec
-    _, chunks = element
-    # each chunk's rows are a run of arrivals in order, and runs do not overlap
-    rows = [row for chunk in sorted(chunks, key=lambda c: c[0][SEQ]) for row in chunk]
+    _, parts = element
+    # each part is a run of arrivals in order, and runs do not overlap
+    rows = Rows.concatenate(sorted(parts, key=lambda part: part.first))
+    assert rows.event_id is not None and rows.event_time is not None
+    copies = Counter(rows.event_id)
+    repeated = [i for i, event_id in enumerate(rows.event_id) if copies[event_id] > 1]
+    admitted = np.ones(len(rows), dtype=bool)
     first: Dict[str, int] = {}  # event_id -> closing of its first admitted copy
-    # window start -> (customer_id, key, step) -> (processing time, values)
-    by_window: Dict[int, Dict[Tuple[str, str, int], Tuple[float, List[float]]]] = (
-        defaultdict(dict))
-    duplicates = 0
-    duplicate, closing, window_start = rules.duplicate, spec.closing, spec.start
-    prune_at = self.PRUNE_EVERY
-    for n, (_, step, arrived_at, event_id, customer_id, key, value, event_time,
-            known) in enumerate(rows, 1):
-      if not duplicate(first.get(event_id), known):  # too late was decided before the shuffle
-        first[event_id] = closing(event_time)
-        partials = by_window[window_start(event_time)]
-        slot = (customer_id, key, step)
-        partial = partials.get(slot)
-        if partial is None:
-          partials[slot] = (arrived_at, [value])
-        else:
-          partial[1].append(value)
+    duplicate, closing = rules.duplicate, spec.closing
+    watermark = self._clock.watermark_at(rows.step[repeated]).tolist()
+    for i, known in zip(repeated, watermark):
+      event_id = rows.event_id[i]
+      if duplicate(first.get(event_id), _known(known)):
+        admitted[i] = False
       else:
-        duplicates += 1
-      if n == prune_at:
-        prune_at += self.PRUNE_EVERY
-        if known is not None:
-          first = {i: c for i, c in first.items() if c > known}
-    for start, partials in by_window.items():
-      yield start, Chunk((customer_id, key, step, arrived_at, values)
-                         for (customer_id, key, step), (arrived_at, values) in partials.items())
-    yield pvalue.TaggedOutput(AGGREGATED, len(rows) - duplicates)
-    yield pvalue.TaggedOutput(DUPLICATE_TAG, duplicates)
+        first[event_id] = closing(int(rows.event_time[i]))
+    kept = np.flatnonzero(admitted)
+    yield from rows.take(kept).split_by(spec.start(rows.event_time[kept]), events=False)
+    yield pvalue.TaggedOutput(
+        COUNTS_TAG, {AGGREGATED: len(kept), DUPLICATE: len(rows) - len(kept)})
 
 
 class AdmittedChunks(NamedTuple):
   """What ``AdmitChunks`` makes of the rows."""
-  #: ``(window start, Partials)`` of admitted events
+  #: ``(window start, Rows)`` of admitted events
   admitted: beam.PCollection
-  #: lists of DeadLetter with reason ``too_late``
-  too_late: beam.PCollection
-  #: per shard, how many copies were duplicates
-  duplicate: beam.PCollection
-  #: per shard, how many events were admitted
-  aggregated: beam.PCollection
+  #: lists of DeadLetter: the invalid payloads and the too-late events
+  dead_letters: beam.PCollection
+  #: ``{category: messages}`` of the outcomes, per chunk and per shard: the
+  #: accounting's parts (``accounting.SumOutcomes``)
+  counts: Tuple[beam.PCollection, beam.PCollection]
   #: lists of ``(seconds the watermark was past the window end, too late)``
   #: of the events that arrived after their window's end
   late: beam.PCollection
@@ -267,32 +328,37 @@ def shards_for(messages: int) -> int:
 
 
 class AdmitChunks(beam.PTransform):
-  """Too late, duplicate or admitted, for every row of every chunk; returns
-  ``AdmittedChunks``. ``digest`` identifies the replay in the too-late dead
-  letters' message ids."""
+  """Too late, duplicate or admitted, for every row of every chunk of the
+  indexed replay (whose steps give each row's arrival watermark and whose
+  digest identifies its messages in the too-late dead letters); returns
+  ``AdmittedChunks``."""
 
-  def __init__(self, window: WindowSpec, shards: int = 8, digest: str = ''):
+  def __init__(self, window: WindowSpec, index: ReplayIndex, shards: Optional[int] = None):
     super().__init__()
     if not isinstance(window, WindowSpec):
       raise TypeError(f'window must be a WindowSpec (model.window_spec), got {window!r}')
-    self._digest = digest
-    self._rules = AdmissionRules(window)
+    if shards is None:
+      shards = shards_for(index.messages)
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
       raise ValueError(f'shards must be a positive integer, got {shards!r}')
+    self._rules = AdmissionRules(window)
     self._shards = shards
+    self._digest = index.digest
+    self._clock = StepClock.of(index.watermark_steps, index.processing_time_steps)
 
-  def expand(self, rows: beam.PCollection[List[Row]]) -> AdmittedChunks:
-    routed = rows | 'TooLateOrShard' >> beam.ParDo(
-        _TooLateOrShardFn(self._rules, self._shards, self._digest)).with_output_types(
-            Tuple[int, Chunk]).with_outputs(TOO_LATE_TAG, LATE_TAG, main='by_shard')
+  def expand(self, parsed: beam.PCollection[ParsedChunk]) -> AdmittedChunks:
+    routed = parsed | 'TooLateOrShard' >> beam.ParDo(
+        _TooLateOrShardFn(self._rules, self._shards, self._digest, self._clock)
+    ).with_output_types(Tuple[int, Rows]).with_outputs(
+        DEAD_LETTER_TAG, COUNTS_TAG, LATE_TAG, main='by_shard')
     admitted = (
         routed.by_shard
         | 'GroupByShard' >> beam.GroupByKey()
-        | 'FirstCopies' >> beam.ParDo(_AdmitShardFn(self._rules)).with_output_types(
-            Tuple[int, Chunk]).with_outputs(DUPLICATE_TAG, AGGREGATED, main='admitted'))
+        | 'FirstCopies' >> beam.ParDo(_AdmitShardFn(self._rules, self._clock)).with_output_types(
+            Tuple[int, Rows]).with_outputs(COUNTS_TAG, main='admitted'))
     return AdmittedChunks(
-        admitted.admitted, routed[TOO_LATE_TAG], admitted[DUPLICATE_TAG],
-        admitted[AGGREGATED], routed[LATE_TAG])
+        admitted.admitted, routed[DEAD_LETTER_TAG], (routed[COUNTS_TAG], admitted[COUNTS_TAG]),
+        routed[LATE_TAG])
 
 
 class DescribeArrivals(beam.PTransform):
@@ -318,20 +384,21 @@ class DescribeArrivals(beam.PTransform):
 
 
 def fire_panes(
-    rows: Sequence[Row],
+    arrivals: Sequence[Tuple[int, float, float]],
     window_end: int,
     early_firing_s: Optional[int],
     watermark_steps: Sequence[Tuple[int, Optional[int]]],
     processing_time_steps: Sequence[Tuple[int, float]]) -> List[Tuple[str, tuple]]:
-  """``fire_panes_along`` of a window's accepted rows for one key, in arrival
-  order, and the replay's steps as listed."""
-  arrivals: List[Arrival] = []
-  for row in rows:
-    if arrivals and arrivals[-1][0] == row[STEP]:
-      arrivals[-1][2].append(row[VALUE])
+  """``fire_panes_along`` of a window's accepted events for one key, each as
+  ``(step, processing time s, value)`` in arrival order, and the replay's
+  steps as listed."""
+  grouped: List[Arrival] = []
+  for step, arrived_at, value in arrivals:
+    if grouped and grouped[-1][0] == step:
+      grouped[-1][2].append(value)
     else:
-      arrivals.append((row[STEP], row[ARRIVED_AT], [row[VALUE]]))
-  return fire_panes_along(arrivals, window_end, early_firing_s,
+      grouped.append((step, arrived_at, [value]))
+  return fire_panes_along(grouped, window_end, early_firing_s,
                           StepClock.of(watermark_steps, processing_time_steps))
 
 
@@ -348,24 +415,24 @@ class _AggregateWindowFn(beam.DoFn):
   def setup(self):
     self._clock = StepClock.of(self._watermark_steps, self._processing_time_steps)
 
-  def process(self, element: Tuple[int, Iterable[List[Partial]]]) -> Iterable[WindowAggregate]:
-    start, chunks = element
-    # (customer_id, key) -> step -> (processing time, values): every shard's partials
-    by_key: Dict[Tuple[str, str], Dict[int, Tuple[float, List[float]]]] = defaultdict(dict)
-    for chunk in chunks:
-      for customer_id, key, step, arrived_at, values in chunk:
-        steps = by_key[(customer_id, key)]
-        known = steps.get(step)
-        if known is None:
-          steps[step] = (arrived_at, values)
-        else:
-          known[1].extend(values)
+  def process(self, element: Tuple[int, Iterable[Rows]]) -> Iterable[WindowAggregate]:
+    start, parts = element
+    rows = Rows.concatenate(list(parts))
+    clock = self._clock
+    assert clock is not None  # made in setup
+    # the window's events by (customer_id, key), then by step
+    order = np.lexsort((rows.step, rows.pair))
+    pair, steps = rows.pair[order], rows.step[order]
+    cuts = np.flatnonzero((np.diff(pair) != 0) | (np.diff(steps) != 0)) + 1
+    heads = np.concatenate(([0], cuts)).tolist()
+    by_pair: Dict[int, List[Arrival]] = defaultdict(list)
+    for head, values in zip(heads, np.split(rows.value[order], cuts)):
+      step = int(steps[head])
+      by_pair[int(pair[head])].append((step, clock.processing_time_at(step), values.tolist()))
     end = start + self._size_ms
-    assert self._clock is not None  # made in setup
-    for (customer_id, key), steps in by_key.items():
-      arrivals = [(step, arrived_at, values)
-                  for step, (arrived_at, values) in sorted(steps.items())]
-      panes = fire_panes_along(arrivals, end, self._early, self._clock)
+    for number, arrivals in by_pair.items():
+      customer_id, key = rows.pairs[number]
+      panes = fire_panes_along(arrivals, end, self._early, clock)
       for index, (timing, (count, total, low, high)) in enumerate(panes):
         yield WindowAggregate(
             customer_id, key, start, end, count, total, low, high, index, timing)
@@ -374,7 +441,7 @@ class _AggregateWindowFn(beam.DoFn):
 class AggregateWindowsInBulk(beam.PTransform):
   """The window aggregates of a whole replay, pane by pane.
 
-  Takes ``(window start, Partials)`` of admitted events (AdmitChunks). Returns
+  Takes ``(window start, Rows)`` of admitted events (AdmitChunks). Returns
   WindowAggregate, every pane.
   """
 
@@ -390,7 +457,7 @@ class AggregateWindowsInBulk(beam.PTransform):
     self._watermark_steps = index.watermark_steps
     self._processing_time_steps = index.processing_time_steps
 
-  def expand(self, keyed_rows: beam.PCollection[Tuple[int, List[Row]]]):
+  def expand(self, keyed_rows: beam.PCollection[Tuple[int, Rows]]):
     return (
         keyed_rows
         | 'GroupByWindow' >> beam.GroupByKey()

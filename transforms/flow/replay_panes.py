@@ -14,12 +14,16 @@ import bisect
 import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
+import numpy as np
 from apache_beam.transforms import trigger
 
 from transforms.flow.aggregate import Stats
 
-#: ``(step, processing time s, values)``: a ``Partial`` of a known window and key.
+#: ``(step, processing time s, values)``: the events of a known window and key
+#: that arrived in one step.
 Arrival = Tuple[int, float, List[float]]
+#: No watermark yet (the beginning of time), in a column of watermarks.
+NO_WATERMARK = np.iinfo(np.int64).min
 
 
 def evaluated_early_firing(declared: trigger.TriggerFn,
@@ -53,6 +57,19 @@ class StepClock(NamedTuple):
          processing_time_steps: Sequence[Tuple[int, float]]) -> 'StepClock':
     return cls(watermark_steps, [math.inf if m is None else m for _, m in watermark_steps],
                processing_time_steps, [s for s, _ in processing_time_steps])
+
+  def watermark_at(self, steps: np.ndarray) -> np.ndarray:
+    """The pipeline watermark under which messages of ``steps`` arrived (the
+    last watermark step before each), ``NO_WATERMARK`` before the first."""
+    at = np.searchsorted([s for s, _ in self.watermark_steps], steps) - 1
+    marks = np.array([NO_WATERMARK] + [NO_WATERMARK if m is None else m
+                                       for _, m in self.watermark_steps], dtype=np.int64)
+    return marks[at + 1]
+
+  def processing_time_at(self, step: int) -> float:
+    """The processing time (s) at which messages of ``step`` arrived."""
+    at = bisect.bisect_left(self.processing_steps, step) - 1
+    return self.processing_time_steps[at][1] if at >= 0 else 0.0
 
 
 def fire_panes_along(arrivals: Sequence[Arrival], window_end: int, early_firing_s: Optional[int],

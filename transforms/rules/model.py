@@ -11,7 +11,12 @@ import codecs
 import datetime
 import re
 import zlib
-from typing import Dict, Iterable, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, NamedTuple, Optional, Tuple, TypeVar
+
+import numpy as np
+
+#: An instant in epoch ms, or a NumPy array of them.
+Millis = TypeVar('Millis', int, np.ndarray)
 
 #: Event times must lie in [2000-01-01T00:00:00Z, 2100-01-01T00:00:00Z) (ms).
 MIN_EVENT_TIME = 946684800000
@@ -174,22 +179,24 @@ class WindowSpec(NamedTuple):
 
   A window is half-open ``[start, start + size)``: an event at exactly a
   boundary belongs to the window that starts there, and to no other.
+
+  Its instants are arithmetic: of an event time, or of a NumPy array of them.
   """
   size_ms: int
   lateness_ms: int
 
-  def start(self, event_time: int) -> int:
+  def start(self, event_time: Millis) -> Millis:
     return event_time - event_time % self.size_ms
 
-  def end(self, event_time: int) -> int:
+  def end(self, event_time: Millis) -> Millis:
     return event_time - event_time % self.size_ms + self.size_ms
 
-  def expiry(self, event_time: int) -> int:
+  def expiry(self, event_time: Millis) -> Millis:
     """The instant ``end + lateness``: once the watermark is past it, the
     window is closed and anything for it is too late."""
     return event_time - event_time % self.size_ms + self.size_ms + self.lateness_ms
 
-  def closing(self, event_time: int) -> int:
+  def closing(self, event_time: Millis) -> Millis:
     """The first millisecond at which the window counts as closed: the
     watermark strictly past ``end + lateness``.
 

@@ -16,7 +16,6 @@ Any line that is not one of the contract's shapes stops the compile with a
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -89,12 +88,20 @@ def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _read_lines(path: str) -> Iterator[Tuple[int, bytes, Optional[tuple]]]:
-  """``(line number, bytes, (kind, source, payload) or None when blank)``;
-  raises ReplayError at the first bad line."""
+def read_lines(path: str, start: int = 0, end: Optional[int] = None
+                ) -> Iterator[Tuple[int, bytes, Optional[tuple]]]:
+  """``(line number, bytes, (kind, source, payload) or None when blank)`` of
+  the lines from byte ``start`` (a line's start) to ``end`` (one past a line's
+  end; None: the end of the file), numbered from 1 at ``start``; raises
+  ReplayError at the first bad line."""
   with open(path, 'rb') as f:
+    f.seek(start)
+    left = math.inf if end is None else end - start
     for number, raw in enumerate(f, start=1):
-      fast = _classify_fast(raw)  # msgspec refuses invalid UTF-8 too
+      if left <= 0:
+        return
+      left -= len(raw)
+      fast = classify_line_fast(raw)  # msgspec refuses invalid UTF-8 too
       if fast is not None:
         yield number, raw, fast
         continue
@@ -102,7 +109,7 @@ def _read_lines(path: str) -> Iterator[Tuple[int, bytes, Optional[tuple]]]:
         text = raw.decode('utf-8')
       except UnicodeDecodeError as e:
         raise ReplayError(path, number, f'not UTF-8 ({e.reason})') from None
-      yield number, raw, _classify(path, number, text) if text.strip() else None
+      yield number, raw, classify_line(path, number, text) if text.strip() else None
 
 
 _JSON = msgspec.json.Decoder()
@@ -122,23 +129,23 @@ def _decode(text: Union[str, bytes]):
     raise ValueError('nested too deeply') from None
 
 
-class _Line(msgspec.Struct, forbid_unknown_fields=True):
-  """The shapes of a replay line, for the fast path of ``_classify``."""
+class ReplayLine(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+  """The shapes of a replay line, for the fast path of ``classify_line``."""
   source: Union[str, msgspec.UnsetType] = msgspec.UNSET
   data: Union[str, msgspec.UnsetType] = msgspec.UNSET
   watermark: Union[int, msgspec.UnsetType] = msgspec.UNSET
   advance_processing_time: Union[int, float, msgspec.UnsetType] = msgspec.UNSET
 
 
-_LINE = msgspec.json.Decoder(_Line)
+LINE_DECODER = msgspec.json.Decoder(ReplayLine)
 _UNSET = msgspec.UNSET
 
 
-def _classify_fast(text: Union[str, bytes]):
-  """``_classify`` for well-formed lines, or None: then ``_classify`` decides
+def classify_line_fast(text: Union[str, bytes]):
+  """``classify_line`` for well-formed lines, or None: then ``classify_line`` decides
   (and names what is wrong)."""
   try:
-    line = _LINE.decode(text)
+    line = LINE_DECODER.decode(text)
   except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
     return None
   source = line.source
@@ -155,8 +162,8 @@ def _classify_fast(text: Union[str, bytes]):
   return None
 
 
-def _classify(path: str, number: int, text: str):
-  """``(kind, source, payload)`` of a line that ``_classify_fast`` could not
+def classify_line(path: str, number: int, text: str):
+  """``(kind, source, payload)`` of a line that ``classify_line_fast`` could not
   take, or ReplayError saying what is wrong with it."""
   try:
     obj = _decode(text)
@@ -273,7 +280,7 @@ class Timeline:
     return self.advance_watermark(source, payload)
 
 
-def _walk(path: str, timeline: Timeline, lines: Iterable[tuple]) -> Iterator[Tuple[tuple, bool]]:
+def walk_timeline(path: str, timeline: Timeline, lines: Iterable[tuple]) -> Iterator[Tuple[tuple, bool]]:
   """The one walk of a replay's timeline: each line ``(number, kind, source,
   payload)`` applied to ``timeline`` and yielded with whether it moved it (other
   kinds, an index's chunk marks, pass through); ReplayError names a bad line."""
@@ -289,12 +296,13 @@ def _walk(path: str, timeline: Timeline, lines: Iterable[tuple]) -> Iterator[Tup
     yield line, moved
 
 
-def _checked_lines(path: str, sources: Dict[str, None]) -> Iterator[tuple]:
-  """Every non-blank line as ``(offset, number, kind, source, payload)``,
-  adding the sources it names to ``sources``; raises ReplayError at the first
-  bad line."""
-  offset = 0
-  for number, raw, line in _read_lines(path):
+def _checked_lines(path: str, sources: Dict[str, None], start: int = 0,
+                   end: Optional[int] = None) -> Iterator[tuple]:
+  """Every non-blank line (of the bytes ``read_lines`` reads) as ``(offset,
+  number, kind, source, payload)``, adding the sources it names to
+  ``sources``; raises ReplayError at the first bad line."""
+  offset = start
+  for number, raw, line in read_lines(path, start, end):
     if line is not None:
       kind, source, payload = line
       if source is not None:
@@ -315,7 +323,7 @@ def compile_replay(path: str) -> Replay:
   timeline = Timeline(sources)
   steps: List[Step] = []
   messages = 0
-  for (_, kind, source, payload), moved in _walk(path, timeline, lines):
+  for (_, kind, source, payload), moved in walk_timeline(path, timeline, lines):
     if kind == 'data':
       messages += 1
       message = Message(source, payload, timeline.watermark, timeline.lag(source))
@@ -345,7 +353,7 @@ def walk_replay(path: str, sources: Tuple[str, ...]) -> Iterator[tuple]:
   after it)``; ``sources`` as ``replay_sources`` gives them. ReplayError as ``compile_replay``."""
   timeline = Timeline(sources)
   lines = (line[1:] for line in _checked_lines(path, dict.fromkeys(sources)))
-  for (_, kind, source, payload), _ in _walk(path, timeline, lines):
+  for (_, kind, source, payload), _ in walk_timeline(path, timeline, lines):
     yield kind, source, payload, timeline.watermark
 
 
@@ -372,6 +380,14 @@ class Arrivals:
     else:
       self.watermarks[source].append((self.messages, payload))
 
+  def extend(self, later: 'Arrivals') -> None:
+    """What ``later`` saw, after what this one saw."""
+    for source, received in later.received.items():
+      self.received[source] = self.received.get(source, 0) + received
+      self.watermarks.setdefault(source, []).extend(
+          (self.messages + before, mark) for before, mark in later.watermarks[source])
+    self.messages += later.messages
+
   def sources_received(self) -> Dict[str, int]:
     """The messages of each source that sent any."""
     return {s: n for s, n in self.received.items() if n}
@@ -379,108 +395,3 @@ class Arrivals:
   def to_json_dict(self) -> dict:
     return {'received': self.sources_received(),
             'watermarks': {s: [list(p) for p in points] for s, points in self.watermarks.items()}}
-
-
-class ChunkStart(NamedTuple):
-  """Where a run of ``messages`` messages begins, and the timeline just before."""
-  offset: int  # byte offset of the chunk's first line in the file
-  first_message: int  # arrival order of its first message, from 0
-  messages: int
-  timeline: Timeline
-
-
-class ReplayIndex(NamedTuple):
-  """A checked replay as chunks that can be read independently, and its timeline."""
-  path: str
-  sources: Tuple[str, ...]
-  messages: int
-  chunks: List[ChunkStart]
-  #: ``(step, pipeline watermark ms or None for infinity)`` of every watermark step
-  watermark_steps: List[Tuple[int, Optional[int]]]
-  #: ``(step, processing time s)`` of every processing-time step
-  processing_time_steps: List[Tuple[int, float]]
-  #: what each source delivered
-  arrivals: Arrivals
-  #: the file's identity in its messages' ids (``replay_digest``)
-  digest: str = ''
-
-
-def index_replay(path: str, chunk_messages: int = 20000) -> ReplayIndex:
-  """Reads and checks the whole file like ``compile_replay``, keeping no
-  payloads: the file is cut into chunks of ``chunk_messages`` messages, each
-  with the timeline where it starts, for readers working in parallel."""
-  if chunk_messages <= 0:
-    raise ValueError(f'chunk_messages must be positive, got {chunk_messages}')
-  # Pass 1: check every line; keep the control lines, runs of messages (as
-  # counts) and where each chunk starts.
-  sources: Dict[str, None] = {}
-  items: List[tuple] = []
-  arrivals = Arrivals()
-  messages = 0
-  run = 0
-  for offset, number, kind, source, payload in _checked_lines(path, sources):
-    arrivals.add(kind, source, payload)
-    if kind == 'data':
-      if messages % chunk_messages == 0:
-        if run:
-          items.append((number, 'data', None, run))
-          run = 0
-        items.append((number, 'chunk', offset, messages))
-      messages += 1
-      run += 1
-    else:
-      if run:
-        items.append((number, 'data', None, run))
-        run = 0
-      items.append((number, kind, source, payload))
-  if run:
-    items.append((0, 'data', None, run))
-
-  # Pass 2: the timeline, now that every source is known.
-  timeline = Timeline(tuple(sources))
-  chunks: List[ChunkStart] = []
-  watermark_steps: List[Tuple[int, Optional[int]]] = []
-  processing_time_steps: List[Tuple[int, float]] = []
-  for (_, kind, chunk_offset, first), moved in _walk(path, timeline, items):
-    if kind == 'chunk':
-      if chunks:
-        chunks[-1] = chunks[-1]._replace(messages=first - chunks[-1].first_message)
-      chunks.append(ChunkStart(chunk_offset, first, 0, copy.deepcopy(timeline)))
-    elif moved and kind == 'processing_time':
-      processing_time_steps.append((timeline.step, timeline.processing_time))
-    elif moved:
-      watermark_steps.append((timeline.step, timeline.watermark))
-  if chunks:
-    chunks[-1] = chunks[-1]._replace(messages=messages - chunks[-1].first_message)
-  timeline.finish()
-  watermark_steps.append((timeline.step, None))
-  return ReplayIndex(path, tuple(sources), messages, chunks, watermark_steps,
-                     processing_time_steps, arrivals, replay_digest(path))
-
-
-def read_chunk(path: str, chunk: ChunkStart) -> Iterator[Tuple[int, int, Optional[int], float, str, str]]:
-  """The chunk's messages as ``(arrival index, step, pipeline watermark at
-  arrival, processing time at arrival, source, payload)``. The file must be the
-  one indexed (it is not checked again)."""
-  timeline = copy.deepcopy(chunk.timeline)
-  left = chunk.messages
-  seq = chunk.first_message
-  with open(path, 'rb') as f:
-    f.seek(chunk.offset)
-    for raw in f:
-      line = _classify_fast(raw)
-      if line is None:
-        text = raw.decode('utf-8')
-        if not text.strip():
-          continue
-        line = _classify(path, 0, text)
-      kind, source, payload = line
-      if kind != 'data':  # (the file was checked: no error here)
-        timeline.apply(kind, source, payload)
-        continue
-      timeline.arrive()
-      yield seq, timeline.step, timeline.watermark, timeline.processing_time, source, payload
-      seq += 1
-      left -= 1
-      if not left:
-        return
