@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import msgspec
 import pytest
 from apache_beam.transforms import trigger
 
@@ -24,7 +25,8 @@ from transforms.flow.bulk import AggregateWindowsInBulk, fire_panes
 from transforms.flow.replay_panes import evaluated_early_firing
 from transforms.rules.model import window_spec
 from transforms.rules.replay import Messages, ReplayError, compile_replay
-from transforms.rules.replay_index import index_replay, read_chunk
+from transforms.rules.replay_index import (
+    decode_lines, index_replay, read_chunk, read_chunk_columns)
 
 
 def _generated(tmp_path, messages: int, seed: int, **profile) -> str:
@@ -203,3 +205,83 @@ def test_probing_the_watermark_gives_what_the_replay_states_on_a_generated_repla
   assert expected.accounting['too_late'] > 0
   assert _multiset(probed, 'aggregates') == _multiset(stated, 'aggregates')
   assert _multiset(probed, 'dead_letters') == _multiset(stated, 'dead_letters')
+
+
+def _awkward_replay(tmp_path) -> str:
+  """A generated replay with lines msgspec refuses and the standard library
+  takes (a lone surrogate escape, an integer beyond 64 bits), blank and
+  whitespace-only lines, and a CRLF ending."""
+  replay = _generated(tmp_path, 900, seed=21)
+  with open(replay, encoding='utf-8') as f:
+    lines = f.read().splitlines()
+  odd = [
+      '{"source": "A", "data": "garbage \\ud800 lone surrogate"}',
+      '',
+      '   \t',
+      '\x0c',
+      '{"data": "{\\"event_id\\": \\"x\\"}", "source": "B"}\r',
+      '{"source": "A", "data": "\\udc80\\ud83d\\ude00"}',
+      '{"advance_processing_time": 100000000000000000000}',
+  ]
+  mixed = []
+  for i, line in enumerate(lines):
+    mixed.append(line)
+    if i % 97 == 5:
+      mixed.append(odd[i % len(odd)])
+  path = str(tmp_path / 'awkward.jsonl')
+  with open(path, 'w', encoding='utf-8', newline='') as f:
+    f.write('\n'.join(mixed) + '\n')
+  return path
+
+
+@pytest.mark.parametrize('chunk_messages', [1, 50, 100000])
+def test_chunks_read_as_columns_hold_what_a_line_by_line_read_holds(tmp_path, chunk_messages):
+  replay = _awkward_replay(tmp_path)
+  index = index_replay(replay, chunk_messages)
+  for chunk in index.chunks:
+    lines = list(read_chunk(replay, chunk))
+    columns = read_chunk_columns(replay, chunk)
+    assert len(columns) == len(lines) == chunk.messages
+    assert [(columns.first + i, step, source, data) for i, (step, source, data) in enumerate(
+        zip(columns.step, columns.source, columns.data))] == [
+            (seq, step, source, data) for seq, step, _, _, source, data in lines]
+
+
+@pytest.mark.parametrize('parts', [2, 3, 7])
+def test_an_index_checked_in_parts_equals_one_checked_whole(tmp_path, parts):
+  replay = _awkward_replay(tmp_path)
+  whole, split = index_replay(replay, 200, parts=1), index_replay(replay, 200, parts=parts)
+  assert any(c.first_message % 200 for c in split.chunks)  # a part starts a chunk of its own
+  for field in ('sources', 'messages', 'watermark_steps', 'processing_time_steps', 'digest'):
+    assert getattr(split, field) == getattr(whole, field), field
+  assert split.arrivals.to_json_dict() == whole.arrivals.to_json_dict()
+  assert [m for c in split.chunks for m in read_chunk(replay, c)] == [
+      m for c in whole.chunks for m in read_chunk(replay, c)]
+
+
+def test_a_bad_line_in_a_later_part_is_named_by_its_line_in_the_file(tmp_path):
+  replay = _awkward_replay(tmp_path)
+  with open(replay, encoding='utf-8') as f:
+    lines = f.read().split('\n')
+  bad = len(lines) * 3 // 4
+  lines[bad] = '{"source": "A", "watermark": "soon"}'
+  with open(replay, 'w', encoding='utf-8', newline='') as f:
+    f.write('\n'.join(lines))
+  for parts in (1, 2, 4):
+    with pytest.raises(ReplayError) as e:
+      index_replay(replay, parts=parts)
+    assert e.value.line == bad + 1 and 'watermark' in e.value.reason
+
+
+def test_lines_decoded_together_leave_out_only_what_msgspec_refuses():
+  good = [b'{"source": "A", "data": "x"}', b'{"source": "B", "watermark": 5}',
+          b'{"advance_processing_time": 1.5}']
+  refused = [b'{"advance_processing_time": NaN}',  # malformed for msgspec: a byte position
+             b'{"advance_processing_time": 1e400}',  # out of range: an element
+             b'{"source": "A", "data": "\\ud800"}']  # a lone surrogate: read alone
+  lines = [good[0], refused[0], good[1], good[2], refused[1], good[0], refused[2], good[1]]
+  decoded = decode_lines(lines)
+  assert [line is None for line in decoded] == [line in refused for line in lines]
+  assert [(d.source, d.data, d.watermark) for d in decoded if d is not None] == [
+      ('A', 'x', msgspec.UNSET), ('B', msgspec.UNSET, 5), (msgspec.UNSET,) * 3,
+      ('A', 'x', msgspec.UNSET), ('B', msgspec.UNSET, 5)]

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tools import reference
+from transforms.rules import payload as payload_module
 from transforms.rules.payload import (
-    MAX_NESTING, MAX_PAYLOAD_BYTES, InvalidPayload, nesting_depth, parse_payload)
+    MAX_NESTING, MAX_PAYLOAD_BYTES, InvalidPayload, nesting_depth, parse_payload, parse_payloads,
+    parse_rfc3339_ms)
 
 GOOD = {'event_id': 'e-1', 'customer_id': 'fin.serve_1-x', 'key': 'AAPL', 'value': 12.5,
         'event_time': 1705543260000}
@@ -363,3 +365,63 @@ def test_breaking_any_one_rule_makes_a_payload_invalid(event, rule, data):
   with pytest.raises(InvalidPayload):
     parse_payload(payload)
   assert reference.validate(payload) is None
+
+
+# Payloads parsed together (the bulk replay) and the common shape of a
+# timestamp: the same decisions and reasons as one by one.
+
+def _one_by_one(payload):
+  try:
+    return parse_payload(payload)
+  except InvalidPayload as e:
+    return str(e)
+
+
+def _together(payloads):
+  parsed = parse_payloads(payloads)
+  decided = {i: fields for i, *fields in zip(
+      parsed.position, parsed.event_id, parsed.customer_id, parsed.key, parsed.value,
+      parsed.event_time)}
+  decided.update(dict(parsed.invalid))
+  return [tuple(decided[i]) if isinstance(decided[i], list) else decided[i]
+          for i in range(len(payloads))]
+
+
+_TIMES = [
+    '2024-01-18T02:01:00.000Z', '2024-01-18T03:01:00.123+01:00', '2024-01-17T21:01:59.999-05:00',
+    '2024-01-18T02:60:00.000Z', '2024-01-18T02:01:60.000Z', '2024-13-18T02:01:00.000Z',
+    '2024-01-18T24:01:00.000Z', '2024-01-18T02:01:00.000+24:00', '2024-01-18T02:01:00.000+05:60',
+    '2024-01-18t02:01:00.000z', '2024-01-18T02:01:00.0001', '2024-01-18T02:01:00.00012345Z',
+    '2024-02-30T00:00:00.000Z', '1999-12-31T23:59:59.999Z', '2099-12-31T23:59:59.999-01:00',
+    '2024-01-18T02:0a:00.000Z', '2024-01-18T02:01:00,000Z', '2024-01-18 02:01:00.000Z',
+    '2024-01-18T02:01:00.000X', '2024-01-18T02:01:00.\u0661\u0662\u0663Z',
+]
+
+
+@pytest.mark.parametrize('event_time', _TIMES)
+def test_the_common_timestamp_shape_is_read_as_the_full_rule_reads_it(event_time):
+  expected = _one_by_one(body(event_time=event_time))
+  assert _together([body(event_time=event_time)] * 2) == [expected, expected]
+  try:
+    fast = parse_rfc3339_ms(event_time)
+  except InvalidPayload as e:
+    fast = str(e)
+  try:
+    full = payload_module._parse_rfc3339_ms(event_time)
+  except InvalidPayload as e:
+    full = str(e)
+  assert fast == full
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    st.dictionaries(
+        st.sampled_from(['event_id', 'customer_id', 'key', 'value', 'event_time', 'other']),
+        _field_values, max_size=6).map(json.dumps),
+    st.sampled_from(_TIMES).map(lambda t: body(event_time=t)),
+    st.builds(lambda v, c: body(value=v, customer_id=c),
+              st.one_of(st.floats(allow_nan=False), st.integers()), st.sampled_from(
+                  ['finserve', 'a b', 'x' * 65, ''])),
+    st.text(max_size=30)), max_size=12))
+def test_payloads_parsed_together_are_decided_as_one_by_one(payloads):
+  assert _together(payloads) == [_one_by_one(p) for p in payloads]
