@@ -61,13 +61,6 @@ class Rows:
   def __len__(self) -> int:
     return len(self.step)
 
-  def __getstate__(self):
-    return tuple(getattr(self, name) for name in self.__slots__)
-
-  def __setstate__(self, state):
-    for name, value in zip(self.__slots__, state):
-      setattr(self, name, value)
-
   def take(self, positions: np.ndarray, events: bool = True) -> 'Rows':
     """The rows at ``positions`` (ascending); without ``event_id`` and
     ``event_time`` unless ``events``."""

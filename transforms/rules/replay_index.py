@@ -243,13 +243,6 @@ class ChunkColumns:
   def __len__(self) -> int:
     return len(self.data)
 
-  def __getstate__(self):
-    return tuple(getattr(self, name) for name in self.__slots__)
-
-  def __setstate__(self, state):
-    for name, value in zip(self.__slots__, state):
-      setattr(self, name, value)
-
 
 def decode_lines(lines: Sequence[bytes]) -> List[Optional[ReplayLine]]:
   """Each line decoded as a ``ReplayLine``, in as few calls as the lines allow;
