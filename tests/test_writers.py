@@ -11,6 +11,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from transforms.flow.accounting import accounting_progress
 from transforms.rules.model import CATEGORIES
+from transforms.connectors import writers
 from transforms.connectors.writers import WriteJsonLines, WriteLatestJson, _AppendFromCheckpointFn
 
 
@@ -152,3 +153,20 @@ def test_the_accounting_writer_never_waits_for_the_run_lock_of_its_folder(tmp_pa
     run.release()
   with open(out / 'accounting.json', encoding='utf-8') as f:
     assert json.load(f) == _record(3)
+
+
+def test_a_bundle_larger_than_the_write_size_is_appended_in_whole_lines(tmp_path, monkeypatch):
+  monkeypatch.setattr(writers._BundleLinesFn, '_WRITE_EVERY', 100)
+  writes = []
+  append = writers._AppendLinesFn._write
+  monkeypatch.setattr(writers._AppendLinesFn, '_write',
+                      lambda fn, data: (writes.append(data), append(fn, data)))
+  path = str(tmp_path / 'lines.jsonl')
+  records = [{'n': n, 'text': 'x' * (n % 7)} for n in range(200)]
+  with TestPipeline() as p:
+    _ = p | beam.Create(records) | writers.WriteJsonLines(path)
+  with open(path, encoding='utf-8') as f:
+    lines = f.read().split('\n')
+  assert lines[-1] == ''
+  assert sorted((json.loads(line) for line in lines[:-1]), key=lambda r: r['n']) == records
+  assert len(writes) > 20 and all(data.endswith(b'\n') for data in writes)

@@ -1,4 +1,4 @@
-"""The writers of a run's output files: JSON lines appended once per bundle,
+"""The writers of a run's output files: JSON lines appended a bundle at a time,
 and JSON objects replaced whole. On a local disk they append to and replace
 files; on any other Beam filesystem (``gs://``...) each bundle's lines are a
 new part object, joined by the launcher (pipeline/runfolder/objects.py)."""
@@ -64,23 +64,39 @@ def _write_all(fd: int, data: bytes) -> None:
     view = view[os.write(fd, view):]
 
 
+#: Characters of JSON lines a writer holds before it writes them (a bundle of a
+#: bulk replay can carry hundreds of megabytes of dead letters).
+WRITE_EVERY_CHARS = 16 * 1024 * 1024
+
+
 class _BundleLinesFn(beam.DoFn):
-  """Collects a bundle's records as JSON lines; ``_write`` stores them at its end."""
+  """Collects a bundle's records as JSON lines; ``_write`` stores them at its
+  end, or whole lines at a time once they reach ``_WRITE_EVERY`` characters."""
+  _WRITE_EVERY: Optional[int] = WRITE_EVERY_CHARS
 
   def __init__(self, path: str):
     self._path = path
 
   def start_bundle(self):
     self._lines: List[str] = []
+    self._chars = 0
 
   def process(self, record) -> Iterable:
-    self._lines.append(json_line(record))
+    line = json_line(record)
+    self._lines.append(line)
+    self._chars += len(line)
+    if self._WRITE_EVERY is not None and self._chars >= self._WRITE_EVERY:
+      self._flush()
     return ()
 
   def finish_bundle(self):
+    self._flush()
+
+  def _flush(self) -> None:
     if self._lines:
       self._write(''.join(self._lines).encode('utf-8'))
       self._lines = []
+      self._chars = 0
 
   def _write(self, data: bytes) -> None:
     raise NotImplementedError
@@ -146,6 +162,7 @@ class _FileSink(beam.PTransform):
 
 class _CollectLinesFn(_BundleLinesFn):
   """A bundle's lines as one ``(path, bytes)`` element, for the keyed writer."""
+  _WRITE_EVERY = None
 
   def finish_bundle(self) -> Iterable:
     if self._lines:
@@ -205,7 +222,8 @@ class _AppendFromCheckpointFn(beam.DoFn):
 
 
 class WriteJsonLines(_FileSink):
-  """Appends each element as one JSON line to a file, one write per bundle:
+  """Appends each element as one JSON line to a file, one write per bundle
+  (or per ``WRITE_EVERY_CHARS`` of it, whole lines):
   an atomic append to a local file (parallel workers on one machine do not
   interleave), one part object per bundle on an object store.
 

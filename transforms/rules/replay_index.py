@@ -29,7 +29,7 @@ from transforms.rules.replay import (
     LINE_DECODER, Arrivals, ReplayError, Timeline, classify_line, classify_line_fast, ReplayLine, read_lines,
     walk_timeline, replay_digest)
 
-#: A file at least this large is checked by one scan per core, in parallel.
+#: A file is checked by one scan per core, in parallel, each scan of at least this many bytes.
 PARALLEL_INDEX_BYTES = 32 * 1024 * 1024
 
 
@@ -141,13 +141,13 @@ def index_replay(path: str, chunk_messages: int = 20000, parts: Optional[int] = 
   """Reads and checks the whole file like ``compile_replay``, keeping no
   payloads: the file is cut into chunks of at most ``chunk_messages``
   messages, each with the timeline where it starts, for readers working in
-  parallel. A file of ``PARALLEL_INDEX_BYTES`` or more is checked in ``parts``
-  (default: one per core) at once."""
+  parallel. The file is checked in ``parts`` at once (default: one per core,
+  each of ``PARALLEL_INDEX_BYTES`` or more)."""
   if chunk_messages <= 0:
     raise ValueError(f'chunk_messages must be positive, got {chunk_messages}')
   if parts is None:
-    large = os.path.getsize(path) >= PARALLEL_INDEX_BYTES
-    parts = (os.cpu_count() or 1) if large else 1
+    size = os.path.getsize(path)
+    parts = min(os.cpu_count() or 1, size // PARALLEL_INDEX_BYTES) or 1
   scans, digest = _scans(path, chunk_messages, parts)
   # Pass 1, merged: the parts' items, numbered in the file.
   sources: Dict[str, None] = {}
