@@ -45,9 +45,10 @@ from transforms.rules.replay_index import ChunkColumns, ReplayIndex, read_chunk_
 
 
 class Rows:
-  """Events column by column, in arrival order: the first arrived as the
-  replay's message ``first`` (from 0); the ``i``-th arrived at ``step[i]``,
-  its ``(customer_id, key)`` is ``pairs[pair[i]]``. Numbers are NumPy arrays:
+  """Events column by column, in arrival order: the ``i``-th arrived at
+  ``step[i]``, its ``(customer_id, key)`` is ``pairs[pair[i]]``. ``first``
+  orders Rows of different chunks: a chunk's first message number, plus the
+  place of a part's first row. Numbers are NumPy arrays:
   a part of a chunk pickles in a few pieces. ``event_id`` and ``event_time``
   travel as far as the dedup shards."""
   __slots__ = ('first', 'step', 'pair', 'pairs', 'value', 'event_time', 'event_id')
