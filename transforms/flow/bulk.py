@@ -253,13 +253,12 @@ class _TooLateOrShardFn(beam.DoFn):
         RECEIVED: parsed.messages, INVALID: len(parsed.invalid), TOO_LATE: len(too_late)})
     if late:
       yield pvalue.TaggedOutput(LATE_TAG, late)
-    kept_at = np.flatnonzero(kept)
-    event_ids = [rows.event_id[i] for i in kept_at.tolist()] if too_late else rows.event_id
-    shards = np.array([stable_shard(event_id, self._shards) for event_id in event_ids],
+    if too_late:
+      rows = rows.take(np.flatnonzero(kept))
+    assert rows.event_id is not None
+    shards = np.array([stable_shard(event_id, self._shards) for event_id in rows.event_id],
                       dtype=np.int64)
-    # (a part's ``first`` orders the parts of a shard: its first message's number)
-    for shard, part in rows.take(kept_at).split_by(shards):
-      yield shard, part
+    yield from rows.split_by(shards)
 
 
 class _AdmitShardFn(beam.DoFn):

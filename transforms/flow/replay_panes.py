@@ -51,20 +51,24 @@ class StepClock(NamedTuple):
   marks: List[float]
   processing_time_steps: Sequence[Tuple[int, float]]
   processing_steps: List[int]
+  #: the watermark steps' numbers, and ``NO_WATERMARK`` then each step's
+  #: watermark, for ``watermark_at``
+  watermark_step_numbers: np.ndarray
+  marks_after: np.ndarray
 
   @classmethod
   def of(cls, watermark_steps: Sequence[Tuple[int, Optional[int]]],
          processing_time_steps: Sequence[Tuple[int, float]]) -> 'StepClock':
     return cls(watermark_steps, [math.inf if m is None else m for _, m in watermark_steps],
-               processing_time_steps, [s for s, _ in processing_time_steps])
+               processing_time_steps, [s for s, _ in processing_time_steps],
+               np.array([s for s, _ in watermark_steps], dtype=np.int64),
+               np.array([NO_WATERMARK] + [NO_WATERMARK if m is None else m
+                                          for _, m in watermark_steps], dtype=np.int64))
 
   def watermark_at(self, steps: np.ndarray) -> np.ndarray:
     """The pipeline watermark under which messages of ``steps`` arrived (the
     last watermark step before each), ``NO_WATERMARK`` before the first."""
-    at = np.searchsorted([s for s, _ in self.watermark_steps], steps) - 1
-    marks = np.array([NO_WATERMARK] + [NO_WATERMARK if m is None else m
-                                       for _, m in self.watermark_steps], dtype=np.int64)
-    return marks[at + 1]
+    return self.marks_after[np.searchsorted(self.watermark_step_numbers, steps)]
 
   def processing_time_at(self, step: int) -> float:
     """The processing time (s) at which messages of ``step`` arrived."""

@@ -296,13 +296,12 @@ def walk_timeline(path: str, timeline: Timeline, lines: Iterable[tuple]) -> Iter
     yield line, moved
 
 
-def _checked_lines(path: str, sources: Dict[str, None], start: int = 0,
-                   end: Optional[int] = None) -> Iterator[tuple]:
-  """Every non-blank line (of the bytes ``read_lines`` reads) as ``(offset,
-  number, kind, source, payload)``, adding the sources it names to
-  ``sources``; raises ReplayError at the first bad line."""
-  offset = start
-  for number, raw, line in read_lines(path, start, end):
+def _checked_lines(path: str, sources: Dict[str, None]) -> Iterator[tuple]:
+  """Every non-blank line as ``(offset, number, kind, source, payload)``,
+  adding the sources it names to ``sources``; raises ReplayError at the first
+  bad line."""
+  offset = 0
+  for number, raw, line in read_lines(path):
     if line is not None:
       kind, source, payload = line
       if source is not None:
