@@ -205,3 +205,32 @@ def test_an_unscoped_dead_letter_writer_stores_every_dead_letter(postgres_dsn, p
   run_pipeline(letters, WriteDeadLettersToPostgres(postgres_dsn, pg_table), check)
   assert sorted(r[0] for r in rows(postgres_dsn, pg_table, 'reason, source')) == [
       'invalid', 'too_late']
+
+
+def test_in_fire_order_the_restored_historys_panes_replace_the_rolled_back_ones(
+    postgres_dsn, pg_table):
+  # A run writes panes 0-3 of a window before the checkpoint that holds them,
+  # then is restored from an earlier checkpoint and fires the window again:
+  # fewer, fuller panes under lower indices. The table must end with those.
+  for pane in panes(0):
+    run_pipeline([pane], UpsertPostgres(postgres_dsn, pg_table, in_fire_order=True))
+  restored = [pane._replace(count=7) for pane in panes(0)[:2]]
+  run_pipeline(restored, UpsertPostgres(postgres_dsn, pg_table, in_fire_order=True))
+  assert rows(postgres_dsn, pg_table, 'count, pane_index, timing') == [(7, 1, 'ON_TIME')]
+  # the pane-index guard would have kept the rolled-back history's pane 3
+  run_pipeline(panes(0), UpsertPostgres(postgres_dsn, pg_table))
+  assert rows(postgres_dsn, pg_table, 'count, pane_index, timing') == [(6, 3, 'LATE')]
+  run_pipeline(restored, UpsertPostgres(postgres_dsn, pg_table))
+  assert rows(postgres_dsn, pg_table, 'count, pane_index, timing') == [(6, 3, 'LATE')]
+
+
+def test_in_fire_order_a_bundle_keeps_each_windows_panes_in_the_order_they_came(
+    postgres_dsn, pg_table):
+  # one bundle, windows interleaved, each window's panes in firing order: the
+  # writer sorts by window only, so every window ends at its last pane
+  windows = [panes(start) for start in (120000, 0, 60000)]
+  bundle = [pane for fired in zip(*windows) for pane in fired]
+  run_pipeline(bundle, UpsertPostgres(postgres_dsn, pg_table, in_fire_order=True))
+  assert rows(postgres_dsn, pg_table) == [
+      ('finserve', 0, 60000, 6, 3, 'LATE'), ('finserve', 60000, 60000, 6, 3, 'LATE'),
+      ('finserve', 120000, 60000, 6, 3, 'LATE')]

@@ -170,3 +170,49 @@ def test_a_bundle_larger_than_the_write_size_is_appended_in_whole_lines(tmp_path
   assert lines[-1] == ''
   assert sorted((json.loads(line) for line in lines[:-1]), key=lambda r: r['n']) == records
   assert len(writes) > 20 and all(data.endswith(b'\n') for data in writes)
+
+
+def test_a_checkpointed_run_upserts_postgres_rows_as_panes_fire_and_the_rest_at_checkpoints(
+    tmp_path):
+  import dataclasses
+
+  from conftest import data, make_config, payload, write_replay
+  from pipeline.launch.build import build
+  from transforms.connectors.sources import ReadReplay
+  replay = write_replay(str(tmp_path / 'r.jsonl'), [data('A', payload('e1', 1705543200000))])
+  config = dataclasses.replace(
+      make_config(tmp_path, replay), sink='postgres', customer_id='finserve',
+      postgres_dsn='postgresql://tidemark@127.0.0.1:1/tidemark', checkpointed=True)
+  p = TestPipeline(runner='DirectRunner')
+  build(p, config, ReadReplay(replay))
+  steps, producers = [], {}
+
+  class Producers(beam.pipeline.PipelineVisitor):
+
+    def visit_transform(self, node):
+      steps.append(node)
+      for out in node.outputs.values():
+        producers[out] = node
+
+  p.visit(Producers())
+
+  def awaits_checkpoint(label: str) -> bool:
+    """Whether the step ``label`` is downstream of an AwaitCheckpoint."""
+    [node] = [n for n in steps if n.full_label.endswith(label)]
+    seen, todo = set(), list(node.inputs)
+    while todo:
+      pcoll = todo.pop()
+      step = producers.get(pcoll)
+      if step is None or step.full_label in seen:
+        continue
+      if 'AwaitCheckpoint' in step.full_label:
+        return True
+      seen.add(step.full_label)
+      todo.extend(step.inputs)
+    return False
+
+  assert not awaits_checkpoint('PrimaryWrite/UpsertPostgres/Write')
+  for label in ('PrimaryWrite/DeadLettersPostgres/Append', 'PrimaryWrite/WriteAggregates/Collect',
+                'PrimaryWrite/WriteDeadLetters/Collect', 'PrimaryWrite/WriteRefused/Collect',
+                'PrimaryWrite/WriteAccounting/Replace'):
+    assert awaits_checkpoint(label), label

@@ -68,7 +68,8 @@ def database_sinks(
   """``(aggregates writer, dead-letter writer)`` of ``--sink`` (None, None for files)."""
   if config.sink == 'postgres':
     assert config.postgres_dsn is not None  # RunConfig requires it for this sink
-    return (UpsertPostgres(config.postgres_dsn, config.postgres_table, config.customer_id),
+    return (UpsertPostgres(config.postgres_dsn, config.postgres_table, config.customer_id,
+                           in_fire_order=config.rows_before_checkpoint),
             WriteDeadLettersToPostgres(config.postgres_dsn, config.postgres_dead_letter_table,
                                        config.customer_id,
                                        window_size_ms=config.window_size_s * 1000))
@@ -98,7 +99,9 @@ class WriteWindowOutputs(beam.PTransform):
   """One window size's outputs to the places ``config`` names: aggregates
   (JSON lines, SQLite, database), dead letters (JSON lines, database), the
   accounting record and, with ``duplicates``, the copies dedup dropped. On a
-  checkpointed run every output first waits for its checkpoint.
+  checkpointed run every output first waits for its checkpoint, except the
+  rows of a database that can take them at once
+  (``RunConfig.rows_before_checkpoint``).
 
   Takes ``{'aggregates', 'dead_letters', 'accounting', 'duplicates'}``.
   """
@@ -111,6 +114,7 @@ class WriteWindowOutputs(beam.PTransform):
 
   def expand(self, outputs: Dict[str, beam.PCollection]) -> beam.pvalue.PDone:
     config = self._config
+    fired = outputs
     if config.checkpointed:  # sinks see one history only, whatever is restored
       outputs = {name: pcoll | f'{name.title()}AwaitCheckpoint' >> AwaitCheckpoint()
                  for name, pcoll in outputs.items()}
@@ -131,7 +135,12 @@ class WriteWindowOutputs(beam.PTransform):
       outputs['duplicates'] | 'WriteDuplicates' >> lines(config.duplicates_path)
     upsert, append = self._upsert, self._append
     if upsert is not None and append is not None:
-      refused = aggregates | f'Upsert{config.sink.title()}' >> upsert
+      if config.rows_before_checkpoint:
+        refused = (fired['aggregates']
+                   | f'Upsert{config.sink.title()}' >> upsert
+                   | 'RefusedRowsAwaitCheckpoint' >> AwaitCheckpoint())
+      else:
+        refused = aggregates | f'Upsert{config.sink.title()}' >> upsert
       letters = dead_letters | f'DeadLetters{config.sink.title()}' >> append
       if config.sink in ('postgres', 'bigquery'):  # and other customers' dead letters
         refused = (

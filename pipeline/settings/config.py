@@ -141,6 +141,15 @@ class RunConfig:
   #: leaves a sink with panes of a history that was rolled back
   checkpointed: bool = False
 
+  @property
+  def rows_before_checkpoint(self) -> bool:
+    """Whether database rows are written as their panes fire, not once their
+    checkpoint completes: on a checkpointed run into PostgreSQL, whose upsert
+    follows the windows and keeps the latest pane it was given
+    (``UpsertPostgres(in_fire_order=True)``), so a restore's panes replace
+    the rolled-back ones. Everything else still waits for the checkpoint."""
+    return self.checkpointed and self.sink == 'postgres'
+
   @functools.cached_property
   def _source(self) -> Tuple[str, str, Optional[Tuple[str, Dict[str, str]]],
                              Optional[Dict[str, str]]]:

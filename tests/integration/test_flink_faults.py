@@ -66,10 +66,11 @@ def flink_cluster(flink_job_server, kafka_broker, postgres_dsn):
 
 class Customer:
   """A customer file for one test: its own topic, tables, group and job;
-  optionally at a parallelism and with a rollup (size, lateness)."""
+  optionally at a parallelism, with a rollup (size, lateness) and another
+  checkpoint interval."""
 
   def __init__(self, tmp_path, kafka_broker: str, dsn: str, parallelism: Optional[int] = None,
-               rollup: Optional[Tuple[int, int]] = None):
+               rollup: Optional[Tuple[int, int]] = None, checkpoint_interval_s: int = 2):
     self.run_id = uuid.uuid4().hex[:8]
     self.topic = f'{CUSTOMER}.live-{self.run_id}'
     self.table = f'{CUSTOMER}_aggregates_{self.run_id}'
@@ -86,7 +87,7 @@ class Customer:
     if rollup is not None:
       window['rollups'] = [{'size_s': rollup[0], 'allowed_lateness_s': rollup[1]}]
     flink = {'job_endpoint': JOB_ENDPOINT, 'flink_master': FLINK_MASTER, 'worker_pool': WORKER_POOL,
-             'checkpoint_interval_s': 2, 'job_name': self.job_name}
+             'checkpoint_interval_s': checkpoint_interval_s, 'job_name': self.job_name}
     if parallelism is not None:
       flink['parallelism'] = parallelism
     with open(self.path, 'w', encoding='utf-8') as f:
@@ -354,22 +355,30 @@ def test_the_deployed_shape_accounts_for_every_event_through_a_taskmanager_kill(
   (some into the other partition) and events too late for every window size;
   a TaskManager killed mid-stream. Every accounting file ends equal to the
   reference and never steps back while the job runs; every dead letter is in the
-  files and the table exactly once; the final rows equal the reference."""
+  files and the table exactly once; the final rows equal the reference.
+
+  Checkpoints every 10 s, as customers run them, and the kill 6 s after one:
+  the rows written meanwhile (PostgreSQL takes them as panes fire) belong to a
+  history the restore rolls back, with more early panes than the restored one
+  fires again; the restored history's panes must replace them."""
   rollup = (20, 60)
-  customer = Customer(tmp_path, kafka_broker, postgres_dsn, parallelism=2, rollup=rollup)
+  customer = Customer(tmp_path, kafka_broker, postgres_dsn, parallelism=2, rollup=rollup,
+                      checkpoint_interval_s=10)
   assert 'is running on the Flink cluster' in customer.deploy()
   job = flink_cluster.wait_for_job(customer.job_name, 120)
   sampler = AccountingSampler(customer)
   try:
     stragglers = threading.Event()
-    publisher = threading.Thread(target=customer.publish_fast, args=(40, 2000, stragglers))
+    publisher = threading.Thread(target=customer.publish_fast, args=(60, 2000, stragglers))
     publisher.start()
     # An ON_TIME row proves the gate knows the present (it holds the windows'
     # watermark at its next closing): from now on a 10-minute-old event is too late.
     wait_for(customer.on_time_rows, 60, 'the first ON_TIME row in PostgreSQL')
     stragglers.set()
-    wait_for(lambda: _completed_checkpoints(flink_cluster, job.jid) >= 4, 60, '4 checkpoints')
-    time.sleep(8)  # stragglers flowing, mid-way between checkpoints
+    completed = _completed_checkpoints(flink_cluster, job.jid)
+    wait_for(lambda: _completed_checkpoints(flink_cluster, job.jid) > completed, 30,
+             'a checkpoint with stragglers flowing')
+    time.sleep(6)  # stragglers flowing, 6 s into the next checkpoint interval
     replace_killed_taskmanager(flink_cluster, job.jid)
     publisher.join()
     replay = customer.traffic.write_replay(str(tmp_path / 'published.jsonl'))
@@ -396,7 +405,8 @@ def test_the_deployed_shape_accounts_for_every_event_through_a_taskmanager_kill(
   assert customer.accounting() == primary.accounting
   assert customer.accounting(rollup=True) == rolled.accounting
   assert sampler.backwards() == []
-  assert len(sampler.samples[False]) > 10 and len(sampler.samples[True]) > 10
+  # the files move once per checkpoint (10 s) at most: a few steps to compare
+  assert len(sampler.samples[False]) >= 4 and len(sampler.samples[True]) >= 4
 
   # every dead letter once, in each file and in the table
   # (the job names its source by the topic; the reference by the traffic's name)

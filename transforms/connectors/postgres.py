@@ -3,6 +3,7 @@ scoped to one customer (see transforms.connectors.sinks), with retries."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence
@@ -12,7 +13,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.rules.model import DeadLetter, WindowAggregate
 from transforms.connectors.sinks import (
-    AGGREGATE_COLUMNS, AGGREGATE_KEY, AGGREGATE_VALUES, DEAD_LETTER_COLUMNS, row_lock_order,
+    AGGREGATE_COLUMNS, AGGREGATE_KEY, AGGREGATE_VALUES, DEAD_LETTER_COLUMNS, row_key, row_lock_order,
     scope_rows, aggregate_row, check_customer_id, check_identifier, dead_letter_row,
     scope_dead_letters)
 
@@ -83,14 +84,15 @@ CREATE TABLE IF NOT EXISTS {table} (
              key=sql.SQL(', ').join(map(sql.Identifier, AGGREGATE_KEY)))
 
 
-def postgres_upsert(table: str):
+def postgres_upsert(table: str, latest_wins: bool = False):
   """The pane-aware upsert: a row replaces the stored one only if its pane
-  index is higher."""
+  index is higher; with ``latest_wins``, always (the writer gets each window's
+  panes in the order they fired: see ``UpsertPostgres``)."""
   from psycopg import sql
+  guard = '' if latest_wins else '\nWHERE excluded.pane_index > stored.pane_index'
   return sql.SQL("""
 INSERT INTO {table} AS stored ({cols}) VALUES ({params})
-ON CONFLICT ({key}) DO UPDATE SET {updates}
-WHERE excluded.pane_index > stored.pane_index""").format(
+ON CONFLICT ({key}) DO UPDATE SET {updates}""" + guard).format(
       table=sql.Identifier(table),
       cols=sql.SQL(', ').join(map(sql.Identifier, AGGREGATE_COLUMNS)),
       params=sql.SQL(', ').join(sql.Placeholder() * len(AGGREGATE_COLUMNS)),
@@ -247,21 +249,34 @@ class UpsertPostgres(beam.PTransform):
   a PostgreSQL table (created if missing): the pane with the highest index
   wins, whatever order panes arrive in; batched per bundle; connections and
   failed batches retried with exponential backoff. Returns the rows refused
-  by the customer scope."""
+  by the customer scope.
+
+  ``in_fire_order``: the writer follows the windows with no shuffle between,
+  so each window's panes reach it in the order they fired, and the row written
+  last wins, whatever its pane index. That is what lets rows be written before
+  the checkpoint that holds them: a checkpointing runner that restores rolls
+  the windows back and fires their panes again, perhaps fewer and fuller under
+  lower indices than the rolled-back history wrote; those later writes replace
+  the earlier ones, and the table ends with the restored history's panes.
+  """
 
   def __init__(self, dsn: str, table: str = 'aggregates', customer_id: Optional[str] = None,
-               backoff: Backoff = Backoff()):
+               backoff: Backoff = Backoff(), in_fire_order: bool = False):
     super().__init__()
     _check_postgres_args(dsn, table, backoff)
     self._dsn, self._table, self._backoff = dsn, table, backoff
     self._customer_id = check_customer_id(customer_id)
+    self._in_fire_order = in_fire_order
 
   def expand(self, aggregates: beam.PCollection[WindowAggregate]):
+    latest_wins = self._in_fire_order
     return scope_rows(
         aggregates, self._customer_id, f'postgres table {self._table}',
         beam.ParDo(_PostgresBatchFn(
             self._dsn, self._table, self._backoff, aggregate_row, postgres_aggregates_ddl,
-            postgres_upsert, sort_key=row_lock_order)))
+            functools.partial(postgres_upsert, latest_wins=latest_wins),
+            # a stable sort: a window's panes keep the order they fired in
+            sort_key=row_key if latest_wins else row_lock_order)))
 
 
 class WriteDeadLettersToPostgres(beam.PTransform):

@@ -72,11 +72,17 @@ def aggregate_dict(agg: WindowAggregate) -> Dict[str, Any]:
   return dict(zip(AGGREGATE_COLUMNS, aggregate_row(agg)))
 
 
+def row_key(row: tuple) -> tuple:
+  """A row's window identity (AGGREGATE_KEY). Every writer applies a batch in
+  key order, so concurrent writers take row locks in the same order and do not
+  deadlock each other (a deadlock the server still reports is retried like any
+  transient error)."""
+  return row[:len(AGGREGATE_KEY)]
+
+
 def row_lock_order(row: tuple) -> tuple:
-  # Every writer applies a batch in key order, so concurrent writers take row
-  # locks in the same order and do not deadlock each other (a deadlock the
-  # server still reports is retried like any transient error).
-  return row[:len(AGGREGATE_KEY)] + (row[AGGREGATE_COLUMNS.index('pane_index')],)
+  """``row_key``, then the pane index."""
+  return row_key(row) + (row[AGGREGATE_COLUMNS.index('pane_index')],)
 
 
 class _CustomerScopeFn(beam.DoFn):
