@@ -15,7 +15,9 @@ a different one, so an idempotent write (the pane-aware upsert, the
 replace-whole-file accounting) is exactly once.
 
 The price is latency: an element waits for the next completed checkpoint
-(at most one checkpoint interval). Runners that do not checkpoint (the
+(at most one checkpoint interval). A writer that needs no single history can
+skip the wait: PostgreSQL's upsert taking panes in the order they fired
+(``UpsertPostgres(in_fire_order=True)``) ends with the restored history's. Runners that do not checkpoint (the
 DirectRunner) do not support the requirement; use it only when the run is
 checkpointed.
 """
