@@ -35,13 +35,12 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional
 
 from tools import reference, traffic
 from tools.bench import deployed as bench_deployed
@@ -81,26 +80,38 @@ def _run_arguments(args: argparse.Namespace, replay: str, out: str, extra: List[
           '--output-dir', out, *extra]
 
 
+class PipelineRun(NamedTuple):
+  out: str  #: the output folder
+  wall_s: float
+  #: the peak resident set of the run's largest process (the launcher or a
+  #: worker it started), from the kernel's accounting when the run ended
+  peak_rss_mib: float
+
+
 def _run_pipeline(args: argparse.Namespace, replay: str, extra: List[str],
-                  on_poll: Optional[Callable[[str], None]] = None) -> Tuple[str, float]:
-  """Runs ``python -m pipeline run`` on the replay; returns (output dir, wall s).
-  ``on_poll(output dir)`` is called about twice a second while it runs."""
+                  on_poll: Optional[Callable[[str], None]] = None) -> PipelineRun:
+  """Runs ``python -m pipeline run`` on the replay. ``on_poll(output dir)`` is
+  called about twice a second while it runs."""
   out = os.path.join(args.workdir, 'out')
   command = [sys.executable, '-m', *_run_arguments(args, replay, out, extra)]
   log_path = os.path.join(args.workdir, 'run.log')
   started = time.monotonic()
   with open(log_path, 'w', encoding='utf-8') as log:
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    while proc.poll() is None:
+    while True:
+      pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+      if pid:
+        break
       if on_poll is not None:
         on_poll(out)
       time.sleep(0.5)
   wall = time.monotonic() - started
-  if proc.returncode != 0:
+  returncode = os.waitstatus_to_exitcode(status)
+  if returncode != 0:
     with open(log_path, encoding='utf-8', errors='replace') as f:
       tail = f.read()[-4000:]
-    raise SystemExit(f'pipeline failed ({proc.returncode}), log {log_path}:\n{tail}')
-  return out, wall
+    raise SystemExit(f'pipeline failed ({returncode}), log {log_path}:\n{tail}')
+  return PipelineRun(out, wall, usage.ru_maxrss / 1024)
 
 
 def decode_limit(replay: str) -> float:
@@ -134,8 +145,7 @@ def _cores(extra: List[str], messages: int) -> int:
 
 def _bench_replay(args: argparse.Namespace, extra: List[str]) -> dict:
   replay = _replay_for(args, args.messages, args.rate, args.tick)
-  out, wall = _run_pipeline(args, replay, extra)
-  peak_rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+  out, wall, peak_rss_mib = _run_pipeline(args, replay, extra)
 
   ref_started = time.monotonic()
   expected = reference.compute(replay, args.window_size, args.allowed_lateness)
@@ -248,7 +258,7 @@ def _bench_soak(args: argparse.Namespace, extra: List[str]) -> dict:
     jvm = _JvmSampler(pid, args.jvm_live_heap)
   # Samples that only appear as the job ends (the last hour's, flushed when the
   # watermark jumps to the end) have no JVM figure: the job is being torn down.
-  out, wall = _run_pipeline(args, replay, ['--sample-memory-every', '3600', *extra], jvm)
+  out, wall, _ = _run_pipeline(args, replay, ['--sample-memory-every', '3600', *extra], jvm)
   with open(os.path.join(out, 'memory.jsonl'), encoding='utf-8') as f:
     samples = sorted((json.loads(line) for line in f), key=lambda s: s['event_time'])
   rss = [s['rss_mib'] for s in samples]
