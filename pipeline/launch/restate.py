@@ -48,7 +48,7 @@ from transforms.rules.model import (
     AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE, WindowAggregate, WindowSpec,
     final_panes_of, iso_millis, window_spec)
 from transforms.rules.payload import InvalidPayload, parse_payload, parse_rfc3339_ms
-from transforms.rules.replay import ReplayError, replay_digest
+from transforms.rules.replay import ReplayError
 from transforms.rules.replay_index import index_replay
 from transforms.rules.restatement import ADDED_TOO_LATE, RESTATED, RestateRange, same_figures
 
@@ -138,7 +138,7 @@ def _history(source: str, spec: WindowSpec, span: RestateRange,
       raise ConfigError('--source', f'cannot read {target}: {e.strerror or e}') from None
     except ReplayError as e:
       raise ConfigError('--source', str(e)) from None
-    return ReadReplayHistory(index._replace(digest=replay_digest(target))), index.messages
+    return ReadReplayHistory(index), index.messages
   if kind == 'kafka':
     bootstrap, topics = parse_kafka_target(target)
     closes = span.end_ms + spec.lateness_ms

@@ -55,12 +55,17 @@ def _redact(dsn: Optional[str]) -> Optional[str]:
                         re.sub(r'(://[^:/@]*:)[^@]*@', r'\1***@', dsn))
 
 
+def _replay_timeline(source):
+  """A replay source's index (bulk) or compiled replay (stream); None if it has neither."""
+  return getattr(source, 'index', None) or getattr(source, 'replay', None)
+
+
 def describe_input(config: RunConfig, source=None) -> dict:
   """What the run reads: a replay's path and size (its sha256 is added at the
   end), Kafka's bootstrap servers and topics, or Pub/Sub subscriptions."""
   kind = config.source_kind
   if kind == 'replay':
-    timeline = getattr(source, 'index', None) or getattr(source, 'replay', None)
+    timeline = _replay_timeline(source)
     return {'kind': kind, 'path': os.path.abspath(config.source_target),
             'size_bytes': os.path.getsize(config.source_target),
             'messages': getattr(timeline, 'messages', None),
@@ -133,8 +138,8 @@ def prepare_output(config: RunConfig, options: Optional[PipelineOptions] = None,
       create_empty(path)
     if not (folder.resumes and os.path.exists(size_config.accounting_path)):
       write_json_atomically(size_config.accounting_path, dict.fromkeys(CATEGORIES, 0))
-  if config.source_kind == 'replay':
-    folder.identify_input(config.source_target)
+  if config.source_kind == 'replay':  # the index hashed it already
+    folder.identify_input(config.source_target, getattr(_replay_timeline(source), 'sha256', None))
   return StagedRun(folder, staged, reading)
 
 

@@ -202,9 +202,14 @@ class RunFolder:
     self._hashing: Optional[threading.Thread] = None
     self._lock_key: Optional[str] = None
 
-  def identify_input(self, path: str) -> None:
+  def identify_input(self, path: str, sha256: Optional[str] = None) -> None:
     """Adds the size and sha256 of the input file to the manifest's ``input``
-    at the end of the run (hashed meanwhile, in the background)."""
+    at the end of the run (hashed meanwhile, in the background, unless the
+    caller knows it)."""
+    if sha256:
+      self._identity.update({'path': os.path.abspath(path), 'size_bytes': os.path.getsize(path),
+                             'sha256': sha256})
+      return
     self._hashing = threading.Thread(
         target=lambda: self._identity.update(file_identity(path)), daemon=True)
     self._hashing.start()

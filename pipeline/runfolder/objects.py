@@ -80,8 +80,8 @@ class ObjectRunFolder:
   def manifest(self) -> dict:
     return self._local.manifest
 
-  def identify_input(self, path: str) -> None:
-    self._local.identify_input(path)
+  def identify_input(self, path: str, sha256: Optional[str] = None) -> None:
+    self._local.identify_input(path, sha256)
 
   @overload
   def path(self, final_path: str) -> str: ...

@@ -70,17 +70,24 @@ class Replay(NamedTuple):
   max_watermark_lag_ms: Dict[str, int]
   #: the file's identity in its messages' ids (``replay_digest``)
   digest: str = ''
+  #: the file's whole sha256 (hex)
+  sha256: str = ''
 
 
 #: Hex digits of the file's sha256 in a replayed message's identity.
 DIGEST_CHARS = 16
 
 
-def replay_digest(path: str) -> str:
+def file_sha256(path: str) -> str:
+  """The file's sha256 (hex)."""
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def replay_digest(sha256: str) -> str:
   """The first ``DIGEST_CHARS`` hex digits of the file's sha256: with the
   message's number it identifies a replayed message (``model.message_identity``)."""
-  with open(path, 'rb') as f:
-    return hashlib.file_digest(f, 'sha256').hexdigest()[:DIGEST_CHARS]
+  return sha256[:DIGEST_CHARS]
 
 
 
@@ -336,7 +343,8 @@ def compile_replay(path: str) -> Replay:
       steps.append(Watermark(timeline.watermark))
   timeline.finish()
   steps.append(Watermark(None))
-  return Replay(steps, sources, messages, timeline.max_lag, replay_digest(path))
+  sha256 = file_sha256(path)
+  return Replay(steps, sources, messages, timeline.max_lag, replay_digest(sha256), sha256)
 
 
 def replay_sources(path: str) -> Tuple[str, ...]:

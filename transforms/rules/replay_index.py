@@ -27,7 +27,7 @@ import msgspec
 
 from transforms.rules.replay import (
     LINE_DECODER, Arrivals, ReplayError, Timeline, classify_line, classify_line_fast, ReplayLine, read_lines,
-    walk_timeline, replay_digest)
+    walk_timeline, file_sha256, replay_digest)
 
 #: A file is checked by one scan per core, in parallel, each scan of at least this many bytes.
 PARALLEL_INDEX_BYTES = 32 * 1024 * 1024
@@ -57,6 +57,8 @@ class ReplayIndex(NamedTuple):
   arrivals: Arrivals
   #: the file's identity in its messages' ids (``replay_digest``)
   digest: str = ''
+  #: the file's whole sha256 (hex)
+  sha256: str = ''
 
 
 class _Scan(NamedTuple):
@@ -124,16 +126,16 @@ def _parts(path: str, parts: int) -> List[Tuple[int, Optional[int]]]:
 
 
 def _scans(path: str, chunk_messages: int, parts: int) -> Tuple[List[_Scan], str]:
-  """The scans of the file's parts, in order, and its digest: one process per
-  part (forked: it inherits what is imported), the digest meanwhile here."""
+  """The scans of the file's parts, in order, and its sha256: one process per
+  part (forked: it inherits what is imported), the hash meanwhile here."""
   ranges = _parts(path, parts)
   if len(ranges) == 1:
-    return [_scan(path, 0, None, chunk_messages)], replay_digest(path)
+    return [_scan(path, 0, None, chunk_messages)], file_sha256(path)
   with concurrent.futures.ProcessPoolExecutor(
       len(ranges), mp_context=multiprocessing.get_context('fork')) as pool:
     running = [pool.submit(_scan, path, start, end, chunk_messages) for start, end in ranges]
-    digest = replay_digest(path)
-    return [scan.result() for scan in running], digest
+    sha256 = file_sha256(path)
+    return [scan.result() for scan in running], sha256
 
 
 def index_replay(path: str, chunk_messages: int = 20000, parts: Optional[int] = None
@@ -148,7 +150,7 @@ def index_replay(path: str, chunk_messages: int = 20000, parts: Optional[int] = 
   if parts is None:
     size = os.path.getsize(path)
     parts = min(os.cpu_count() or 1, size // PARALLEL_INDEX_BYTES) or 1
-  scans, digest = _scans(path, chunk_messages, parts)
+  scans, sha256 = _scans(path, chunk_messages, parts)
   # Pass 1, merged: the parts' items, numbered in the file.
   sources: Dict[str, None] = {}
   items: List[tuple] = []
@@ -187,7 +189,7 @@ def index_replay(path: str, chunk_messages: int = 20000, parts: Optional[int] = 
   timeline.finish()
   watermark_steps.append((timeline.step, None))
   return ReplayIndex(path, tuple(sources), messages, chunks, watermark_steps,
-                     processing_time_steps, arrivals, digest)
+                     processing_time_steps, arrivals, replay_digest(sha256), sha256)
 
 
 def read_chunk(path: str, chunk: ChunkStart) -> Iterator[Tuple[int, int, Optional[int], float, str, str]]:
