@@ -48,10 +48,13 @@ class Stats(beam.CombineFn):
       low, high = min(low, lo), max(high, hi)
     return count, partials, spilled, low, high
 
-  def summarize(self, values: List[float]) -> Tuple[int, float, float, float]:
+  def summarize(self, values: List[float], low: Optional[float] = None,
+                high: Optional[float] = None) -> Tuple[int, float, float, float]:
     """``extract_output`` of ``values`` added one by one, at once: a list of
-    doubles is itself a valid set of partials for the exact sum."""
-    return self.extract_output((len(values), values, 0, min(values), max(values)))
+    doubles is itself a valid set of partials for the exact sum. ``low`` and
+    ``high``, the values' min and max if the caller kept them, spare two passes."""
+    return self.extract_output((len(values), values, 0, min(values) if low is None else low,
+                                max(values) if high is None else high))
 
   def extract_output(self, acc) -> Tuple[int, float, float, float]:
     count, partials, spilled, low, high = acc

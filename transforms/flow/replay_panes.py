@@ -92,6 +92,7 @@ def fire_panes_along(arrivals: Sequence[Arrival], window_end: int, early_firing_
   panes: List[Tuple[str, tuple]] = []
   summarize = Stats().summarize
   values: List[float] = []  # every value so far: the panes accumulate
+  low, high = math.inf, -math.inf  # theirs, kept as they come
   on_time = [a for a in arrivals if a[0] < end_step]
   late = arrivals[len(on_time):]
 
@@ -105,20 +106,22 @@ def fire_panes_along(arrivals: Sequence[Arrival], window_end: int, early_firing_
     for step, arrived_at, step_values in on_time:
       while next_tick is not None and next_tick[0] < step:
         if timer is not None and next_tick[1] >= timer:
-          panes.append(('EARLY', summarize(values)))
+          panes.append(('EARLY', summarize(values, low, high)))
           timer = None
         next_tick = next(ticks, None)
       values.extend(step_values)
+      low, high = min(low, min(step_values)), max(high, max(step_values))
       if early_firing_s and timer is None:
         timer = arrived_at + early_firing_s
     while next_tick is not None:
       if timer is not None and next_tick[1] >= timer:
-        panes.append(('EARLY', summarize(values)))
+        panes.append(('EARLY', summarize(values, low, high)))
         timer = None
       next_tick = next(ticks, None)
-    panes.append(('ON_TIME', summarize(values)))
+    panes.append(('ON_TIME', summarize(values, low, high)))
 
   for _, _, step_values in late:  # one pane per step that brings events
     values.extend(step_values)
-    panes.append(('LATE', summarize(values)))
+    low, high = min(low, min(step_values)), max(high, max(step_values))
+    panes.append(('LATE', summarize(values, low, high)))
   return panes
