@@ -206,5 +206,7 @@ class ReportProgress(beam.PTransform):
     self._chunks = chunks
 
   def expand(self, pcoll):
+    # the elements keep their type, and so their coder
     return pcoll | 'Report' >> beam.ParDo(
-        _ProgressFn(self._total, self._every, per_element=not self._chunks))
+        _ProgressFn(self._total, self._every, per_element=not self._chunks)).with_output_types(
+            pcoll.element_type)

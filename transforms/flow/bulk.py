@@ -125,7 +125,8 @@ class ChunkCoder(beam.coders.Coder):
   def _create_impl(self):
     return coder_impl.CallbackCoderImpl(
         lambda chunk: pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL), pickle.loads,
-        lambda chunk: _ROW_SIZE_GUESS * len(chunk))
+        lambda chunk: _ROW_SIZE_GUESS * (
+            chunk.messages if isinstance(chunk, ParsedChunk) else len(chunk)))
 
   def is_deterministic(self) -> bool:
     return False
@@ -146,7 +147,7 @@ LATE_TAG = 'late'
 DEAD_LETTER_TAG = 'dead_letters'
 COUNTS_TAG = 'counts'
 
-for _chunk_type in (Chunk, ChunkColumns, Rows):
+for _chunk_type in (Chunk, ChunkColumns, Rows, ParsedChunk):
   beam.coders.registry.register_coder(_chunk_type, ChunkCoder)
 
 
