@@ -19,6 +19,7 @@ import sys
 from typing import Callable, Dict, Iterator, List, Tuple, Union
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from apache_beam.testing import test_pipeline
 
 from conftest import (
@@ -420,6 +421,24 @@ def test_random_sums_near_the_range_of_a_double_are_exactly_rounded():
         1, 12))]
     assert _stats_sum(values, rng.randint(1, 4)) == _exactly(values) == (
         reference.window_sum(values)), values
+
+
+_DOUBLES = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from((1e308, -1e308, MAX, -MAX, 1e292, 5e-324, -5e-324, 0.0, -0.0, 1.0, 1e-300)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_DOUBLES, max_size=80), st.lists(_DOUBLES, max_size=5))
+def test_compacted_values_sum_as_the_values_themselves(values, more):
+  # a bulk window's panes sum a compacted past plus what came since
+  stats = Stats()
+
+  def summed(partials):
+    return repr(stats.extract_output((len(values) + len(more), partials + more, 0, 0.0, 0.0)))
+  compacted = Stats.compact(values)
+  assert summed(compacted) == summed(values)
+  assert len(compacted) <= len(values) + 1
 
 
 @pytest.mark.parametrize('bulk', [True, False], ids=['bulk', 'streaming'])

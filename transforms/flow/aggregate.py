@@ -48,13 +48,21 @@ class Stats(beam.CombineFn):
       low, high = min(low, lo), max(high, hi)
     return count, partials, spilled, low, high
 
-  def summarize(self, values: List[float], low: Optional[float] = None,
-                high: Optional[float] = None) -> Tuple[int, float, float, float]:
-    """``extract_output`` of ``values`` added one by one, at once: a list of
-    doubles is itself a valid set of partials for the exact sum. ``low`` and
-    ``high``, the values' min and max if the caller kept them, spare two passes."""
-    return self.extract_output((len(values), values, 0, min(values) if low is None else low,
-                                max(values) if high is None else high))
+  @staticmethod
+  def compact(values: List[float]) -> List[float]:
+    """A few doubles whose exact sum is that of ``values``, for a caller that
+    keeps adding to them (``values`` itself if that sum would overflow):
+    ``math.fsum`` rounds the exact sum once, so what it leaves of it is again
+    a sum of doubles, summed the same way until nothing is left."""
+    try:
+      partials = [math.fsum(values)]
+      rest = values + [-partials[0]]
+      while residual := math.fsum(rest):
+        partials.append(residual)
+        rest.append(-residual)
+    except OverflowError:
+      return values
+    return partials
 
   def extract_output(self, acc) -> Tuple[int, float, float, float]:
     count, partials, spilled, low, high = acc

@@ -76,6 +76,11 @@ class StepClock(NamedTuple):
     return self.processing_time_steps[at][1] if at >= 0 else 0.0
 
 
+#: A window's values are compacted to a few doubles of the same exact sum once
+#: a pane has summed more than this many: later panes sum only what came since.
+_COMPACT_AFTER = 64
+
+
 def fire_panes_along(arrivals: Sequence[Arrival], window_end: int, early_firing_s: Optional[int],
                      clock: StepClock) -> List[Tuple[str, tuple]]:
   """The panes the streaming trigger fires for one (customer, key, window):
@@ -90,9 +95,19 @@ def fire_panes_along(arrivals: Sequence[Arrival], window_end: int, early_firing_
   """
   end_step = clock.watermark_steps[bisect.bisect_left(clock.marks, window_end)][0]
   panes: List[Tuple[str, tuple]] = []
-  summarize = Stats().summarize
-  values: List[float] = []  # every value so far: the panes accumulate
-  low, high = math.inf, -math.inf  # theirs, kept as they come
+  stats = Stats()
+  # every value so far, the panes accumulating: how many, their min and max,
+  # and their sum as a few doubles plus the values since the last pane
+  count, low, high = 0, math.inf, -math.inf
+  values: List[float] = []
+
+  def summary() -> tuple:
+    nonlocal values
+    summarized = stats.extract_output((count, values, 0, low, high))
+    if len(values) > _COMPACT_AFTER:
+      values = stats.compact(values)
+    return summarized
+
   on_time = [a for a in arrivals if a[0] < end_step]
   late = arrivals[len(on_time):]
 
@@ -106,22 +121,24 @@ def fire_panes_along(arrivals: Sequence[Arrival], window_end: int, early_firing_
     for step, arrived_at, step_values in on_time:
       while next_tick is not None and next_tick[0] < step:
         if timer is not None and next_tick[1] >= timer:
-          panes.append(('EARLY', summarize(values, low, high)))
+          panes.append(('EARLY', summary()))
           timer = None
         next_tick = next(ticks, None)
       values.extend(step_values)
+      count += len(step_values)
       low, high = min(low, min(step_values)), max(high, max(step_values))
       if early_firing_s and timer is None:
         timer = arrived_at + early_firing_s
     while next_tick is not None:
       if timer is not None and next_tick[1] >= timer:
-        panes.append(('EARLY', summarize(values, low, high)))
+        panes.append(('EARLY', summary()))
         timer = None
       next_tick = next(ticks, None)
-    panes.append(('ON_TIME', summarize(values, low, high)))
+    panes.append(('ON_TIME', summary()))
 
   for _, _, step_values in late:  # one pane per step that brings events
     values.extend(step_values)
+    count += len(step_values)
     low, high = min(low, min(step_values)), max(high, max(step_values))
-    panes.append(('LATE', summarize(values, low, high)))
+    panes.append(('LATE', summary()))
   return panes
