@@ -25,6 +25,9 @@ import org.checkerframework.checker.nullness.qual.Nullable;
  * straggler, or a message without a usable attribute, takes the stamp of the newest event
  * before it (its publish time before any event time), so it neither stops the job nor holds
  * the watermark back; downstream, the payload decides its window and whether it is too late.
+ *
+ * <p>Its pulls are paced ({@link PacedPullClient}): a reader that has emptied its subscription
+ * rests a moment before it asks again.
  */
 public final class EventTimeClientFactory implements PubsubClientFactory {
   private static final long serialVersionUID = 1L;
@@ -46,7 +49,8 @@ public final class EventTimeClientFactory implements PubsubClientFactory {
       @Nullable String rootUrlOverride)
       throws IOException {
     return new EventTimeClient(
-        PubsubJsonClient.FACTORY.newClient(null, idAttribute, options, rootUrlOverride),
+        new PacedPullClient(
+            PubsubJsonClient.FACTORY.newClient(null, idAttribute, options, rootUrlOverride)),
         timestampAttribute);
   }
 
