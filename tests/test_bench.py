@@ -196,6 +196,17 @@ def test_the_runner_is_found_in_either_spelling():
   assert bench._runner(['--streaming']) == 'DirectRunner'
 
 
+def test_the_decode_limit_counts_the_cores_the_run_works_on(monkeypatch):
+  monkeypatch.setattr(os, 'cpu_count', lambda: 2)
+  assert bench._cores([], 300_000) == 2  # a large bulk replay: a worker process per core
+  assert bench._cores(['--direct_num_workers', '1'], 300_000) == 1
+  flink = ['--runner', 'FlinkRunner', '--flink_master', '127.0.0.1:18081']
+  assert bench._cores([*flink, '--parallelism', '1'], 300_000) == 1
+  assert bench._cores([*flink, '--parallelism', '2'], 300_000) == 2
+  assert bench._cores(flink, 300_000) == 2  # not given: at most every core
+  assert bench._cores([*flink, '--parallelism=8'], 300_000) == 2  # no more than the machine has
+
+
 def test_steady_slope_is_the_growth_per_sample_after_the_warm_up():
   assert bench.steady_slope([500, 100, 102, 104, 106], 1) == pytest.approx(2.0)
   assert bench.steady_slope([100, 300, 100, None, 100], 0) == pytest.approx(-150 / 8.75)

@@ -15,7 +15,7 @@ import io
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from pipeline.readback.outputs import (
-    Breakdown, RunOutputs, breakdown, payload_fields, slowest_source)
+    Breakdown, RunOutputs, breakdown, slowest_source)
 from transforms.rules.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
 from transforms.rules.restatement import RESTATED
 
@@ -114,8 +114,7 @@ def dead_letter_chart(outputs: RunOutputs) -> Optional[Chart]:
   plt = _plt()
   times: Dict[str, List[int]] = collections.defaultdict(list)
   unreadable = 0
-  for record in outputs.dead_letters + (outputs.duplicates or []):
-    parsed = payload_fields(record['data'])
+  for record, parsed in zip(outputs.letters(), outputs.letter_fields):
     if parsed is None:
       unreadable += 1
     else:

@@ -23,7 +23,7 @@ from pipeline.runfolder.files import file_identity
 from transforms.rules.model import (
     AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE, WindowKey, WindowSpec,
     dead_letter_payload, final_panes_of, window_spec)
-from transforms.rules.payload import InvalidPayload, parse_payload, parse_rfc3339_ms
+from transforms.rules.payload import InvalidPayload, parse_payload, parse_payloads, parse_rfc3339_ms
 from transforms.rules.admission import AdmissionRules
 from transforms.rules.replay import Arrivals, ReplayError, replay_sources, walk_replay
 
@@ -50,6 +50,8 @@ class RunOutputs(NamedTuple):
   replay_late: Optional[List[Tuple[float, bool]]] = None
   #: the audits of the run's restatements (``restated/*.json``), by range
   restatements: List[dict] = []
+  #: ``payload_fields`` of each of ``letters()``, parsed once (None: invalid)
+  letter_fields: List[Optional[tuple]] = []
 
   @property
   def window_size_s(self) -> int:
@@ -77,6 +79,10 @@ class RunOutputs(NamedTuple):
   def final_panes(self) -> Dict[WindowKey, dict]:
     """Each window's pane with the highest index."""
     return final_panes_of(self.panes)
+
+  def letters(self) -> List[dict]:
+    """The dead letters, then the duplicates."""
+    return self.dead_letters + (self.duplicates or [])
 
 
 class UnreadableOutput(ValueError):
@@ -228,17 +234,31 @@ def load(output_dir: str) -> RunOutputs:
     received, history, late = _arrivals(output_dir) or _replay(
         manifest, dead_letters,
         window_spec(settings['window_size_s'], settings['allowed_lateness_s']))
+  duplicates = _json_lines(os.path.join(output_dir, names.DUPLICATES))
   outputs = RunOutputs(
       directory=output_dir, manifest=manifest,
       accounting=(finished and _json(os.path.join(output_dir, names.ACCOUNTING)) or
                   dict.fromkeys(CATEGORIES, 0)),
       panes=_json_lines(os.path.join(output_dir, names.AGGREGATES)) or [],
       dead_letters=dead_letters,
-      duplicates=_json_lines(os.path.join(output_dir, names.DUPLICATES)),
+      duplicates=duplicates,
       reconciliation=_json(os.path.join(output_dir, names.RECONCILIATION)),
       replay_received=received, replay_watermarks=history, replay_late=late,
-      restatements=_restatements(output_dir))
+      restatements=_restatements(output_dir),
+      letter_fields=_letter_fields(dead_letters + (duplicates or [])))
   return outputs if finished else outputs._replace(accounting=written_so_far(outputs))
+
+
+def _letter_fields(letters: List[dict]) -> List[Optional[tuple]]:
+  """``payload_fields`` of each letter, parsed together; None for an invalid
+  one (its payload is not read again)."""
+  wanted = [i for i, record in enumerate(letters) if record['reason'] != INVALID]
+  parsed = parse_payloads([letters[i]['data'] for i in wanted])
+  fields: List[Optional[tuple]] = [None] * len(letters)
+  for at, *event in zip(parsed.position, parsed.event_id, parsed.customer_id, parsed.key,
+                        parsed.value, parsed.event_time):
+    fields[wanted[at]] = tuple(event)
+  return fields
 
 
 def payload_fields(data: str) -> Optional[tuple]:
@@ -270,9 +290,8 @@ def breakdown(outputs: RunOutputs) -> Breakdown:
   when the run did not record its duplicates)."""
   by_source: Dict[str, Dict[str, int]] = collections.defaultdict(collections.Counter)
   by_customer: Dict[str, Dict[str, int]] = collections.defaultdict(collections.Counter)
-  for record in outputs.dead_letters + (outputs.duplicates or []):
+  for record, parsed in zip(outputs.letters(), outputs.letter_fields):
     by_source[record['source']][record['reason']] += 1
-    parsed = payload_fields(record['data']) if record['reason'] != INVALID else None
     if parsed is not None:
       by_customer[parsed[1]][record['reason']] += 1
   for pane in outputs.final_panes().values():
@@ -330,13 +349,14 @@ def dead_letter_kinds(outputs: RunOutputs) -> List[DeadLetterKind]:
   (their details differ by the event time only)."""
   size_ms = outputs.window_size_s * 1000
   groups: Dict[Tuple[str, str], List] = {}
-  for record in outputs.dead_letters:
+  closed: Dict[int, str] = {}  # window start → what its too-late letters say
+  for record, parsed in zip(outputs.dead_letters, outputs.letter_fields):
     what = record.get('detail', '')
-    parsed = payload_fields(record['data']) if record['reason'] == TOO_LATE else None
-    if parsed is not None:
+    if parsed is not None and record['reason'] == TOO_LATE:
       start = parsed[4] - parsed[4] % size_ms
-      what = (f'window [{_instant(start)}, {_instant(start + size_ms)}) had closed '
-              f'(allowed lateness {outputs.allowed_lateness_s} s)')
+      what = closed.get(start) or closed.setdefault(start, (
+          f'window [{_instant(start)}, {_instant(start + size_ms)}) had closed '
+          f'(allowed lateness {outputs.allowed_lateness_s} s)'))
     group = groups.setdefault((record['reason'], what), [0, record])
     group[0] += 1
   kinds = [DeadLetterKind(reason, what, count,

@@ -135,8 +135,13 @@ def decode_limit(replay: str) -> float:
 
 
 def _cores(extra: List[str], messages: int) -> int:
-  """The worker processes of a DirectRunner bulk run (as ``use_every_core``)."""
+  """The cores a run works on: a DirectRunner bulk run's worker processes (as
+  ``use_every_core``), else the job's ``--parallelism``, at most the machine's
+  cores (all of them when it is not given)."""
   from pipeline.settings.runners import PARALLEL_BULK_MESSAGES
+  if _runner(extra) != 'DirectRunner':
+    cpus = os.cpu_count() or 1
+    return min(int(bench_stream.option_value(extra, '--parallelism') or cpus), cpus)
   given = bench_stream.option_value(extra, '--direct_num_workers')
   if given is not None:
     return int(given)
@@ -152,7 +157,7 @@ def _bench_replay(args: argparse.Namespace, extra: List[str]) -> dict:
   ref_wall = time.monotonic() - ref_started
 
   per_core = decode_limit(replay)
-  cores = _cores(extra, args.messages) if _runner(extra) == 'DirectRunner' else 1
+  cores = _cores(extra, args.messages)
   rate = args.messages / wall
 
   with open(os.path.join(out, 'accounting.json'), encoding='utf-8') as f:
