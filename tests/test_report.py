@@ -100,6 +100,9 @@ def test_the_breakdown_adds_up_to_the_accounting(incident_run):
       accounting['duplicate'] + accounting['aggregated'])
   assert sum(c.get('aggregated', 0) for c in split.by_customer.values()) == (
       accounting['aggregated'])
+  # every too-late letter's payload names its customer; an invalid one names none
+  assert sum(c.get('too_late', 0) for c in split.by_customer.values()) == accounting['too_late']
+  assert not any(c.get('invalid') for c in split.by_customer.values())
   assert set(split.by_customer) == {'acme.io', 'dataflow-inc', 'finserve'}
 
 
