@@ -234,18 +234,17 @@ def load(output_dir: str) -> RunOutputs:
     received, history, late = _arrivals(output_dir) or _replay(
         manifest, dead_letters,
         window_spec(settings['window_size_s'], settings['allowed_lateness_s']))
-  duplicates = _json_lines(os.path.join(output_dir, names.DUPLICATES))
   outputs = RunOutputs(
       directory=output_dir, manifest=manifest,
       accounting=(finished and _json(os.path.join(output_dir, names.ACCOUNTING)) or
                   dict.fromkeys(CATEGORIES, 0)),
       panes=_json_lines(os.path.join(output_dir, names.AGGREGATES)) or [],
       dead_letters=dead_letters,
-      duplicates=duplicates,
+      duplicates=_json_lines(os.path.join(output_dir, names.DUPLICATES)),
       reconciliation=_json(os.path.join(output_dir, names.RECONCILIATION)),
       replay_received=received, replay_watermarks=history, replay_late=late,
-      restatements=_restatements(output_dir),
-      letter_fields=_letter_fields(dead_letters + (duplicates or [])))
+      restatements=_restatements(output_dir))
+  outputs = outputs._replace(letter_fields=_letter_fields(outputs.letters()))
   return outputs if finished else outputs._replace(accounting=written_so_far(outputs))
 
 
@@ -354,9 +353,10 @@ def dead_letter_kinds(outputs: RunOutputs) -> List[DeadLetterKind]:
     what = record.get('detail', '')
     if parsed is not None and record['reason'] == TOO_LATE:
       start = parsed[4] - parsed[4] % size_ms
-      what = closed.get(start) or closed.setdefault(start, (
-          f'window [{_instant(start)}, {_instant(start + size_ms)}) had closed '
-          f'(allowed lateness {outputs.allowed_lateness_s} s)'))
+      if start not in closed:
+        closed[start] = (f'window [{_instant(start)}, {_instant(start + size_ms)}) had closed '
+                         f'(allowed lateness {outputs.allowed_lateness_s} s)')
+      what = closed[start]
     group = groups.setdefault((record['reason'], what), [0, record])
     group[0] += 1
   kinds = [DeadLetterKind(reason, what, count,

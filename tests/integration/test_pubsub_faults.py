@@ -167,6 +167,16 @@ class PubSubCustomer:
       return [json.loads(line) for line in f]
 
 
+def _assert_dead_letters_once(customer: PubSubCustomer, invalid: list, too_late: list) -> None:
+  lines = customer.dead_letter_lines()
+  assert sorted((d['source'], d['data']) for d in lines if d['reason'] == 'invalid') == invalid
+  assert sorted((d['source'], d['data']) for d in lines if d['reason'] == 'too_late') == too_late
+  assert len({d['message_id'] for d in lines}) == len(lines), 'a dead letter is written twice'
+  rows = customer.dead_letter_rows()
+  assert sorted((r[1], bytes(r[2]).decode()) for r in rows) == too_late  # data: the exact bytes
+  assert len({r[3] for r in rows}) == len(rows), 'a dead letter is stored twice in the table'
+
+
 def test_a_pubsub_job_on_the_cluster_survives_a_killed_taskmanager_exactly(
     pubsub_cluster, postgres_dsn, tmp_path):
   cluster = pubsub_cluster
@@ -192,25 +202,10 @@ def test_a_pubsub_job_on_the_cluster_survives_a_killed_taskmanager_exactly(
     cluster.cancel(job.jid)
   assert accounting['duplicate'] > 100 and accounting['invalid'] > 20
   assert accounting['too_late'] > 5
-  lines = customer.dead_letter_lines()
-  assert sorted((d['source'], d['data']) for d in lines if d['reason'] == 'invalid') == invalid
-  assert sorted((d['source'], d['data']) for d in lines if d['reason'] == 'too_late') == too_late
-  assert len({d['message_id'] for d in lines}) == len(lines), 'a dead letter is written twice'
-  # The table is scoped to the customer: its too-late letters, each once.
-  rows = customer.dead_letter_rows()
-  assert sorted((r[1], bytes(r[2]).decode()) for r in rows) == too_late  # data: the exact bytes
-  assert {r[0] for r in rows} == {'too_late'}
-  assert len({r[3] for r in rows}) == len(rows), 'a dead letter is stored twice in the table'
+  _assert_dead_letters_once(customer, invalid, too_late)
+  # The table is scoped to the customer: its too-late letters only.
+  assert {r[0] for r in customer.dead_letter_rows()} == {'too_late'}
 
-
-def _assert_dead_letters_once(customer: PubSubCustomer, invalid: list, too_late: list) -> None:
-  lines = customer.dead_letter_lines()
-  assert sorted((d['source'], d['data']) for d in lines if d['reason'] == 'invalid') == invalid
-  assert sorted((d['source'], d['data']) for d in lines if d['reason'] == 'too_late') == too_late
-  assert len({d['message_id'] for d in lines}) == len(lines), 'a dead letter is written twice'
-  rows = customer.dead_letter_rows()
-  assert sorted((r[1], bytes(r[2]).decode()) for r in rows) == too_late
-  assert len({r[3] for r in rows}) == len(rows), 'a dead letter is stored twice in the table'
 
 
 def test_a_pubsub_job_stopped_with_a_savepoint_and_restored_continues_exactly(

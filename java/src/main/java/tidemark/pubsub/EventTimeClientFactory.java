@@ -26,7 +26,7 @@ import org.checkerframework.checker.nullness.qual.Nullable;
  * before it (its publish time before any event time), so it neither stops the job nor holds
  * the watermark back; downstream, the payload decides its window and whether it is too late.
  *
- * <p>Its pulls are paced ({@link PacedPullClient}): a reader that has emptied its subscription
+ * <p>Its pulls are paced ({@link PacedPullClient}): a reader whose pull brought only a trickle
  * rests a moment before it asks again.
  */
 public final class EventTimeClientFactory implements PubsubClientFactory {
