@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 
 import msgspec
+import numpy as np
 import pytest
 from apache_beam.transforms import trigger
 
@@ -23,7 +25,7 @@ from test_replay_and_cli import cli
 from transforms.flow import aggregate, bulk
 from transforms.flow.bulk import AggregateWindowsInBulk, fire_panes
 from transforms.flow.replay_panes import evaluated_early_firing
-from transforms.rules.model import window_spec
+from transforms.rules.model import stable_shard, stable_shards, window_spec
 from transforms.rules.replay import Messages, ReplayError, compile_replay
 from transforms.rules.replay_index import (
     decode_lines, index_replay, read_chunk, read_chunk_columns)
@@ -285,3 +287,23 @@ def test_lines_decoded_together_leave_out_only_what_msgspec_refuses():
   assert [(d.source, d.data, d.watermark) for d in decoded if d is not None] == [
       ('A', 'x', msgspec.UNSET), ('B', msgspec.UNSET, 5), (msgspec.UNSET,) * 3,
       ('A', 'x', msgspec.UNSET), ('B', msgspec.UNSET, 5)]
+
+
+def test_the_bulk_shards_an_id_as_the_streaming_gate_does():
+  ids = ['e1', 'g-60063', 'é-ü', '', 'x' * 200]
+  assert stable_shards(ids, 57).tolist() == [stable_shard(i, 57) for i in ids]
+  # the same in every process and run: crc32 of the UTF-8 bytes
+  assert stable_shard('e1', 57) == zlib.crc32(b'e1') % 57
+  assert stable_shards(ids, 1).tolist() == [0] * len(ids)
+
+
+@pytest.mark.parametrize('positions', [[], [3], [0, 2, 4], [0, 1, 2, 3, 4]])
+def test_rows_taken_keep_each_event_with_its_columns(positions):
+  rows = bulk.Rows(
+      100, np.arange(5), np.array([0, 1, 0, 1, 0], dtype=np.int32), [('c', 'a'), ('c', 'b')],
+      np.arange(5) * 1.5, np.arange(5) * 1000, [f'e{i}' for i in range(5)])
+  taken = rows.take(np.array(positions, dtype=np.int64))
+  assert taken.event_id == [f'e{i}' for i in positions]
+  assert taken.value.tolist() == [i * 1.5 for i in positions]
+  assert taken.event_time.tolist() == [i * 1000 for i in positions]
+  assert taken.first == 100 + (positions[0] if positions else 0)

@@ -23,6 +23,8 @@ column by column (``Rows``); only the outputs are single records.
 
 from __future__ import annotations
 
+import itertools
+import operator
 import pickle
 from collections import Counter, defaultdict
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -36,7 +38,7 @@ from transforms.rules.admission import AdmissionRules
 from transforms.flow import aggregate
 from transforms.rules.model import (
     AGGREGATED, DUPLICATE, INVALID, RECEIVED, TOO_LATE, DeadLetter, Event, WindowAggregate, check_early_firing, message_identity,
-    WindowSpec, stable_shard)
+    WindowSpec, stable_shards)
 from transforms.flow.replay_panes import (
     NO_WATERMARK, Arrival, StepClock, evaluated_early_firing, fire_panes_along)
 from transforms.rules.payload import parse_payloads
@@ -72,7 +74,7 @@ class Rows:
     assert self.event_id is not None and self.event_time is not None
     return Rows(first, self.step[positions], self.pair[positions], self.pairs,
                 self.value[positions], self.event_time[positions],
-                [self.event_id[i] for i in positions.tolist()])
+                _pick(self.event_id, positions))
 
   @staticmethod
   def concatenate(parts: Sequence['Rows']) -> 'Rows':
@@ -88,7 +90,8 @@ class Rows:
         np.concatenate([part.step for part in parts]), np.concatenate(codes), list(pairs),
         np.concatenate([part.value for part in parts]),
         np.concatenate([part.event_time for part in parts]) if events else None,
-        [i for part in parts for i in part.event_id or ()] if events else None)
+        list(itertools.chain.from_iterable(part.event_id or () for part in parts))
+        if events else None)
 
   def split_by(self, keys: np.ndarray, events: bool = True) -> Iterable[Tuple[int, 'Rows']]:
     """``(key, rows)`` for each distinct key of the rows' ``keys``, in order."""
@@ -99,17 +102,31 @@ class Rows:
         yield int(keys[positions[0]]), self.take(positions, events)
 
 
+def _pick(items: List[str], positions: np.ndarray) -> List[str]:
+  """``items`` at ``positions``, in one call."""
+  if len(positions) == 0:
+    return []
+  if len(positions) == 1:
+    return [items[int(positions[0])]]
+  return list(operator.itemgetter(*positions.tolist())(items))
+
+
 class ParsedChunk(NamedTuple):
-  """A chunk's events (``rows``) with the source and payload of each (for
-  its dead letter, should it be too late), and its invalid payloads' dead letters."""
+  """A chunk's events (``rows``) with the place of each among the chunk's
+  messages, whose sources and payloads an event's dead letter quotes should it
+  be too late, and the chunk's invalid payloads' dead letters."""
   rows: Rows
   #: each event's place in the chunk's messages
   position: List[int]
+  #: the source and payload of each of the chunk's messages
   source: List[str]
   data: List[str]
   invalid: List[DeadLetter]
-  #: how many messages the chunk holds
-  messages: int
+
+  @property
+  def messages(self) -> int:
+    """How many messages the chunk holds."""
+    return len(self.data)
 
 
 class Chunk(list):
@@ -181,14 +198,13 @@ class _ParseChunkFn(beam.DoFn):
     pair = np.array([pairs.setdefault(p, len(pairs))
                      for p in zip(parsed.customer_id, parsed.key)], dtype=np.int32)
     yield ParsedChunk(
-        Rows(first, np.array([chunk.step[i] for i in at], dtype=np.int64), pair, list(pairs),
+        Rows(first, np.array(chunk.step, dtype=np.int64)[at], pair, list(pairs),
              np.array(parsed.value, dtype=np.float64),
              np.array(parsed.event_time, dtype=np.int64), parsed.event_id),
-        at, [sources[i] for i in at], [datas[i] for i in at],
+        at, sources, datas,
         [DeadLetter(INVALID, sources[i], datas[i], reason,
                     message_identity('replay', self._digest, first + i + 1))
-         for i, reason in parsed.invalid],
-        len(chunk))
+         for i, reason in parsed.invalid])
 
 
 class ParseChunks(beam.PTransform):
@@ -243,10 +259,11 @@ class _TooLateOrShardFn(beam.DoFn):
       if dropped:
         kept[i] = False
         customer_id, key = rows.pairs[rows.pair[i]]
+        at = parsed.position[i]
         too_late.append(rules.too_late_letter(Event(
             rows.event_id[i], customer_id, key, float(rows.value[i]), event_time,
-            parsed.source[i], parsed.data[i], known,
-            message_identity('replay', self._digest, rows.first + parsed.position[i] + 1))))
+            parsed.source[at], parsed.data[at], known,
+            message_identity('replay', self._digest, rows.first + at + 1))))
       late.append((late_by / 1000, dropped))
     if parsed.invalid or too_late:
       yield pvalue.TaggedOutput(DEAD_LETTER_TAG, Chunk(parsed.invalid + too_late))
@@ -257,9 +274,7 @@ class _TooLateOrShardFn(beam.DoFn):
     if too_late:
       rows = rows.take(np.flatnonzero(kept))
     assert rows.event_id is not None
-    shards = np.array([stable_shard(event_id, self._shards) for event_id in rows.event_id],
-                      dtype=np.int64)
-    yield from rows.split_by(shards)
+    yield from rows.split_by(stable_shards(rows.event_id, self._shards))
 
 
 class _AdmitShardFn(beam.DoFn):
@@ -280,7 +295,8 @@ class _AdmitShardFn(beam.DoFn):
     rows = Rows.concatenate(sorted(parts, key=lambda part: part.first))
     assert rows.event_id is not None and rows.event_time is not None
     copies = Counter(rows.event_id)
-    repeated = [i for i, event_id in enumerate(rows.event_id) if copies[event_id] > 1]
+    repeated = [] if len(copies) == len(rows) else np.flatnonzero(np.fromiter(
+        map(copies.__getitem__, rows.event_id), dtype=np.int64, count=len(rows)) > 1).tolist()
     admitted = np.ones(len(rows), dtype=bool)
     first: Dict[str, int] = {}  # event_id -> closing of its first admitted copy
     duplicate, closing = rules.duplicate, spec.closing

@@ -11,7 +11,7 @@ import codecs
 import datetime
 import re
 import zlib
-from typing import Dict, Iterable, NamedTuple, Optional, Tuple, TypeVar
+from typing import Dict, Iterable, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -236,6 +236,13 @@ def iso_millis(millis: int) -> str:
 
 def stable_shard(event_id: str, shards: int) -> int:
   """A shard for ``event_id`` that is the same in every process and run."""
+  return int(stable_shards((event_id,), shards)[0])
+
+
+def stable_shards(event_ids: Sequence[str], shards: int) -> np.ndarray:
+  """``stable_shard`` of each id, as an array."""
   if shards == 1:
-    return 0
-  return zlib.crc32(event_id.encode('utf-8')) % shards
+    return np.zeros(len(event_ids), dtype=np.int64)
+  crc32 = zlib.crc32
+  return np.array([crc32(event_id.encode('utf-8')) for event_id in event_ids],
+                  dtype=np.int64) % shards
