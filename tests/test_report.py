@@ -377,6 +377,15 @@ def _bars(ax) -> list:
   return [p for p in ax.patches if isinstance(p, Rectangle) and p.get_height() > 0]
 
 
+def _tops(ax, axis: str) -> list:
+  """How far each drawn bar, or filled outline, reaches along the counting axis."""
+  from matplotlib.patches import Polygon
+  column = 0 if axis == 'x' else 1
+  return [(p.get_x() + p.get_width()) if axis == 'x' else (p.get_y() + p.get_height())
+          for p in _bars(ax)] + [
+              float(p.get_xy()[:, column].max()) for p in ax.patches if isinstance(p, Polygon)]
+
+
 def test_the_report_states_the_lagging_sources_lag(incident_run):
   lag = {dict(labels)['source']: value for (name, labels), value in _samples(
       os.path.join(incident_run, METRICS_NAME)).items()
@@ -424,8 +433,7 @@ def test_every_count_axis_has_whole_ticks_and_every_bar_fits(incident_run, figur
       ticks = [t for t in (ax.get_xticks() if axis == 'x' else ax.get_yticks())
                if low <= t <= high]
       assert ticks and all(float(t).is_integer() for t in ticks), (title, ticks)
-      tops = [(p.get_x() + p.get_width()) if axis == 'x' else (p.get_y() + p.get_height())
-              for p in _bars(ax)]
+      tops = _tops(ax, axis)
       assert tops and max(tops) < high, (title, max(tops), high)
 
 
@@ -451,3 +459,29 @@ def test_the_rollup_chart_draws_windows_and_events_on_their_own_labelled_axes(
   assert [p.get_width() for p in events.patches] == [1, 0]  # only-rollup, only-primary
   for ax in (windows, events):
     assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_the_completeness_chart_bins_a_long_run_in_whole_windows_and_keeps_every_pane(
+    incident_run, monkeypatch):
+  made = []
+  monkeypatch.setattr(charts, '_svg', lambda fig: made.append(fig) or '<svg/>')
+  outputs = run_outputs.load(incident_run)
+  size_ms = outputs.window_size_s * 1000
+  start = outputs.panes[0]['window_start'] // size_ms * size_ms
+  timings = ('EARLY', 'ON_TIME', 'LATE')
+  # 1,000 windows, the i-th with i % 5 + 1 panes: more windows than bins
+  panes = [dict(outputs.panes[0], window_start=start + i * size_ms, timing=timings[n % 3])
+           for i in range(1000) for n in range(i % 5 + 1)]
+  chart = charts.completeness_chart(outputs._replace(panes=panes))
+  assert chart is not None
+  [ax] = made[0].axes
+  outlines = ax.patches
+  assert len(outlines) == len(timings)  # one filled outline per timing, not one bar per bin
+  assert ax.get_ylabel() == 'panes per 5 windows'  # 1,000 windows in 200 bins
+  # the stack's top is every bin's panes: 5 windows of 1..5 panes each, 15;
+  # EARLY, the bottom, 7 of them (1 + 1 + 1 + 2 + 2), ON_TIME 5 (0 + 1 + 1 + 1 + 2)
+  tops = {label: p.get_xy()[:, 1].max()
+          for p, label in zip(*ax.get_legend_handles_labels())}
+  assert tops == {'EARLY': 7, 'ON_TIME': 7 + 5, 'LATE': 15}
+  from matplotlib.pyplot import close
+  close('all')

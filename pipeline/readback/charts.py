@@ -14,6 +14,8 @@ import datetime
 import io
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
+import numpy as np
+
 from pipeline.readback.outputs import (
     Breakdown, RunOutputs, breakdown, slowest_source)
 from transforms.rules.model import AGGREGATED, CATEGORIES, DUPLICATE, INVALID, RECEIVED, TOO_LATE
@@ -72,6 +74,20 @@ def _legend_outside(ax, **kwargs) -> None:
     ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), frameon=False, **kwargs)
 
 
+#: A chart over event time has one bin per window, up to this many; wider bins
+#: (whole windows each) beyond.
+MAX_BINS = 200
+
+
+def _window_edges(first_ms: int, last_ms: int, size_ms: int) -> List[int]:
+  """Bin edges (epoch ms) from the window of ``first_ms`` to the end of the
+  window of ``last_ms``, ``MAX_BINS`` bins at most."""
+  low = first_ms // size_ms * size_ms
+  high = last_ms // size_ms * size_ms + size_ms
+  step = size_ms * -(-(high - low) // size_ms // MAX_BINS)
+  return list(range(low, high + step, step))
+
+
 class Chart(NamedTuple):
   title: str
   svg: str
@@ -122,12 +138,9 @@ def dead_letter_chart(outputs: RunOutputs) -> Optional[Chart]:
   fig, ax = plt.subplots(figsize=(8, 3))
   reasons = [r for r in (TOO_LATE, DUPLICATE) if times.get(r)]
   if reasons:
-    # one bin per window, at most 200 (wider bins, whole windows each, beyond)
-    size_ms = outputs.window_size_s * 1000
-    low = min(min(v) for v in times.values()) // size_ms * size_ms
-    high = max(max(v) for v in times.values()) // size_ms * size_ms + size_ms
-    step = size_ms * -(-(high - low) // size_ms // 200 or 1)
-    edges = [_utc(t) for t in range(low, high + step, step)]
+    edges = [_utc(t) for t in _window_edges(
+        min(min(v) for v in times.values()), max(max(v) for v in times.values()),
+        outputs.window_size_s * 1000)]
     ax.hist([[_utc(t) for t in times[r]] for r in reasons], bins=edges, stacked=True,
             color=[COLORS[r] for r in reasons], label=reasons)
     _legend_outside(ax)
@@ -211,18 +224,21 @@ def completeness_chart(outputs: RunOutputs) -> Optional[Chart]:
   for pane in outputs.panes:
     counts[pane['window_start']][pane['timing']] += 1
   starts = sorted(counts)
+  size_ms = outputs.window_size_s * 1000
+  edges = _window_edges(starts[0], starts[-1], size_ms)
   fig, ax = plt.subplots(figsize=(8, 3))
-  bottom = [0] * len(starts)
-  width = outputs.window_size_s / 86400 * 0.8
-  for timing in TIMINGS:
-    values = [counts[s][timing] for s in starts]
-    if any(values):
-      ax.bar([_utc(s) for s in starts], values, width=width, bottom=bottom,
-             color=COLORS[timing], label=timing, align='edge')
-      bottom = [a + b for a, b in zip(bottom, values)]
+  # a filled outline per timing, stacked: thousands of windows draw as fast as a few
+  timings = [t for t in TIMINGS if any(counts[s][t] for s in starts)]
+  moments = [_utc(s) for s in starts]
+  heights, _, _ = ax.hist(
+      [moments] * len(timings), bins=[_utc(t) for t in edges], stacked=True,
+      weights=[[counts[s][t] for s in starts] for t in timings], histtype='stepfilled',
+      color=[COLORS[t] for t in timings], label=timings)
+  tallest = float(np.atleast_2d(heights)[-1].max())  # stacked: the last is the sum
   ax.set_xlabel('window start (UTC)')
-  ax.set_ylabel('panes (all keys)')
-  ax.set_ylim(0, max(bottom) * 1.08 or 1)  # the tallest bar whole, with room above it
+  windows = (edges[1] - edges[0]) // size_ms
+  ax.set_ylabel('panes (all keys)' if windows == 1 else f'panes per {windows} windows')
+  ax.set_ylim(0, tallest * 1.08 or 1)  # the tallest bin whole, with room above it
   _counts(ax.yaxis)
   _legend_outside(ax)
   fig.autofmt_xdate()
