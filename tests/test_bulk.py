@@ -22,7 +22,7 @@ from conftest import (
 from tools import reference, traffic
 from pipeline.readback.reconciliation import final_panes
 from test_replay_and_cli import cli
-from transforms.flow import aggregate, bulk
+from transforms.flow import aggregate, bulk, chunks
 from transforms.flow.bulk import AggregateWindowsInBulk, fire_panes
 from transforms.flow.replay_panes import evaluated_early_firing
 from transforms.rules.model import stable_shard, stable_shards, window_spec
@@ -299,7 +299,7 @@ def test_the_bulk_shards_an_id_as_the_streaming_gate_does():
 
 @pytest.mark.parametrize('positions', [[], [3], [0, 2, 4], [0, 1, 2, 3, 4]])
 def test_rows_taken_keep_each_event_with_its_columns(positions):
-  rows = bulk.Rows(
+  rows = chunks.Rows(
       100, np.arange(5), np.array([0, 1, 0, 1, 0], dtype=np.int32), [('c', 'a'), ('c', 'b')],
       np.arange(5) * 1.5, np.arange(5) * 1000, [f'e{i}' for i in range(5)])
   taken = rows.take(np.array(positions, dtype=np.int64))

@@ -12,7 +12,7 @@ source, data, watermark)``; the transform
   figures, the live run's rebuilt ones and the ids added or removed, each shard's
   partial merged (``WindowTruth`` makes them a ``RestatedWindow``).
 
-The copies cross one shuffle, to their id's shard (as lists, pickled: ``bulk.Chunk``);
+The copies cross one shuffle, to their id's shard (as lists, pickled: ``chunks.Chunk``);
 after it only one partial per window and shard.
 """
 
@@ -25,7 +25,7 @@ import apache_beam as beam
 from apache_beam import pvalue
 
 from transforms.flow.aggregate import Stats
-from transforms.flow.bulk import Chunk
+from transforms.flow.chunks import Chunk
 from transforms.rules.model import (
     AGGREGATED, DUPLICATE, INVALID, TOO_LATE, WindowSpec, stable_shard)
 from transforms.rules.payload import InvalidPayload, parse_payload
