@@ -330,8 +330,7 @@ def test_the_report_of_an_interrupted_run_shows_what_it_wrote_and_says_so(tmp_pa
         cwd=REPO, stdout=log, stderr=log, text=True)
     try:
       deadline = time.monotonic() + 300
-      # ('progress in worker N:' when an earlier in-process run left its launcher pid set)
-      while 'progress' not in log_path.read_text(errors='replace'):
+      while 'progress:' not in log_path.read_text(errors='replace'):
         assert proc.poll() is None and time.monotonic() < deadline, (
             log_path.read_text(errors='replace')[-3000:])
         time.sleep(0.2)

@@ -399,10 +399,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     standard.runner = 'DirectRunner'
   # Read now: the portable runner clears the runner option when it submits the job.
   runner_caps = capabilities(options)
+  # progress lines name the worker process that counts them, if not this one
+  os.environ[LAUNCHER_PID] = str(os.getpid())
   if config.bulk:
     assert isinstance(source, ReadReplayInChunks)
     use_every_core(options, argv, source.index.messages)
-    os.environ[LAUNCHER_PID] = str(os.getpid())
   settle_live_options(options, config)
   try:
     check_flink_job_server(options)

@@ -117,7 +117,10 @@ def _json(path: str) -> Optional[dict]:
   with open(path, encoding='utf-8', errors='surrogateescape') as f:
     text = f.read()
   try:
-    return json.loads(text)
+    try:
+      return _JSON_DECODE(text)
+    except (msgspec.DecodeError, UnicodeEncodeError):  # the standard library decides
+      return json.loads(text)
   except ValueError as e:
     what = 'empty' if not text.strip() else f'not JSON ({e})'
     raise UnreadableOutput(f'{path}: {what}') from None
