@@ -229,12 +229,13 @@ def completeness_chart(outputs: RunOutputs) -> Optional[Chart]:
   fig, ax = plt.subplots(figsize=(8, 3))
   # a filled outline per timing, stacked: thousands of windows draw as fast as a few
   timings = [t for t in TIMINGS if any(counts[s][t] for s in starts)]
-  moments = [_utc(s) for s in starts]
-  heights, _, _ = ax.hist(
-      [moments] * len(timings), bins=[_utc(t) for t in edges], stacked=True,
-      weights=[[counts[s][t] for s in starts] for t in timings], histtype='stepfilled',
-      color=[COLORS[t] for t in timings], label=timings)
-  tallest = float(np.atleast_2d(heights)[-1].max())  # stacked: the last is the sum
+  tallest = 0.0
+  if timings:
+    heights, _, _ = ax.hist(
+        [[_utc(s) for s in starts]] * len(timings), bins=[_utc(t) for t in edges],
+        stacked=True, weights=[[counts[s][t] for s in starts] for t in timings],
+        histtype='stepfilled', color=[COLORS[t] for t in timings], label=timings)
+    tallest = float(np.atleast_2d(heights)[-1].max())  # stacked: the last is the sum
   ax.set_xlabel('window start (UTC)')
   windows = (edges[1] - edges[0]) // size_ms
   ax.set_ylabel('panes (all keys)' if windows == 1 else f'panes per {windows} windows')
