@@ -290,11 +290,13 @@ def test_lines_decoded_together_leave_out_only_what_msgspec_refuses():
 
 
 def test_the_bulk_shards_an_id_as_the_streaming_gate_does():
-  ids = ['e1', 'g-60063', 'é-ü', '', 'x' * 200]
-  assert stable_shards(ids, 57).tolist() == [stable_shard(i, 57) for i in ids]
-  # the same in every process and run: crc32 of the UTF-8 bytes
-  assert stable_shard('e1', 57) == zlib.crc32(b'e1') % 57
-  assert stable_shards(ids, 1).tolist() == [0] * len(ids)
+  ids = ['e1', 'g-60063', 'é-ü', '', 'x' * 200, '\U0001f600']
+  # the same in every process and run: the crc32 of the id's UTF-8 bytes
+  crc = [zlib.crc32(i.encode('utf-8')) % 57 for i in ids]
+  assert stable_shards(ids, 57).tolist() == crc
+  assert [stable_shard(i, 57) for i in ids] == crc
+  assert all(type(stable_shard(i, 57)) is int for i in ids)  # a key the gate encodes as int
+  assert stable_shards(ids, 1).tolist() == [0] * len(ids) == [stable_shard(i, 1) for i in ids]
 
 
 @pytest.mark.parametrize('positions', [[], [3], [0, 2, 4], [0, 1, 2, 3, 4]])

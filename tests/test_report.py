@@ -460,27 +460,35 @@ def test_the_rollup_chart_draws_windows_and_events_on_their_own_labelled_axes(
     assert all(float(t).is_integer() for t in ax.get_xticks())
 
 
-def test_the_completeness_chart_bins_a_long_run_in_whole_windows_and_keeps_every_pane(
-    incident_run, monkeypatch):
-  made = []
-  monkeypatch.setattr(charts, '_svg', lambda fig: made.append(fig) or '<svg/>')
-  outputs = run_outputs.load(incident_run)
+def _panes_over(outputs, windows: int, timings) -> list:
+  """Panes over ``windows`` windows from the run's first: the i-th window has
+  i % 5 + 1 panes, the n-th of them of ``timings[n % len(timings)]``."""
   size_ms = outputs.window_size_s * 1000
   start = outputs.panes[0]['window_start'] // size_ms * size_ms
+  return [dict(outputs.panes[0], window_start=start + i * size_ms,
+               timing=timings[n % len(timings)])
+          for i in range(windows) for n in range(i % 5 + 1)]
+
+
+def test_the_completeness_chart_bins_a_long_run_in_whole_windows_and_keeps_every_pane(
+    incident_run, figures):
+  outputs = run_outputs.load(incident_run)
   timings = ('EARLY', 'ON_TIME', 'LATE')
-  # 1,000 windows, the i-th with i % 5 + 1 panes: more windows than bins
-  panes = [dict(outputs.panes[0], window_start=start + i * size_ms, timing=timings[n % 3])
-           for i in range(1000) for n in range(i % 5 + 1)]
-  chart = charts.completeness_chart(outputs._replace(panes=panes))
-  assert chart is not None
-  [ax] = made[0].axes
-  outlines = ax.patches
-  assert len(outlines) == len(timings)  # one filled outline per timing, not one bar per bin
-  assert ax.get_ylabel() == 'panes per 5 windows'  # 1,000 windows in 200 bins
+  panes = _panes_over(outputs, 1000, timings)  # more windows than bins
+  [ax] = figures(outputs._replace(panes=panes))['Window completeness'].axes
+  assert len(ax.patches) == len(timings)  # one filled outline per timing, not one bar per bin
+  assert ax.get_ylabel() == 'panes per 5 windows (all keys)'  # 1,000 windows in 200 bins
   # the stack's top is every bin's panes: 5 windows of 1..5 panes each, 15;
   # EARLY, the bottom, 7 of them (1 + 1 + 1 + 2 + 2), ON_TIME 5 (0 + 1 + 1 + 1 + 2)
   tops = {label: p.get_xy()[:, 1].max()
           for p, label in zip(*ax.get_legend_handles_labels())}
   assert tops == {'EARLY': 7, 'ON_TIME': 7 + 5, 'LATE': 15}
-  from matplotlib.pyplot import close
-  close('all')
+
+
+def test_the_completeness_chart_of_one_timing_has_one_bin_per_window(incident_run, figures):
+  outputs = run_outputs.load(incident_run)
+  [ax] = figures(outputs._replace(panes=_panes_over(outputs, 10, ('ON_TIME',))))[
+      'Window completeness'].axes
+  [outline] = ax.patches
+  assert ax.get_ylabel() == 'panes per window (all keys)'
+  assert outline.get_xy()[:, 1].max() == 5 and ax.get_ylim()[1] > 5

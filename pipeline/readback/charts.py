@@ -238,7 +238,8 @@ def completeness_chart(outputs: RunOutputs) -> Optional[Chart]:
     tallest = float(np.atleast_2d(heights)[-1].max())  # stacked: the last is the sum
   ax.set_xlabel('window start (UTC)')
   windows = (edges[1] - edges[0]) // size_ms
-  ax.set_ylabel('panes (all keys)' if windows == 1 else f'panes per {windows} windows')
+  per = 'window' if windows == 1 else f'{windows} windows'
+  ax.set_ylabel(f'panes per {per} (all keys)')
   ax.set_ylim(0, tallest * 1.08 or 1)  # the tallest bin whole, with room above it
   _counts(ax.yaxis)
   _legend_outside(ax)
@@ -246,7 +247,7 @@ def completeness_chart(outputs: RunOutputs) -> Optional[Chart]:
   finals = outputs.final_panes()
   missing = sum(1 for p in finals.values() if p['timing'] == 'EARLY')
   return Chart('Window completeness', _svg(fig),
-               f'Panes per window by timing: {len(finals):,} windows (customer, key, window), '
+               f'Panes per {per} by timing: {len(finals):,} windows (customer, key, window), '
                f'{len(outputs.panes):,} panes; {missing:,} windows ended on an EARLY pane '
                '(a stopped run\'s windows still open).')
 
