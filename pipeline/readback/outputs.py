@@ -90,8 +90,17 @@ class UnreadableOutput(ValueError):
   cut short, not JSON); the message names the file (and the line)."""
 
 
-#: JSON as the standard library reads it, faster; what it refuses goes to ``json.loads``.
 _JSON_DECODE = msgspec.json.Decoder().decode
+
+
+def _loads(text: str):
+  """JSON as the standard library reads it, by msgspec (faster); what msgspec
+  refuses (NaN, out-of-range numbers, lone surrogates) ``json.loads`` decides.
+  Raises ValueError."""
+  try:
+    return _JSON_DECODE(text)
+  except (msgspec.DecodeError, UnicodeEncodeError):
+    return json.loads(text)
 
 
 def _json_lines(path: str) -> Optional[List[dict]]:
@@ -102,10 +111,7 @@ def _json_lines(path: str) -> Optional[List[dict]]:
     for number, line in enumerate(f, 1):
       if line.strip():
         try:
-          try:
-            records.append(_JSON_DECODE(line))
-          except (msgspec.DecodeError, UnicodeEncodeError):  # the standard library decides
-            records.append(json.loads(line))
+          records.append(_loads(line))
         except ValueError as e:
           raise UnreadableOutput(f'{path}:{number}: not a JSON object ({e})') from None
   return records
@@ -117,10 +123,7 @@ def _json(path: str) -> Optional[dict]:
   with open(path, encoding='utf-8', errors='surrogateescape') as f:
     text = f.read()
   try:
-    try:
-      return _JSON_DECODE(text)
-    except (msgspec.DecodeError, UnicodeEncodeError):  # the standard library decides
-      return json.loads(text)
+    return _loads(text)
   except ValueError as e:
     what = 'empty' if not text.strip() else f'not JSON ({e})'
     raise UnreadableOutput(f'{path}: {what}') from None
